@@ -1,0 +1,401 @@
+//! Dataset layouts: how a dataset folder maps to manifest records.
+//!
+//! Each layout implements [`DatasetLayout`]; [`DatasetKind`] names them for the
+//! command line. Adding MSMT17 or CUHK03 means one more `DatasetLayout` and one more
+//! `DatasetKind` variant; callers only see [`DatasetKind::layout`].
+
+use std::collections::HashSet;
+use std::fs;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::error::{DataError, Result};
+use crate::manifest::{Manifest, ManifestRecord, Split};
+use crate::names::{parse_dukemtmc, parse_market1501, ParsedName};
+
+/// File extensions that count as images (compared case-insensitively).
+pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "bmp"];
+
+/// Whether `path` has an image extension.
+pub fn is_image_path(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+/// How indexing treats bad entries.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IndexOptions {
+    /// Skip (and count) unparsable names, cameras out of range and duplicates
+    /// instead of failing.
+    pub skip_invalid: bool,
+}
+
+/// The outcome of indexing: the manifest and what was left out of it.
+#[derive(Debug, Clone)]
+pub struct IndexReport {
+    pub manifest: Manifest,
+    /// Files ignored because their extension is not an image's (e.g. `Thumbs.db`).
+    pub skipped_non_images: usize,
+    /// One message per entry skipped under `skip_invalid`.
+    pub skipped_invalid: Vec<String>,
+}
+
+/// A dataset layout: finds the images under a root and describes each one.
+pub trait DatasetLayout {
+    /// The dataset name stored in the manifest.
+    fn name(&self) -> &'static str;
+    /// Indexes the dataset at `root`.
+    fn index(&self, root: &Path, options: &IndexOptions) -> Result<IndexReport>;
+}
+
+/// The layouts `reid index --dataset` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatasetKind {
+    Market1501,
+    DukeMtmcReid,
+    Csv,
+}
+
+impl DatasetKind {
+    /// Every kind, for help texts.
+    pub const ALL: [DatasetKind; 3] = [
+        DatasetKind::Market1501,
+        DatasetKind::DukeMtmcReid,
+        DatasetKind::Csv,
+    ];
+
+    /// The command-line name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetKind::Market1501 => "market1501",
+            DatasetKind::DukeMtmcReid => "dukemtmc-reid",
+            DatasetKind::Csv => "csv",
+        }
+    }
+
+    /// The layout that indexes this kind.
+    pub fn layout(self) -> Box<dyn DatasetLayout> {
+        match self {
+            DatasetKind::Market1501 => Box::new(FolderLayout::market1501()),
+            DatasetKind::DukeMtmcReid => Box::new(FolderLayout::dukemtmc_reid()),
+            DatasetKind::Csv => Box::new(CsvLayout),
+        }
+    }
+}
+
+impl FromStr for DatasetKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        DatasetKind::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown dataset '{s}' (expected market1501, dukemtmc-reid or csv)"))
+    }
+}
+
+/// Collects entries rejected under `skip_invalid`, or fails on the first one.
+struct Rejections {
+    skip: bool,
+    messages: Vec<String>,
+}
+
+impl Rejections {
+    fn reject(&mut self, path: &Path, message: String) -> Result<()> {
+        if self.skip {
+            self.messages.push(format!("{}: {message}", path.display()));
+            Ok(())
+        } else {
+            Err(DataError::invalid(
+                path,
+                format!("{message} (pass --skip-invalid to skip such entries)"),
+            ))
+        }
+    }
+}
+
+/// Market-1501-style folders: `bounding_box_train`, `query`, `bounding_box_test`,
+/// with the identity, camera and frame encoded in each file name.
+pub struct FolderLayout {
+    name: &'static str,
+    example: &'static str,
+    parse: fn(&str) -> Option<ParsedName>,
+    cameras: RangeInclusive<i64>,
+}
+
+/// The split folders of Market-1501 and DukeMTMC-reID.
+pub const SPLIT_FOLDERS: [(Split, &str); 3] = [
+    (Split::Train, "bounding_box_train"),
+    (Split::Query, "query"),
+    (Split::Gallery, "bounding_box_test"),
+];
+
+impl FolderLayout {
+    /// Market-1501: names like `0002_c1s1_000451_03.jpg`, cameras 1-6.
+    pub fn market1501() -> Self {
+        FolderLayout {
+            name: "market1501",
+            example: "0002_c1s1_000451_03.jpg",
+            parse: parse_market1501,
+            cameras: 1..=6,
+        }
+    }
+
+    /// DukeMTMC-reID: names like `0001_c2_f0046182.jpg`, cameras 1-8.
+    pub fn dukemtmc_reid() -> Self {
+        FolderLayout {
+            name: "dukemtmc-reid",
+            example: "0001_c2_f0046182.jpg",
+            parse: parse_dukemtmc,
+            cameras: 1..=8,
+        }
+    }
+
+    /// The dataset folder: `root` itself, or its one sub-folder holding
+    /// `bounding_box_train` (users point at the parent of `Market-1501-v15.09.15/`).
+    fn resolve_root(&self, root: &Path) -> Result<PathBuf> {
+        if !root.is_dir() {
+            return Err(DataError::invalid(
+                root,
+                "no such folder; pass the dataset folder (holding bounding_box_train, query, bounding_box_test) or its parent",
+            ));
+        }
+        if root.join(SPLIT_FOLDERS[0].1).is_dir() {
+            return Ok(root.to_path_buf());
+        }
+        let mut candidates: Vec<PathBuf> = fs::read_dir(root)
+            .map_err(|e| DataError::io(root, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join(SPLIT_FOLDERS[0].1).is_dir())
+            .collect();
+        candidates.sort();
+        match candidates.len() {
+            1 => Ok(candidates.remove(0)),
+            0 => Err(DataError::invalid(
+                root,
+                format!(
+                    "no bounding_box_train folder here or in a sub-folder; expected the {} layout (bounding_box_train, query, bounding_box_test)",
+                    self.name
+                ),
+            )),
+            _ => Err(DataError::invalid(
+                root,
+                format!(
+                    "several dataset folders found ({}); pass one of them as --root",
+                    candidates
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+}
+
+impl DatasetLayout for FolderLayout {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn index(&self, root: &Path, options: &IndexOptions) -> Result<IndexReport> {
+        let root = self.resolve_root(root)?;
+        let mut rejections = Rejections {
+            skip: options.skip_invalid,
+            messages: Vec::new(),
+        };
+        let mut skipped_non_images = 0;
+        let mut records = Vec::new();
+        for (split, folder) in SPLIT_FOLDERS {
+            let dir = root.join(folder);
+            if !dir.is_dir() {
+                return Err(DataError::invalid(
+                    &dir,
+                    format!("missing split folder '{folder}' of the {} layout", self.name),
+                ));
+            }
+            let mut names: Vec<String> = fs::read_dir(&dir)
+                .map_err(|e| DataError::io(&dir, e))?
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<std::io::Result<_>>()
+                .map_err(|e| DataError::io(&dir, e))?;
+            names.sort();
+            let before = records.len();
+            for name in names {
+                let path = dir.join(&name);
+                if !is_image_path(&path) {
+                    skipped_non_images += 1;
+                    continue;
+                }
+                let Some(parsed) = (self.parse)(&name) else {
+                    rejections.reject(
+                        &path,
+                        format!("file name does not parse; expected a name like {}", self.example),
+                    )?;
+                    continue;
+                };
+                if !self.cameras.contains(&parsed.camera) {
+                    rejections.reject(
+                        &path,
+                        format!(
+                            "camera c{} out of range c{}-c{} for {}",
+                            parsed.camera,
+                            self.cameras.start(),
+                            self.cameras.end(),
+                            self.name
+                        ),
+                    )?;
+                    continue;
+                }
+                if split == Split::Train && parsed.pid < 0 {
+                    rejections.reject(&path, "junk image (-1) in the train split".into())?;
+                    continue;
+                }
+                records.push(ManifestRecord {
+                    path: format!("{folder}/{name}"),
+                    split,
+                    pid: parsed.pid,
+                    label: None,
+                    camid: parsed.camera - 1,
+                    frame: Some(parsed.frame),
+                });
+            }
+            if records.len() == before {
+                return Err(DataError::invalid(
+                    &dir,
+                    format!("split '{split}' has no images"),
+                ));
+            }
+        }
+        Ok(IndexReport {
+            manifest: Manifest::new(self.name, root, records),
+            skipped_non_images,
+            skipped_invalid: rejections.messages,
+        })
+    }
+}
+
+/// A custom dataset described by a CSV file with the header `path,pid,camid,split`
+/// (columns in any order). `--root` is the CSV file itself, or a folder holding
+/// `dataset.csv`; image paths are relative to the CSV file's folder. `camid` is
+/// 0-based; `pid` is -1 for junk, 0 or more otherwise.
+pub struct CsvLayout;
+
+/// The CSV file name looked for when `--root` is a folder.
+pub const CSV_DEFAULT_NAME: &str = "dataset.csv";
+
+impl DatasetLayout for CsvLayout {
+    fn name(&self) -> &'static str {
+        "csv"
+    }
+
+    fn index(&self, root: &Path, options: &IndexOptions) -> Result<IndexReport> {
+        let csv_path = if root.is_dir() {
+            root.join(CSV_DEFAULT_NAME)
+        } else {
+            root.to_path_buf()
+        };
+        if !csv_path.is_file() {
+            return Err(DataError::invalid(
+                &csv_path,
+                "no such CSV file; pass the CSV (header path,pid,camid,split) or a folder holding dataset.csv",
+            ));
+        }
+        let base = csv_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let mut reader = csv::ReaderBuilder::new()
+            .trim(csv::Trim::All)
+            .from_path(&csv_path)
+            .map_err(|e| DataError::invalid(&csv_path, e.to_string()))?;
+        let headers = reader
+            .headers()
+            .map_err(|e| DataError::invalid(&csv_path, e.to_string()))?
+            .clone();
+        let column = |name: &str| {
+            headers.iter().position(|h| h == name).ok_or_else(|| {
+                DataError::invalid(
+                    &csv_path,
+                    format!("missing column '{name}'; expected the header path,pid,camid,split"),
+                )
+            })
+        };
+        let (c_path, c_pid, c_cam, c_split) =
+            (column("path")?, column("pid")?, column("camid")?, column("split")?);
+
+        let mut rejections = Rejections {
+            skip: options.skip_invalid,
+            messages: Vec::new(),
+        };
+        let mut skipped_non_images = 0;
+        let mut seen = HashSet::new();
+        let mut records = Vec::new();
+        for (i, row) in reader.records().enumerate() {
+            let line = i + 2;
+            let row = row.map_err(|e| DataError::invalid(&csv_path, format!("line {line}: {e}")))?;
+            let field = |c: usize| row.get(c).unwrap_or("");
+            let rel = field(c_path).replace('\\', "/");
+            let at = |m: &str| format!("line {line} ({rel}): {m}");
+            if !is_image_path(Path::new(&rel)) {
+                skipped_non_images += 1;
+                continue;
+            }
+            let pid = match field(c_pid).parse::<i64>() {
+                Ok(p) if p >= -1 => p,
+                _ => {
+                    rejections.reject(&csv_path, at("pid must be an integer >= -1"))?;
+                    continue;
+                }
+            };
+            let camid = match field(c_cam).parse::<i64>() {
+                Ok(c) if c >= 0 => c,
+                _ => {
+                    rejections.reject(&csv_path, at("camid out of range: must be an integer >= 0 (0-based)"))?;
+                    continue;
+                }
+            };
+            let split = match field(c_split).parse::<Split>() {
+                Ok(s) => s,
+                Err(e) => {
+                    rejections.reject(&csv_path, at(&e))?;
+                    continue;
+                }
+            };
+            if split == Split::Train && pid < 0 {
+                rejections.reject(&csv_path, at("junk image (-1) in the train split"))?;
+                continue;
+            }
+            if !seen.insert(rel.clone()) {
+                rejections.reject(&csv_path, at("duplicate path"))?;
+                continue;
+            }
+            if !base.join(&rel).is_file() {
+                rejections.reject(&csv_path, at("image file not found"))?;
+                continue;
+            }
+            records.push(ManifestRecord {
+                path: rel,
+                split,
+                pid,
+                label: None,
+                camid,
+                frame: None,
+            });
+        }
+        for split in Split::ALL {
+            if !records.iter().any(|r| r.split == split) {
+                return Err(DataError::invalid(
+                    &csv_path,
+                    format!("split '{split}' has no images"),
+                ));
+            }
+        }
+        Ok(IndexReport {
+            manifest: Manifest::new("csv", base, records),
+            skipped_non_images,
+            skipped_invalid: rejections.messages,
+        })
+    }
+}
