@@ -1,1 +1,11 @@
-//! placeholder
+//! Re-ID evaluation without a model: distances by GEMM, CMC / mAP / mINP under the
+//! Market-1501 protocol, k-reciprocal re-ranking, and reports with plots.
+
+pub mod distance;
+pub mod evaluate;
+pub mod protocol;
+pub mod rerank;
+
+pub use distance::Metric;
+pub use evaluate::{evaluate, EvalError, Evaluation, Evaluator, FeatureSet, Metrics};
+pub use rerank::RerankParams;

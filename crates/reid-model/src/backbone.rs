@@ -1,0 +1,209 @@
+//! Res2Net and ResNet backbones with timm's structure and parameter names.
+//! `f` is the global average pool of the last stage.
+
+use candle_core::{ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::arch::{Arch, BlockKind};
+use crate::layers::{batch_norm, Conv, ConvBn};
+use crate::ops::{avg_pool2d, max_pool2d};
+
+/// timm's `Bottle2neck`: a 1x1 convolution split into `scale` groups; the first
+/// `scale - 1` go through 3x3 convolutions, each after the previous group's output
+/// is added (except in a stage's first block); the last group passes through (or is
+/// average-pooled in a first block); a 1x1 convolution merges them.
+#[derive(Debug, Clone)]
+pub struct Bottle2neck {
+    conv1: ConvBn,
+    convs: Vec<ConvBn>,
+    conv3: ConvBn,
+    downsample: Option<ConvBn>,
+    width: usize,
+    scale: usize,
+    stride: usize,
+    is_first: bool,
+}
+
+impl Bottle2neck {
+    pub fn new(inplanes: usize, planes: usize, stride: usize, scale: usize, base_width: usize, vb: VarBuilder) -> Result<Self> {
+        let width = planes * base_width / 64;
+        let outplanes = planes * 4;
+        let has_downsample = stride != 1 || inplanes != outplanes;
+        let conv1 = ConvBn::new(Conv::new(inplanes, width * scale, 1, 1, 0, vb.pp("conv1"))?, batch_norm(width * scale, vb.pp("bn1"))?);
+        let convs = (0..scale.max(2) - 1)
+            .map(|i| {
+                Ok(ConvBn::new(
+                    Conv::new(width, width, 3, stride, 1, vb.pp(format!("convs.{i}")))?,
+                    batch_norm(width, vb.pp(format!("bns.{i}")))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let conv3 = ConvBn::new(Conv::new(width * scale, outplanes, 1, 1, 0, vb.pp("conv3"))?, batch_norm(outplanes, vb.pp("bn3"))?);
+        let downsample = has_downsample
+            .then(|| -> Result<ConvBn> {
+                Ok(ConvBn::new(
+                    Conv::new(inplanes, outplanes, 1, stride, 0, vb.pp("downsample.0"))?,
+                    batch_norm(outplanes, vb.pp("downsample.1"))?,
+                ))
+            })
+            .transpose()?;
+        Ok(Bottle2neck {
+            conv1,
+            convs,
+            conv3,
+            downsample,
+            width,
+            scale,
+            stride,
+            is_first: has_downsample,
+        })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let out = self.conv1.forward_t(x, train, true)?;
+        let mut pieces = Vec::with_capacity(self.scale);
+        let mut previous: Option<Tensor> = None;
+        for (i, conv) in self.convs.iter().enumerate() {
+            let split = out.narrow(1, i * self.width, self.width)?;
+            let input = match (&previous, self.is_first) {
+                (Some(p), false) => (p + split)?,
+                _ => split,
+            };
+            let y = conv.forward_t(&input, train, true)?;
+            pieces.push(y.clone());
+            previous = Some(y);
+        }
+        if self.scale > 1 {
+            let last = out.narrow(1, (self.scale - 1) * self.width, self.width)?;
+            pieces.push(if self.is_first { avg_pool2d(&last, 3, self.stride, 1)? } else { last });
+        }
+        let merged = self.conv3.forward_t(&Tensor::cat(&pieces, 1)?, train, false)?;
+        let shortcut = match &self.downsample {
+            Some(d) => d.forward_t(x, train, false)?,
+            None => x.clone(),
+        };
+        (merged + shortcut)?.relu()
+    }
+}
+
+/// timm/torchvision's `Bottleneck`: 1x1, 3x3 (strided), 1x1, plus the shortcut.
+#[derive(Debug, Clone)]
+pub struct Bottleneck {
+    conv1: ConvBn,
+    conv2: ConvBn,
+    conv3: ConvBn,
+    downsample: Option<ConvBn>,
+}
+
+impl Bottleneck {
+    pub fn new(inplanes: usize, planes: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        let outplanes = planes * 4;
+        let downsample = (stride != 1 || inplanes != outplanes)
+            .then(|| -> Result<ConvBn> {
+                Ok(ConvBn::new(
+                    Conv::new(inplanes, outplanes, 1, stride, 0, vb.pp("downsample.0"))?,
+                    batch_norm(outplanes, vb.pp("downsample.1"))?,
+                ))
+            })
+            .transpose()?;
+        Ok(Bottleneck {
+            conv1: ConvBn::new(Conv::new(inplanes, planes, 1, 1, 0, vb.pp("conv1"))?, batch_norm(planes, vb.pp("bn1"))?),
+            conv2: ConvBn::new(Conv::new(planes, planes, 3, stride, 1, vb.pp("conv2"))?, batch_norm(planes, vb.pp("bn2"))?),
+            conv3: ConvBn::new(Conv::new(planes, outplanes, 1, 1, 0, vb.pp("conv3"))?, batch_norm(outplanes, vb.pp("bn3"))?),
+            downsample,
+        })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.conv1.forward_t(x, train, true)?;
+        let y = self.conv2.forward_t(&y, train, true)?;
+        let y = self.conv3.forward_t(&y, train, false)?;
+        let shortcut = match &self.downsample {
+            Some(d) => d.forward_t(x, train, false)?,
+            None => x.clone(),
+        };
+        (y + shortcut)?.relu()
+    }
+}
+
+/// One residual block of either kind.
+#[derive(Debug, Clone)]
+pub enum Block {
+    Res2Net(Bottle2neck),
+    ResNet(Bottleneck),
+}
+
+impl Block {
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Block::Res2Net(b) => b.forward_t(x, train),
+            Block::ResNet(b) => b.forward_t(x, train),
+        }
+    }
+}
+
+/// Stem (7x7/2 convolution, batch norm, ReLU, 3x3/2 max pool) and four stages.
+#[derive(Debug, Clone)]
+pub struct Backbone {
+    pub arch: Arch,
+    stem: ConvBn,
+    stages: Vec<Vec<Block>>,
+}
+
+impl Backbone {
+    /// Builds `arch` with timm names under `vb`; `last_stride` is layer4's stride
+    /// (2 as in timm, 1 as common in re-ID).
+    pub fn new(arch: Arch, last_stride: usize, vb: VarBuilder) -> Result<Self> {
+        let stem = ConvBn::new(Conv::new(3, 64, 7, 2, 3, vb.pp("conv1"))?, batch_norm(64, vb.pp("bn1"))?);
+        let mut inplanes = 64;
+        let mut stages = Vec::with_capacity(4);
+        for (s, (&blocks, &planes)) in arch.layers.iter().zip(&arch.planes).enumerate() {
+            let stride = match s {
+                0 => 1,
+                3 => last_stride,
+                _ => 2,
+            };
+            let vb_stage = vb.pp(format!("layer{}", s + 1));
+            let mut stage = Vec::with_capacity(blocks);
+            for b in 0..blocks {
+                let block_stride = if b == 0 { stride } else { 1 };
+                let vbb = vb_stage.pp(b.to_string());
+                stage.push(match arch.block {
+                    BlockKind::Res2Net { scale, base_width } => {
+                        Block::Res2Net(Bottle2neck::new(inplanes, planes, block_stride, scale, base_width, vbb)?)
+                    }
+                    BlockKind::ResNet => Block::ResNet(Bottleneck::new(inplanes, planes, block_stride, vbb)?),
+                });
+                inplanes = planes * 4;
+            }
+            stages.push(stage);
+        }
+        Ok(Backbone { arch, stem, stages })
+    }
+
+    /// The outputs of layer1..layer4 for images `x` [N, 3, H, W].
+    pub fn stage_outputs(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let mut y = max_pool2d(&self.stem.forward_t(x, train, true)?, 3, 2, 1)?;
+        let mut outputs = Vec::with_capacity(4);
+        for stage in &self.stages {
+            for block in stage {
+                y = block.forward_t(&y, train)?;
+            }
+            outputs.push(y.clone());
+        }
+        Ok(outputs)
+    }
+}
+
+impl ModuleT for Backbone {
+    /// Pooled features `f` [N, C].
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = max_pool2d(&self.stem.forward_t(x, train, true)?, 3, 2, 1)?;
+        for stage in &self.stages {
+            for block in stage {
+                y = block.forward_t(&y, train)?;
+            }
+        }
+        y.mean((2, 3))
+    }
+}

@@ -1,0 +1,127 @@
+//! The multi-task heads of the siamese network and its weighted loss.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+use rand::Rng;
+
+/// A linear layer with `weight` ~ N(0, 0.001^2) and zero `bias`, the usual
+/// initialisation of re-ID classifiers.
+fn classifier(din: usize, dout: usize, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get_with_hints(
+        (dout, din),
+        "weight",
+        candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.001,
+        },
+    )?;
+    let b = vb.get_with_hints(dout, "bias", candle_nn::Init::Const(0.0))?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// Inverted dropout with a mask drawn from `rng`, so a seeded run is repeatable
+/// (candle's own dropout draws from an unseeded generator).
+pub fn dropout<R: Rng>(x: &Tensor, p: f64, rng: &mut R) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 - p;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.gen::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}
+
+/// Identification (`id_classifier`: f -> K identities) and verification
+/// (`verif_classifier`: (f1 - f2)^2 -> 2, class 0 = same identity).
+#[derive(Debug, Clone)]
+pub struct Heads {
+    pub id_classifier: Linear,
+    pub verif_classifier: Linear,
+}
+
+impl Heads {
+    pub fn new(feature_dim: usize, num_classes: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Heads {
+            id_classifier: classifier(feature_dim, num_classes, vb.pp("id_classifier"))?,
+            verif_classifier: classifier(feature_dim, 2, vb.pp("verif_classifier"))?,
+        })
+    }
+}
+
+/// Weights of the three loss terms: `id1 * id(f1) + id2 * id(f2) + verif * verif`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossWeights {
+    pub id1: f64,
+    pub id2: f64,
+    pub verif: f64,
+}
+
+impl Default for LossWeights {
+    /// The paper's (0.5, 0.5, 1.0).
+    fn default() -> Self {
+        LossWeights {
+            id1: 0.5,
+            id2: 0.5,
+            verif: 1.0,
+        }
+    }
+}
+
+/// Labels of a batch of B pairs.
+#[derive(Debug, Clone)]
+pub struct PairTargets {
+    /// Identity labels of the first images, [B] (u32 or i64).
+    pub y1: Tensor,
+    /// Identity labels of the second images, [B].
+    pub y2: Tensor,
+    /// 0 when the pair shows one identity, 1 otherwise, [B].
+    pub same: Tensor,
+}
+
+/// The loss terms, their weighted total and the accuracies of one batch.
+#[derive(Debug, Clone)]
+pub struct PairLoss {
+    pub total: Tensor,
+    pub id1: Tensor,
+    pub id2: Tensor,
+    pub verif: Tensor,
+    /// Identification accuracy over all 2B images.
+    pub id_accuracy: f64,
+    /// Verification accuracy over the B pairs.
+    pub verif_accuracy: f64,
+}
+
+fn accuracy(logits: &Tensor, targets: &Tensor) -> Result<f64> {
+    let predicted = logits.argmax(D::Minus1)?;
+    let targets = targets.to_dtype(DType::U32)?;
+    let right = predicted.eq(&targets)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    Ok(right / targets.elem_count() as f64)
+}
+
+impl Heads {
+    /// The loss of a pair batch from pooled features `f` [2B, C] of `cat[x1, x2]`.
+    /// `dropout` is the probability before each classifier, with its masks from `rng`.
+    pub fn pair_loss<R: Rng>(&self, f: &Tensor, targets: &PairTargets, weights: LossWeights, p_dropout: f64, rng: &mut R) -> Result<PairLoss> {
+        let b = f.dim(0)? / 2;
+        let (f1, f2) = (f.narrow(0, 0, b)?, f.narrow(0, b, b)?);
+        let logits1 = self.id_classifier.forward(&dropout(&f1, p_dropout, rng)?)?;
+        let logits2 = self.id_classifier.forward(&dropout(&f2, p_dropout, rng)?)?;
+        let square = (&f1 - &f2)?.sqr()?;
+        let vlogits = self.verif_classifier.forward(&dropout(&square, p_dropout, rng)?)?;
+        let id1 = candle_nn::loss::cross_entropy(&logits1, &targets.y1)?;
+        let id2 = candle_nn::loss::cross_entropy(&logits2, &targets.y2)?;
+        let verif = candle_nn::loss::cross_entropy(&vlogits, &targets.same)?;
+        let total = ((&id1 * weights.id1)? + (&id2 * weights.id2)? + (&verif * weights.verif)?)?;
+        let id_accuracy = (accuracy(&logits1, &targets.y1)? + accuracy(&logits2, &targets.y2)?) / 2.0;
+        Ok(PairLoss {
+            total,
+            id1,
+            id2,
+            verif,
+            id_accuracy,
+            verif_accuracy: accuracy(&vlogits, &targets.same)?,
+        })
+    }
+}
