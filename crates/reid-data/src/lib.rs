@@ -7,6 +7,7 @@ pub mod gallery;
 pub mod layout;
 pub mod manifest;
 pub mod names;
+pub mod seed;
 pub mod synth;
 
 pub use error::{DataError, Result};

@@ -21,6 +21,7 @@ use crate::error::{DataError, Result};
 use crate::layout::SPLIT_FOLDERS;
 use crate::manifest::Split;
 use crate::names::format_market1501;
+use crate::seed::mix;
 
 /// Sizes and seed of a synthetic dataset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -554,16 +555,6 @@ fn render(spec: &ImageSpec, people: &[Person], cameras: &[Camera], cfg: &SynthCo
             message: e.to_string(),
         })?;
     Ok(out.into_inner())
-}
-
-/// A 64-bit seed from (seed, stream, index) by SplitMix64 mixing.
-pub fn mix(seed: u64, stream: u64, index: u64) -> u64 {
-    let mut z = seed
-        .wrapping_add(stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .wrapping_add(index.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Splits `total` into `n` counts, each between `min` and `max`, at random.

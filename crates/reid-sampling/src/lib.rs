@@ -1,0 +1,10 @@
+//! From a manifest to batches of image pairs: decoding, the evaluation and training
+//! transforms, the pair sampler, and a parallel loader with bounded prefetch.
+
+pub mod loader;
+pub mod pairs;
+pub mod transform;
+
+pub use loader::{LoaderConfig, PairBatch, PairLoader};
+pub use pairs::{Pair, PairSampler};
+pub use transform::{load_normalized, Augment, Chw, DecodeError, EraseFill};

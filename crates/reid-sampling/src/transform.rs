@@ -1,0 +1,294 @@
+//! Image transforms: decoding, resizing, normalising (the evaluation transform) and
+//! the training augmentations (random crop, horizontal flip, random erasing).
+//! Images are CHW f32 buffers; every random draw comes from the caller's RNG.
+
+use std::path::Path;
+
+use image::imageops::FilterType;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// ImageNet channel means and standard deviations (RGB, on [0, 1] pixels).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// A CHW float image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chw {
+    pub height: usize,
+    pub width: usize,
+    /// `[3, height, width]`, row-major.
+    pub data: Vec<f32>,
+}
+
+impl Chw {
+    /// The value at channel `c`, row `y`, column `x`.
+    pub fn at(&self, c: usize, y: usize, x: usize) -> f32 {
+        self.data[(c * self.height + y) * self.width + x]
+    }
+
+    /// Mirrors the image left-right.
+    pub fn flip_horizontal(&mut self) {
+        for row in self.data.chunks_exact_mut(self.width) {
+            row.reverse();
+        }
+    }
+}
+
+/// Why an image could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: cannot decode image: {message}")]
+pub struct DecodeError {
+    pub path: std::path::PathBuf,
+    pub message: String,
+}
+
+/// Decodes `path`, resizes it bilinearly to `height` x `width` and normalises it
+/// with the ImageNet statistics: the evaluation transform.
+pub fn load_normalized(path: &Path, height: usize, width: usize) -> Result<Chw, DecodeError> {
+    let bytes = std::fs::read(path).map_err(|e| DecodeError {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let img = image::load_from_memory(&bytes).map_err(|e| DecodeError {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let rgb = img.to_rgb8();
+    let rgb = if rgb.dimensions() == (width as u32, height as u32) {
+        rgb
+    } else {
+        image::imageops::resize(&rgb, width as u32, height as u32, FilterType::Triangle)
+    };
+    let plane = height * width;
+    let mut data = vec![0f32; 3 * plane];
+    for (i, p) in rgb.pixels().enumerate() {
+        for c in 0..3 {
+            data[c * plane + i] = (p[c] as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+        }
+    }
+    Ok(Chw { height, width, data })
+}
+
+/// How random erasing fills the rectangle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EraseFill {
+    /// Independent uniform random pixels (Zhong et al.'s default), normalised.
+    Random,
+    /// The ImageNet mean pixel (0 after normalisation).
+    Mean,
+}
+
+/// The training augmentation settings; each step can be switched off.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Augment {
+    /// Zero-pad by this many pixels, then crop back to the input size at a random
+    /// offset (0 = no random crop).
+    pub crop_padding: usize,
+    /// Probability of a horizontal flip.
+    pub flip: f64,
+    /// Probability of random erasing.
+    pub erase: f64,
+    /// Erased area as a fraction of the image: [min, max].
+    pub erase_area: [f64; 2],
+    /// Lower bound of the erased rectangle's aspect ratio (upper bound: its inverse).
+    pub erase_min_aspect: f64,
+    pub erase_fill: EraseFill,
+}
+
+impl Default for Augment {
+    /// The paper's recipe: random crop, flip 0.5, erasing 0.5 (area 0.02-0.4,
+    /// aspect 0.3-3.33, random fill).
+    fn default() -> Self {
+        Augment {
+            crop_padding: 10,
+            flip: 0.5,
+            erase: 0.5,
+            erase_area: [0.02, 0.4],
+            erase_min_aspect: 0.3,
+            erase_fill: EraseFill::Random,
+        }
+    }
+}
+
+impl Augment {
+    /// No augmentation at all.
+    pub fn none() -> Self {
+        Augment {
+            crop_padding: 0,
+            flip: 0.0,
+            erase: 0.0,
+            ..Augment::default()
+        }
+    }
+
+    /// Applies crop, flip and erasing, in that order, to `img`.
+    pub fn apply<R: Rng>(&self, img: &mut Chw, rng: &mut R) {
+        if self.crop_padding > 0 {
+            random_crop(img, self.crop_padding, rng);
+        }
+        if self.flip > 0.0 && rng.gen_bool(self.flip.min(1.0)) {
+            img.flip_horizontal();
+        }
+        if self.erase > 0.0 && rng.gen_bool(self.erase.min(1.0)) {
+            random_erase(img, self, rng);
+        }
+    }
+}
+
+/// Zero-pads `img` by `pad` on every side (zero after normalisation is the mean
+/// pixel) and crops a window of the original size at a uniform random offset.
+pub fn random_crop<R: Rng>(img: &mut Chw, pad: usize, rng: &mut R) -> (isize, isize) {
+    let (h, w) = (img.height, img.width);
+    let dy = rng.gen_range(0..=2 * pad) as isize - pad as isize;
+    let dx = rng.gen_range(0..=2 * pad) as isize - pad as isize;
+    let src = img.data.clone();
+    for c in 0..3 {
+        for y in 0..h {
+            let sy = y as isize + dy;
+            for x in 0..w {
+                let sx = x as isize + dx;
+                let inside = sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w;
+                img.data[(c * h + y) * w + x] = if inside { src[(c * h + sy as usize) * w + sx as usize] } else { 0.0 };
+            }
+        }
+    }
+    (dy, dx)
+}
+
+/// The rectangle random erasing chose: top, left, height, width.
+pub type EraseBox = (usize, usize, usize, usize);
+
+/// Random erasing (Zhong et al. 2020): up to 100 tries to place a rectangle of
+/// random area and aspect ratio inside the image; fills it. Returns the box.
+pub fn random_erase<R: Rng>(img: &mut Chw, cfg: &Augment, rng: &mut R) -> Option<EraseBox> {
+    let (h, w) = (img.height, img.width);
+    let area = (h * w) as f64;
+    for _ in 0..100 {
+        let target = rng.gen_range(cfg.erase_area[0]..=cfg.erase_area[1]) * area;
+        let log_lo = cfg.erase_min_aspect.ln();
+        let aspect = rng.gen_range(log_lo..=-log_lo).exp();
+        let eh = (target * aspect).sqrt().round() as usize;
+        let ew = (target / aspect).sqrt().round() as usize;
+        if eh == 0 || ew == 0 || eh >= h || ew >= w {
+            continue;
+        }
+        let top = rng.gen_range(0..=h - eh);
+        let left = rng.gen_range(0..=w - ew);
+        for c in 0..3 {
+            for y in top..top + eh {
+                for x in left..left + ew {
+                    img.data[(c * h + y) * w + x] = match cfg.erase_fill {
+                        EraseFill::Random => (rng.gen::<f32>() - IMAGENET_MEAN[c]) / IMAGENET_STD[c],
+                        EraseFill::Mean => 0.0,
+                    };
+                }
+            }
+        }
+        return Some((top, left, eh, ew));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn ramp(h: usize, w: usize) -> Chw {
+        Chw {
+            height: h,
+            width: w,
+            data: (0..3 * h * w).map(|i| i as f32 + 1.0).collect(),
+        }
+    }
+
+    #[test]
+    fn a_flip_flips_and_twice_restores() {
+        let mut img = ramp(4, 5);
+        let orig = img.clone();
+        img.flip_horizontal();
+        for c in 0..3 {
+            for y in 0..4 {
+                for x in 0..5 {
+                    assert_eq!(img.at(c, y, x), orig.at(c, y, 4 - x));
+                }
+            }
+        }
+        img.flip_horizontal();
+        assert_eq!(img, orig);
+    }
+
+    #[test]
+    fn the_crop_shifts_content_and_stays_in_bounds() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..200 {
+            let mut img = ramp(16, 8);
+            let orig = img.clone();
+            let (dy, dx) = random_crop(&mut img, 3, &mut rng);
+            assert!(dy.abs() <= 3 && dx.abs() <= 3);
+            assert_eq!(img.data.len(), orig.data.len());
+            for y in 0..16isize {
+                for x in 0..8isize {
+                    let (sy, sx) = (y + dy, x + dx);
+                    let want = if (0..16).contains(&sy) && (0..8).contains(&sx) { orig.at(1, sy as usize, sx as usize) } else { 0.0 };
+                    assert_eq!(img.at(1, y as usize, x as usize), want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn erasing_rate_area_and_aspect_stay_in_range() {
+        let cfg = Augment {
+            crop_padding: 0,
+            flip: 0.0,
+            erase: 0.5,
+            ..Augment::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let (trials, mut erased) = (4000, 0);
+        for _ in 0..trials {
+            let mut img = ramp(64, 32);
+            let orig = img.clone();
+            cfg.apply(&mut img, &mut rng);
+            if img != orig {
+                erased += 1;
+            }
+        }
+        // Binomial(4000, 0.5): sd 31.6; 5 sd either side.
+        assert!((erased as f64 - 2000.0).abs() < 160.0, "{erased}");
+
+        for _ in 0..2000 {
+            let mut img = ramp(64, 32);
+            let (top, left, eh, ew) = random_erase(&mut img, &cfg, &mut rng).unwrap();
+            assert!(top + eh <= 64 && left + ew <= 32);
+            let frac = (eh * ew) as f64 / (64.0 * 32.0);
+            // Rounding to whole pixels moves the area a little past the bounds.
+            assert!((0.015..=0.45).contains(&frac), "{frac}");
+            let aspect = eh as f64 / ew as f64;
+            assert!((0.25..=4.0).contains(&aspect), "{aspect}");
+            // Inside the box the pixels changed; outside they did not.
+            assert_ne!(img.at(0, top, left), ramp(64, 32).at(0, top, left));
+            if top > 0 {
+                assert_eq!(img.at(0, top - 1, left), ramp(64, 32).at(0, top - 1, left));
+            }
+        }
+    }
+
+    #[test]
+    fn decoding_resizes_and_normalises() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("red.png");
+        image::RgbImage::from_pixel(6, 12, image::Rgb([255, 0, 0])).save(&path).unwrap();
+        let img = load_normalized(&path, 24, 12).unwrap();
+        assert_eq!((img.height, img.width, img.data.len()), (24, 12, 3 * 24 * 12));
+        assert!((img.at(0, 5, 5) - (1.0 - 0.485) / 0.229).abs() < 1e-5);
+        assert!((img.at(1, 5, 5) - (0.0 - 0.456) / 0.224).abs() < 1e-5);
+        let err = load_normalized(&dir.path().join("missing.jpg"), 8, 4).unwrap_err().to_string();
+        assert!(err.contains("missing.jpg"));
+    }
+}
