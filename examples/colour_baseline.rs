@@ -16,7 +16,9 @@ const BINS: usize = 16;
 const DIM: usize = STRIPES * 3 * BINS;
 
 fn histogram(path: &std::path::Path) -> Result<Vec<f32>> {
-    let img = image::open(path).with_context(|| format!("decoding {}", path.display()))?.to_rgb8();
+    let img = image::open(path)
+        .with_context(|| format!("decoding {}", path.display()))?
+        .to_rgb8();
     let (w, h) = img.dimensions();
     let mut hist = vec![0f32; DIM];
     for (x, y, p) in img.enumerate_pixels() {
@@ -32,17 +34,36 @@ fn histogram(path: &std::path::Path) -> Result<Vec<f32>> {
 }
 
 fn main() -> Result<()> {
-    let path = std::env::args().nth(1).unwrap_or_else(|| "artifacts/manifests/market1501.parquet".into());
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "artifacts/manifests/market1501.parquet".into());
     let manifest = Manifest::read_parquet(path.as_ref())?;
     let set = |split: Split| -> Result<(Vec<f32>, Vec<i64>, Vec<i64>)> {
         let records: Vec<_> = manifest.split(split).collect();
-        let feats: Vec<Vec<f32>> = records.par_iter().map(|r| histogram(&manifest.image_path(r))).collect::<Result<_>>()?;
-        Ok((feats.concat(), records.iter().map(|r| r.pid).collect(), records.iter().map(|r| r.camid).collect()))
+        let feats: Vec<Vec<f32>> = records
+            .par_iter()
+            .map(|r| histogram(&manifest.image_path(r)))
+            .collect::<Result<_>>()?;
+        Ok((
+            feats.concat(),
+            records.iter().map(|r| r.pid).collect(),
+            records.iter().map(|r| r.camid).collect(),
+        ))
     };
     let (qf, qp, qc) = set(Split::Query)?;
     let (gf, gp, gc) = set(Split::Gallery)?;
-    let q = FeatureSet { features: &qf, dim: DIM, pids: &qp, camids: &qc };
-    let g = FeatureSet { features: &gf, dim: DIM, pids: &gp, camids: &gc };
+    let q = FeatureSet {
+        features: &qf,
+        dim: DIM,
+        pids: &qp,
+        camids: &qc,
+    };
+    let g = FeatureSet {
+        features: &gf,
+        dim: DIM,
+        pids: &gp,
+        camids: &gc,
+    };
     let m = evaluate(q, g, Metric::Cosine, None, 50)?.metrics;
     println!(
         "colour histogram baseline on {path}: rank-1 {:.1}%  rank-5 {:.1}%  mAP {:.1}%  ({} queries, {} gallery)",

@@ -7,12 +7,30 @@ use std::process::Command;
 use reid_data::{Manifest, Split};
 
 fn reid(args: &[&str], cwd: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_reid")).args(args).current_dir(cwd).output().expect("reid runs")
+    Command::new(env!("CARGO_BIN_EXE_reid"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("reid runs")
 }
 
 const SMALL: [&str; 16] = [
-    "--cameras", "3", "--train-ids", "6", "--train-images", "30", "--test-ids", "5", "--query-images", "12",
-    "--gallery-images", "20", "--distractors", "4", "--junk", "3",
+    "--cameras",
+    "3",
+    "--train-ids",
+    "6",
+    "--train-images",
+    "30",
+    "--test-ids",
+    "5",
+    "--query-images",
+    "12",
+    "--gallery-images",
+    "20",
+    "--distractors",
+    "4",
+    "--junk",
+    "3",
 ];
 
 #[test]
@@ -31,7 +49,10 @@ fn synth_then_index_gives_the_expected_manifest() {
     let out = reid(&["index", "--dataset", "market1501", "--root", "data/syn"], dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("train") && stdout.contains("training classes: 6"), "{stdout}");
+    assert!(
+        stdout.contains("train") && stdout.contains("training classes: 6"),
+        "{stdout}"
+    );
 
     let m = Manifest::read_parquet(&dir.path().join("artifacts/manifests/market1501.parquet")).unwrap();
     assert_eq!(m.dataset, "market1501");
@@ -55,13 +76,39 @@ fn indexing_a_bad_tree_fails_and_writes_nothing() {
     args.extend(SMALL);
     assert!(reid(&args, dir.path()).status.success());
     std::fs::write(dir.path().join("syn/query/garbage.jpg"), b"x").unwrap();
-    let out = reid(&["index", "--dataset", "market1501", "--root", "syn", "--out", "m.parquet"], dir.path());
+    let out = reid(
+        &[
+            "index",
+            "--dataset",
+            "market1501",
+            "--root",
+            "syn",
+            "--out",
+            "m.parquet",
+        ],
+        dir.path(),
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("garbage.jpg") && stderr.contains("--skip-invalid"), "{stderr}");
+    assert!(
+        stderr.contains("garbage.jpg") && stderr.contains("--skip-invalid"),
+        "{stderr}"
+    );
     assert!(!dir.path().join("m.parquet").exists());
 
-    let out = reid(&["index", "--dataset", "market1501", "--root", "syn", "--out", "m.parquet", "--skip-invalid"], dir.path());
+    let out = reid(
+        &[
+            "index",
+            "--dataset",
+            "market1501",
+            "--root",
+            "syn",
+            "--out",
+            "m.parquet",
+            "--skip-invalid",
+        ],
+        dir.path(),
+    );
     assert!(out.status.success());
     assert!(dir.path().join("m.parquet").exists());
 }

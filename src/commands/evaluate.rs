@@ -88,7 +88,11 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
             100.0 * m.map,
             100.0 * m.minp
         );
-        println!("wrote {} in {:.2?}", out.join("metrics.json").display(), started.elapsed());
+        println!(
+            "wrote {} in {:.2?}",
+            out.join("metrics.json").display(),
+            started.elapsed()
+        );
     }
     Ok(())
 }

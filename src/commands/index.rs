@@ -39,7 +39,13 @@ pub fn run(args: IndexArgs) -> Result<()> {
     println!("{} at {}", manifest.dataset, manifest.root.display());
     println!("{:<8} {:>8} {:>11} {:>8}", "split", "images", "identities", "cameras");
     for s in manifest.summary() {
-        println!("{:<8} {:>8} {:>11} {:>8}", s.split.as_str(), s.images, s.identities, s.cameras);
+        println!(
+            "{:<8} {:>8} {:>11} {:>8}",
+            s.split.as_str(),
+            s.images,
+            s.identities,
+            s.cameras
+        );
     }
     println!(
         "training classes: {}; skipped {} non-image files, {} invalid entries",

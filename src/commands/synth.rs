@@ -84,7 +84,10 @@ pub fn ensure(cfg: &SynthConfig, out: &std::path::Path) -> Result<bool> {
                 "{} holds a synthetic dataset made with other settings; remove it or choose another --out",
                 out.display()
             ),
-            None => bail!("{} already exists and is not a synthetic dataset; choose another --out", out.display()),
+            None => bail!(
+                "{} already exists and is not a synthetic dataset; choose another --out",
+                out.display()
+            ),
         };
     }
     let bar = progress::bar(cfg.total_images() as u64, "rendering");
@@ -107,7 +110,10 @@ pub fn run(args: SynthArgs) -> Result<()> {
             started.elapsed()
         );
     } else {
-        println!("{} already holds this synthetic dataset; nothing to do", args.out.display());
+        println!(
+            "{} already holds this synthetic dataset; nothing to do",
+            args.out.display()
+        );
     }
     println!("next: reid index --dataset market1501 --root {}", args.out.display());
     Ok(())

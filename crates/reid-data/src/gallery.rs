@@ -148,7 +148,10 @@ impl Gallery {
         let p = le_bytes(&self.pids, i64::to_le_bytes);
         let c = le_bytes(&self.camids, i64::to_le_bytes);
         let tensors = vec![
-            ("features", TensorView::new(Dtype::F32, vec![n, self.dim], &f).map_err(st)?),
+            (
+                "features",
+                TensorView::new(Dtype::F32, vec![n, self.dim], &f).map_err(st)?,
+            ),
             ("pids", TensorView::new(Dtype::I64, vec![n], &p).map_err(st)?),
             ("camids", TensorView::new(Dtype::I64, vec![n], &c).map_err(st)?),
         ];
@@ -168,7 +171,10 @@ impl Gallery {
         let tensors = SafeTensors::deserialize(&bytes).map_err(st)?;
         let get = |name: &str| {
             tensors.tensor(name).map_err(|_| {
-                DataError::invalid(path, format!("no '{name}' tensor; a gallery holds features [N, D], pids [N] and camids [N]"))
+                DataError::invalid(
+                    path,
+                    format!("no '{name}' tensor; a gallery holds features [N, D], pids [N] and camids [N]"),
+                )
             })
         };
         let features = get("features")?;
@@ -177,26 +183,58 @@ impl Gallery {
             s => return Err(DataError::invalid(path, format!("features must be [N, D], got {s:?}"))),
         };
         let features: Vec<f32> = match features.dtype() {
-            Dtype::F32 => features.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::F64 => features.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-            d => return Err(DataError::invalid(path, format!("features must be F32 or F64, got {d:?}"))),
+            Dtype::F32 => features
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::F64 => features
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
+            d => {
+                return Err(DataError::invalid(
+                    path,
+                    format!("features must be F32 or F64, got {d:?}"),
+                ))
+            }
         };
         let ints = |name: &str| -> Result<Vec<i64>> {
             let t = get(name)?;
             if t.shape() != [n] {
-                return Err(DataError::invalid(path, format!("{name} must be [{n}], got {:?}", t.shape())));
+                return Err(DataError::invalid(
+                    path,
+                    format!("{name} must be [{n}], got {:?}", t.shape()),
+                ));
             }
             Ok(match t.dtype() {
-                Dtype::I64 => t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
-                Dtype::I32 => t.data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64).collect(),
-                d => return Err(DataError::invalid(path, format!("{name} must be I64 or I32, got {d:?}"))),
+                Dtype::I64 => t
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                Dtype::I32 => t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
+                    .collect(),
+                d => {
+                    return Err(DataError::invalid(
+                        path,
+                        format!("{name} must be I64 or I32, got {d:?}"),
+                    ))
+                }
             })
         };
         let pids = ints("pids")?;
         let camids = ints("camids")?;
         if let Some(p) = &meta.paths {
             if p.len() != n {
-                return Err(DataError::invalid(path, format!("{} paths recorded for {n} rows", p.len())));
+                return Err(DataError::invalid(
+                    path,
+                    format!("{} paths recorded for {n} rows", p.len()),
+                ));
             }
         }
         Ok(Gallery {
@@ -254,7 +292,10 @@ mod tests {
         g.write(&path).unwrap();
         assert_eq!(Gallery::read(&path).unwrap(), g);
 
-        let bare = Gallery { meta: GalleryMeta::default(), ..g.clone() };
+        let bare = Gallery {
+            meta: GalleryMeta::default(),
+            ..g.clone()
+        };
         bare.write(&path).unwrap();
         let back = Gallery::read(&path).unwrap();
         assert_eq!(back.features, g.features);

@@ -60,11 +60,7 @@ pub enum DatasetKind {
 
 impl DatasetKind {
     /// Every kind, for help texts.
-    pub const ALL: [DatasetKind; 3] = [
-        DatasetKind::Market1501,
-        DatasetKind::DukeMtmcReid,
-        DatasetKind::Csv,
-    ];
+    pub const ALL: [DatasetKind; 3] = [DatasetKind::Market1501, DatasetKind::DukeMtmcReid, DatasetKind::Csv];
 
     /// The command-line name.
     pub fn as_str(self) -> &'static str {
@@ -262,10 +258,7 @@ impl DatasetLayout for FolderLayout {
                 });
             }
             if records.len() == before {
-                return Err(DataError::invalid(
-                    &dir,
-                    format!("split '{split}' has no images"),
-                ));
+                return Err(DataError::invalid(&dir, format!("split '{split}' has no images")));
             }
         }
         Ok(IndexReport {
@@ -322,8 +315,7 @@ impl DatasetLayout for CsvLayout {
                 )
             })
         };
-        let (c_path, c_pid, c_cam, c_split) =
-            (column("path")?, column("pid")?, column("camid")?, column("split")?);
+        let (c_path, c_pid, c_cam, c_split) = (column("path")?, column("pid")?, column("camid")?, column("split")?);
 
         let mut rejections = Rejections {
             skip: options.skip_invalid,
@@ -386,10 +378,7 @@ impl DatasetLayout for CsvLayout {
         }
         for split in Split::ALL {
             if !records.iter().any(|r| r.split == split) {
-                return Err(DataError::invalid(
-                    &csv_path,
-                    format!("split '{split}' has no images"),
-                ));
+                return Err(DataError::invalid(&csv_path, format!("split '{split}' has no images")));
             }
         }
         Ok(IndexReport {

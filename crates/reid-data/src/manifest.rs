@@ -49,9 +49,7 @@ impl FromStr for Split {
             "train" => Ok(Split::Train),
             "query" => Ok(Split::Query),
             "gallery" => Ok(Split::Gallery),
-            other => Err(format!(
-                "unknown split '{other}' (expected train, query or gallery)"
-            )),
+            other => Err(format!("unknown split '{other}' (expected train, query or gallery)")),
         }
     }
 }
@@ -177,10 +175,7 @@ impl Manifest {
         let metadata = KeyValueMetadata::from_static(vec![
             ("reid.dataset".to_string(), self.dataset.clone()),
             ("reid.root".to_string(), self.root.to_string_lossy().into_owned()),
-            (
-                "reid.manifest_version".to_string(),
-                MANIFEST_FORMAT_VERSION.to_string(),
-            ),
+            ("reid.manifest_version".to_string(), MANIFEST_FORMAT_VERSION.to_string()),
         ]);
         write_atomically(path, |file| {
             ParquetWriter::new(file)
@@ -209,7 +204,10 @@ impl Manifest {
             .filter_map(|kv| Some((kv.key.clone(), kv.value.clone()?)))
             .collect();
         let version = metadata.get("reid.manifest_version").ok_or_else(|| {
-            DataError::invalid(path, "not a reid manifest (no reid.manifest_version metadata); re-create it with `reid index`")
+            DataError::invalid(
+                path,
+                "not a reid manifest (no reid.manifest_version metadata); re-create it with `reid index`",
+            )
         })?;
         if version != MANIFEST_FORMAT_VERSION {
             return Err(DataError::invalid(
@@ -223,9 +221,8 @@ impl Manifest {
                 .map(|c| c.as_materialized_series().clone())
                 .map_err(|_| DataError::invalid(path, format!("missing column '{name}'")))
         };
-        let typed = |name: &str, e: PolarsError| {
-            DataError::invalid(path, format!("column '{name}' has the wrong type: {e}"))
-        };
+        let typed =
+            |name: &str, e: PolarsError| DataError::invalid(path, format!("column '{name}' has the wrong type: {e}"));
         let paths = column("path")?;
         let paths = paths.str().map_err(|e| typed("path", e))?;
         let splits = column("split")?;
@@ -270,11 +267,7 @@ fn assign_labels(records: &mut [ManifestRecord]) {
         .filter(|r| r.split == Split::Train)
         .map(|r| r.pid)
         .collect();
-    let label_of: BTreeMap<i64, i64> = pids
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| (p, i as i64))
-        .collect();
+    let label_of: BTreeMap<i64, i64> = pids.into_iter().enumerate().map(|(i, p)| (p, i as i64)).collect();
     for r in records.iter_mut() {
         r.label = match r.split {
             Split::Train => Some(label_of[&r.pid]),
@@ -368,7 +361,12 @@ mod tests {
         let s = sample().summary();
         assert_eq!(
             s[0],
-            SplitSummary { split: Split::Train, images: 3, identities: 2, cameras: 3 }
+            SplitSummary {
+                split: Split::Train,
+                images: 3,
+                identities: 2,
+                cameras: 3
+            }
         );
         assert_eq!(s[2].images, 2);
         assert_eq!(s[2].identities, 2);

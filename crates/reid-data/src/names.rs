@@ -65,11 +65,7 @@ pub fn parse_dukemtmc(file_name: &str) -> Option<ParsedName> {
 
 /// Formats a Market-1501 file name; the inverse of [`parse_market1501`].
 pub fn format_market1501(pid: i64, camera: i64, sequence: i64, frame: i64, index: i64) -> String {
-    let pid = if pid < 0 {
-        "-1".to_string()
-    } else {
-        format!("{pid:04}")
-    };
+    let pid = if pid < 0 { "-1".to_string() } else { format!("{pid:04}") };
     format!("{pid}_c{camera}s{sequence}_{frame:06}_{index:02}.jpg")
 }
 

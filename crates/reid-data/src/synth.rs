@@ -239,9 +239,7 @@ impl Camera {
         };
         let wall = grey(rng);
         let floor = grey(rng);
-        let stripes = rng
-            .gen_bool(0.5)
-            .then(|| (rng.gen_range(6..16), grey(rng)));
+        let stripes = rng.gen_bool(0.5).then(|| (rng.gen_range(6..16), grey(rng)));
         Camera {
             cast: [
                 rng.gen_range(0.8..1.2),
@@ -341,7 +339,7 @@ fn draw_background<R: Rng>(canvas: &mut Canvas, cam: &Camera, rng: &mut R) {
     canvas.fill_rect(0.0, 0.0, w as f32, h as f32, |x, y| {
         if (y as f32) < horizon {
             match cam.stripes {
-                Some((period, colour)) if ((x + offset) as u32 / period) % 2 == 0 => colour,
+                Some((period, colour)) if ((x + offset) as u32 / period).is_multiple_of(2) => colour,
                 _ => cam.wall,
             }
         } else {
@@ -448,18 +446,34 @@ fn draw_person<R: Rng>(canvas: &mut Canvas, p: &Person, rng: &mut R) {
     for (i, sw) in [(-1.0f32, swing), (1.0, -swing)] {
         let x = cx + i * (torso_w + arm_w * 0.5);
         let upper = p.upper;
-        canvas.fill_rect(x - arm_w / 2.0 + sw, shoulder, x + arm_w / 2.0 + sw, shoulder + 0.12 * unit, |_, _| upper);
-        canvas.fill_rect(x - arm_w / 2.0 + sw, shoulder + 0.12 * unit, x + arm_w / 2.0 + sw, hip + 0.02 * unit, |_, _| sleeve);
+        canvas.fill_rect(
+            x - arm_w / 2.0 + sw,
+            shoulder,
+            x + arm_w / 2.0 + sw,
+            shoulder + 0.12 * unit,
+            |_, _| upper,
+        );
+        canvas.fill_rect(
+            x - arm_w / 2.0 + sw,
+            shoulder + 0.12 * unit,
+            x + arm_w / 2.0 + sw,
+            hip + 0.02 * unit,
+            |_, _| sleeve,
+        );
     }
     // Torso with its pattern; the front logo is not seen from the back.
     let (a, b) = (p.upper, p.upper_second);
-    let pattern = if view == 1 && p.upper_pattern == 4 { 0 } else { p.upper_pattern };
+    let pattern = if view == 1 && p.upper_pattern == 4 {
+        0
+    } else {
+        p.upper_pattern
+    };
     let period = (0.05 * unit).max(2.0) as usize;
     let (tx0, tx1) = (cx - torso_w, cx + torso_w);
     let mid = (shoulder + hip) / 2.0;
     canvas.fill_rect(tx0, shoulder, tx1, hip, |x, y| match pattern {
-        1 if (y / period) % 2 == 0 => b,
-        2 if (x / period) % 2 == 0 => b,
+        1 if (y / period).is_multiple_of(2) => b,
+        2 if (x / period).is_multiple_of(2) => b,
         3 if (y as f32) > mid => b,
         4 if (x as f32 - cx).abs() < torso_w * 0.4 && ((y as f32) - mid).abs() < 0.05 * unit => b,
         _ => a,
@@ -471,9 +485,19 @@ fn draw_person<R: Rng>(canvas: &mut Canvas, p: &Person, rng: &mut R) {
     let hair = p.hair;
     if p.hat {
         let hat = p.upper_second;
-        canvas.fill_rect(cx - head_r, top - 0.01 * unit, cx + head_r, head_cy - head_r * 0.2, |_, _| hat);
+        canvas.fill_rect(
+            cx - head_r,
+            top - 0.01 * unit,
+            cx + head_r,
+            head_cy - head_r * 0.2,
+            |_, _| hat,
+        );
     } else {
-        let hair_to = if view == 1 { head_cy + head_r * 0.6 } else { head_cy - head_r * 0.3 };
+        let hair_to = if view == 1 {
+            head_cy + head_r * 0.6
+        } else {
+            head_cy - head_r * 0.3
+        };
         canvas.fill_ellipse(cx, head_cy - head_r * 0.25, head_r * 0.9, head_r * 0.8, |_, y| {
             if (y as f32) < hair_to {
                 hair
@@ -541,8 +565,8 @@ fn render(spec: &ImageSpec, people: &[Person], cameras: &[Camera], cfg: &SynthCo
     let noise = rng.gen_range(2.0..8.0f32);
     let mut bytes = Vec::with_capacity(w * h * 3);
     for p in &canvas.px {
-        for c in 0..3 {
-            let v = p[c] * cam.cast[c] * gain + rng.gen_range(-noise..noise);
+        for (value, cast) in p.iter().zip(cam.cast) {
+            let v = value * cast * gain + rng.gen_range(-noise..noise);
             bytes.push(v.clamp(0.0, 255.0) as u8);
         }
     }
@@ -599,7 +623,11 @@ fn plan(cfg: &SynthConfig) -> (Vec<ImageSpec>, usize) {
         cams.shuffle(&mut rng);
         let seen = &cams[..rng.gen_range(2..=cfg.cameras)];
         for k in 0..count {
-            let camera = if k < seen.len() { seen[k] } else { seen[rng.gen_range(0..seen.len())] };
+            let camera = if k < seen.len() {
+                seen[k]
+            } else {
+                seen[rng.gen_range(0..seen.len())]
+            };
             specs.push(ImageSpec {
                 relative_path: format!("{}/{}", folder(Split::Train), next_name(&mut rng, pid, camera)),
                 subject: Subject::Identity(i),
@@ -610,7 +638,13 @@ fn plan(cfg: &SynthConfig) -> (Vec<ImageSpec>, usize) {
     let camera_counts = spread(&mut rng, cfg.test_ids, cfg.query_images, 2, cfg.cameras);
     let gallery_counts = {
         // At least one gallery image per (identity, camera); the rest at random.
-        let extra = spread(&mut rng, cfg.test_ids, cfg.gallery_images - cfg.query_images, 0, usize::MAX);
+        let extra = spread(
+            &mut rng,
+            cfg.test_ids,
+            cfg.gallery_images - cfg.query_images,
+            0,
+            usize::MAX,
+        );
         camera_counts.iter().zip(extra).map(|(c, e)| c + e).collect::<Vec<_>>()
     };
     for (j, &pid) in test.iter().enumerate() {
@@ -626,7 +660,11 @@ fn plan(cfg: &SynthConfig) -> (Vec<ImageSpec>, usize) {
             });
         }
         for k in 0..gallery_counts[j] {
-            let camera = if k < seen.len() { seen[k] } else { seen[rng.gen_range(0..seen.len())] };
+            let camera = if k < seen.len() {
+                seen[k]
+            } else {
+                seen[rng.gen_range(0..seen.len())]
+            };
             specs.push(ImageSpec {
                 relative_path: format!("{}/{}", folder(Split::Gallery), next_name(&mut rng, pid, camera)),
                 subject: Subject::Identity(person),
@@ -663,7 +701,10 @@ pub fn read_synth_record(root: &Path) -> Option<SynthConfig> {
 pub fn generate(cfg: &SynthConfig, out: &Path, progress: &(dyn Fn(usize) + Sync)) -> Result<usize> {
     cfg.validate().map_err(|m| DataError::invalid(out, m))?;
     if out.exists() {
-        return Err(DataError::invalid(out, "already exists; remove it or choose another --out"));
+        return Err(DataError::invalid(
+            out,
+            "already exists; remove it or choose another --out",
+        ));
     }
     let (specs, total_ids) = plan(cfg);
     let people: Vec<Person> = (0..total_ids)
@@ -672,7 +713,10 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &(dyn Fn(usize) + Sync)
     let cameras: Vec<Camera> = (0..cfg.cameras)
         .map(|c| Camera::random(&mut ChaCha8Rng::seed_from_u64(mix(cfg.seed, 4, c as u64))))
         .collect();
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let staging = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
     let result = (|| {
         for (_, folder) in SPLIT_FOLDERS {
@@ -685,7 +729,7 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &(dyn Fn(usize) + Sync)
             let path = staging.join(&spec.relative_path);
             fs::write(&path, bytes).map_err(|e| DataError::io(&path, e))?;
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if n % 256 == 0 {
+            if n.is_multiple_of(256) {
                 progress(n);
             }
             Ok::<_, DataError>(())
@@ -762,7 +806,10 @@ mod tests {
         let read_all = |root: &Path| {
             let mut files = Vec::new();
             for (_, folder) in SPLIT_FOLDERS {
-                let mut names: Vec<_> = fs::read_dir(root.join(folder)).unwrap().map(|e| e.unwrap().path()).collect();
+                let mut names: Vec<_> = fs::read_dir(root.join(folder))
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .collect();
                 names.sort();
                 for n in names {
                     files.push((n.strip_prefix(root).unwrap().to_path_buf(), fs::read(&n).unwrap()));
@@ -773,7 +820,12 @@ mod tests {
         let a = dir.path().join("a");
         let b = dir.path().join("b");
         let c = dir.path().join("c");
-        rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| generate(&tiny(7), &a, &|_| {})).unwrap();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| generate(&tiny(7), &a, &|_| {}))
+            .unwrap();
         generate(&tiny(7), &b, &|_| {}).unwrap();
         generate(&tiny(8), &c, &|_| {}).unwrap();
         let (fa, fb, fc) = (read_all(&a), read_all(&b), read_all(&c));
@@ -781,7 +833,10 @@ mod tests {
         assert_eq!(fa, fb);
         assert_ne!(fa, fc);
         assert_eq!(read_synth_record(&a), Some(tiny(7)));
-        assert!(generate(&tiny(7), &a, &|_| {}).is_err(), "an existing folder is not overwritten");
+        assert!(
+            generate(&tiny(7), &a, &|_| {}).is_err(),
+            "an existing folder is not overwritten"
+        );
     }
 
     #[test]

@@ -82,31 +82,46 @@ fn bad_market_input_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     market_tree(dir.path());
     touch(dir.path(), "query/badname.jpg");
-    let err = index(DatasetKind::Market1501, dir.path(), false).unwrap_err().to_string();
-    assert!(err.contains("badname.jpg") && err.contains("does not parse") && err.contains("--skip-invalid"), "{err}");
+    let err = index(DatasetKind::Market1501, dir.path(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("badname.jpg") && err.contains("does not parse") && err.contains("--skip-invalid"),
+        "{err}"
+    );
     let report = index(DatasetKind::Market1501, dir.path(), true).unwrap();
     assert_eq!(report.skipped_invalid.len(), 1);
 
     touch(dir.path(), "query/0003_c9s1_000100_00.jpg");
-    let err = index(DatasetKind::Market1501, dir.path(), true).map(|r| r.skipped_invalid).unwrap();
+    let err = index(DatasetKind::Market1501, dir.path(), true)
+        .map(|r| r.skipped_invalid)
+        .unwrap();
     assert!(err.iter().any(|m| m.contains("camera c9 out of range")), "{err:?}");
 }
 
 #[test]
 fn missing_folders_and_empty_splits_are_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let err = index(DatasetKind::Market1501, &dir.path().join("nope"), false).unwrap_err().to_string();
+    let err = index(DatasetKind::Market1501, &dir.path().join("nope"), false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("nope") && err.contains("no such folder"), "{err}");
-    let err = index(DatasetKind::Market1501, dir.path(), false).unwrap_err().to_string();
+    let err = index(DatasetKind::Market1501, dir.path(), false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("bounding_box_train"), "{err}");
 
     market_tree(dir.path());
     fs::remove_dir_all(dir.path().join("query")).unwrap();
-    let err = index(DatasetKind::Market1501, dir.path(), false).unwrap_err().to_string();
+    let err = index(DatasetKind::Market1501, dir.path(), false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("query") && err.contains("missing split folder"), "{err}");
     fs::create_dir_all(dir.path().join("query")).unwrap();
     touch(dir.path(), "query/Thumbs.db");
-    let err = index(DatasetKind::Market1501, dir.path(), false).unwrap_err().to_string();
+    let err = index(DatasetKind::Market1501, dir.path(), false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("has no images"), "{err}");
 }
 
@@ -131,11 +146,17 @@ fn csv_layout_reads_paths_and_rejects_bad_rows() {
         ("imgs/c.jpg,x,0,query", "pid must be"),
         ("imgs/c.jpg,5,0,validation", "unknown split"),
     ] {
-        let body = format!("path,pid,camid,split\nimgs/a.jpg,4,0,train\nimgs/c.jpg,11,0,query\nimgs/d.jpg,11,2,gallery\n{row}\n");
+        let body = format!(
+            "path,pid,camid,split\nimgs/a.jpg,4,0,train\nimgs/c.jpg,11,0,query\nimgs/d.jpg,11,2,gallery\n{row}\n"
+        );
         fs::write(&csv, body).unwrap();
         let err = index(DatasetKind::Csv, &csv, false).unwrap_err().to_string();
         assert!(err.contains("dataset.csv") && err.contains(message), "{row}: {err}");
-        assert_eq!(index(DatasetKind::Csv, &csv, true).unwrap().skipped_invalid.len(), 1, "{row}");
+        assert_eq!(
+            index(DatasetKind::Csv, &csv, true).unwrap().skipped_invalid.len(),
+            1,
+            "{row}"
+        );
     }
     fs::write(&csv, "file,pid,camid,split\n").unwrap();
     let err = index(DatasetKind::Csv, &csv, false).unwrap_err().to_string();

@@ -91,7 +91,12 @@ const QUERY_BLOCK: usize = 32;
 impl Evaluator {
     /// Drops junk (pid -1) gallery rows and prepares distances; with `rerank` this
     /// builds the k-reciprocal encodings (the expensive part of re-ranking).
-    pub fn new(query: FeatureSet, gallery: FeatureSet, metric: Metric, rerank: Option<RerankParams>) -> Result<Self, EvalError> {
+    pub fn new(
+        query: FeatureSet,
+        gallery: FeatureSet,
+        metric: Metric,
+        rerank: Option<RerankParams>,
+    ) -> Result<Self, EvalError> {
         if query.dim != gallery.dim {
             return Err(EvalError::DimensionMismatch {
                 query: query.dim,
@@ -143,7 +148,15 @@ impl Evaluator {
                 self.fill(start, &mut d);
                 d.chunks_exact(ng)
                     .enumerate()
-                    .map(|(r, row)| rank_query(row, self.q_pids[start + r], self.q_cams[start + r], &self.g_pids, &self.g_cams))
+                    .map(|(r, row)| {
+                        rank_query(
+                            row,
+                            self.q_pids[start + r],
+                            self.q_cams[start + r],
+                            &self.g_pids,
+                            &self.g_cams,
+                        )
+                    })
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -191,6 +204,12 @@ impl Evaluator {
 }
 
 /// Evaluates in one call: [`Evaluator::new`] then [`Evaluator::run`].
-pub fn evaluate(query: FeatureSet, gallery: FeatureSet, metric: Metric, rerank: Option<RerankParams>, max_rank: usize) -> Result<Evaluation, EvalError> {
+pub fn evaluate(
+    query: FeatureSet,
+    gallery: FeatureSet,
+    metric: Metric,
+    rerank: Option<RerankParams>,
+    max_rank: usize,
+) -> Result<Evaluation, EvalError> {
     Evaluator::new(query, gallery, metric, rerank)?.run(max_rank)
 }

@@ -48,8 +48,8 @@ pub fn rank_query(dist: &[f32], q_pid: i64, q_cam: i64, g_pids: &[i64], g_cams: 
     // ahead[k]: negatives that rank between positive k-1 and positive k.
     let mut ahead = vec![0usize; positives.len() + 1];
     let last = key(*positives.last().unwrap());
-    for j in 0..dist.len() {
-        if g_pids[j] == q_pid {
+    for (j, &pid) in g_pids.iter().enumerate().take(dist.len()) {
+        if pid == q_pid {
             continue;
         }
         let kj = key(j);
@@ -92,8 +92,16 @@ mod tests {
     fn by_sorting(dist: &[f32], q_pid: i64, q_cam: i64, pids: &[i64], cams: &[i64]) -> Option<Vec<usize>> {
         let mut order: Vec<usize> = (0..dist.len()).collect();
         order.sort_by(|&a, &b| dist[a].total_cmp(&dist[b]).then(a.cmp(&b)));
-        let kept: Vec<usize> = order.into_iter().filter(|&j| !(pids[j] == q_pid && cams[j] == q_cam)).collect();
-        let hits: Vec<usize> = kept.iter().enumerate().filter(|(_, &j)| pids[j] == q_pid).map(|(r, _)| r).collect();
+        let kept: Vec<usize> = order
+            .into_iter()
+            .filter(|&j| !(pids[j] == q_pid && cams[j] == q_cam))
+            .collect();
+        let hits: Vec<usize> = kept
+            .iter()
+            .enumerate()
+            .filter(|(_, &j)| pids[j] == q_pid)
+            .map(|(r, _)| r)
+            .collect();
         (!hits.is_empty()).then_some(hits)
     }
 
@@ -101,7 +109,9 @@ mod tests {
     fn counting_equals_sorting_on_random_cases_with_ties() {
         let mut state = 12345u64;
         let mut next = |m: u64| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) % m
         };
         for _ in 0..300 {
@@ -118,7 +128,9 @@ mod tests {
     #[test]
     fn ap_and_inp_by_hand() {
         // Hits at ranks 0, 2, 5: AP = (1/1 + 2/3 + 3/6) / 3, INP = 3 / 6.
-        let o = QueryOutcome { hit_ranks: vec![0, 2, 5] };
+        let o = QueryOutcome {
+            hit_ranks: vec![0, 2, 5],
+        };
         assert!((o.average_precision() - (1.0 + 2.0 / 3.0 + 0.5) / 3.0).abs() < 1e-12);
         assert!((o.inverse_negative_penalty() - 0.5).abs() < 1e-12);
     }

@@ -157,7 +157,10 @@ impl Reranker {
                 }
                 expanded.sort_unstable();
                 expanded.dedup();
-                let weights: Vec<f32> = expanded.iter().map(|&j| (-this.original(i, j as usize)).exp()).collect();
+                let weights: Vec<f32> = expanded
+                    .iter()
+                    .map(|&j| (-this.original(i, j as usize)).exp())
+                    .collect();
                 let total: f32 = weights.iter().sum();
                 expanded.into_iter().zip(weights).map(|(j, w)| (j, w / total)).collect()
             })
@@ -201,7 +204,10 @@ impl Reranker {
     /// The original (squared, row-normalised) distance between rows i and j.
     fn original(&self, i: usize, j: usize) -> f32 {
         let dim = self.all.dim;
-        let (a, b) = (&self.all.rows[i * dim..(i + 1) * dim], &self.all.rows[j * dim..(j + 1) * dim]);
+        let (a, b) = (
+            &self.all.rows[i * dim..(i + 1) * dim],
+            &self.all.rows[j * dim..(j + 1) * dim],
+        );
         let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
         let d = match self.all.metric {
             Metric::Cosine => 1.0 - dot,

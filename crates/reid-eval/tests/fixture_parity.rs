@@ -12,20 +12,41 @@ fn check(folder: &std::path::Path, expected_file: &str) {
     let (qf, gf) = (floats("q_feats"), floats("g_feats"));
     let dim = case["q_feats"].shape[1];
     let (qp, qc, gp, gc) = (ints("q_pids"), ints("q_camids"), ints("g_pids"), ints("g_camids"));
-    let query = reid_eval::FeatureSet { features: &qf, dim, pids: &qp, camids: &qc };
-    let gallery = reid_eval::FeatureSet { features: &gf, dim, pids: &gp, camids: &gc };
+    let query = reid_eval::FeatureSet {
+        features: &qf,
+        dim,
+        pids: &qp,
+        camids: &qc,
+    };
+    let gallery = reid_eval::FeatureSet {
+        features: &gf,
+        dim,
+        pids: &gp,
+        camids: &gc,
+    };
     let metric: Metric = expected["metric"].as_str().unwrap().parse().unwrap();
     let rerank = expected.get("rerank").map(|r| RerankParams {
         k1: r["k1"].as_u64().unwrap() as usize,
         k2: r["k2"].as_u64().unwrap() as usize,
         lambda: r["lambda"].as_f64().unwrap() as f32,
     });
-    let cmc_truth: Vec<f64> = expected["cmc"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let cmc_truth: Vec<f64> = expected["cmc"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     let tol = expected["tolerance"].as_f64().unwrap();
-    let got = evaluate(query, gallery, metric, rerank, cmc_truth.len()).unwrap().metrics;
+    let got = evaluate(query, gallery, metric, rerank, cmc_truth.len())
+        .unwrap()
+        .metrics;
     let name = format!("{}/{expected_file}", folder.display());
     if let Some(n) = expected.get("num_valid_q") {
-        assert_eq!(got.num_valid_queries as u64, n.as_u64().unwrap(), "{name}: valid queries");
+        assert_eq!(
+            got.num_valid_queries as u64,
+            n.as_u64().unwrap(),
+            "{name}: valid queries"
+        );
     }
     assert_eq!(got.cmc.len(), cmc_truth.len(), "{name}: cmc length");
     for (k, (a, b)) in got.cmc.iter().zip(&cmc_truth).enumerate() {

@@ -41,7 +41,11 @@ pub fn folders_with(files: &[&str]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     walk(&root, files, &mut out);
     out.sort();
-    assert!(!out.is_empty(), "no fixture folder with {files:?} under {}", root.display());
+    assert!(
+        !out.is_empty(),
+        "no fixture folder with {files:?} under {}",
+        root.display()
+    );
     out
 }
 
@@ -61,13 +65,31 @@ pub fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
         .map(|(name, t)| {
             let d = t.data();
             let data: Vec<f64> = match t.dtype() {
-                Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
-                Dtype::F64 => d.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
-                Dtype::I64 => d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
-                Dtype::I32 => d.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+                Dtype::F32 => d
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::F64 => d
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                Dtype::I64 => d
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::I32 => d
+                    .chunks_exact(4)
+                    .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
                 other => panic!("{}: {name}: unsupported dtype {other:?}", path.display()),
             };
-            (name, Tensor { shape: t.shape().to_vec(), data })
+            (
+                name,
+                Tensor {
+                    shape: t.shape().to_vec(),
+                    data,
+                },
+            )
         })
         .collect()
 }

@@ -25,11 +25,21 @@ pub struct Bottle2neck {
 }
 
 impl Bottle2neck {
-    pub fn new(inplanes: usize, planes: usize, stride: usize, scale: usize, base_width: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        inplanes: usize,
+        planes: usize,
+        stride: usize,
+        scale: usize,
+        base_width: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let width = planes * base_width / 64;
         let outplanes = planes * 4;
         let has_downsample = stride != 1 || inplanes != outplanes;
-        let conv1 = ConvBn::new(Conv::new(inplanes, width * scale, 1, 1, 0, vb.pp("conv1"))?, batch_norm(width * scale, vb.pp("bn1"))?);
+        let conv1 = ConvBn::new(
+            Conv::new(inplanes, width * scale, 1, 1, 0, vb.pp("conv1"))?,
+            batch_norm(width * scale, vb.pp("bn1"))?,
+        );
         let convs = (0..scale.max(2) - 1)
             .map(|i| {
                 Ok(ConvBn::new(
@@ -38,7 +48,10 @@ impl Bottle2neck {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        let conv3 = ConvBn::new(Conv::new(width * scale, outplanes, 1, 1, 0, vb.pp("conv3"))?, batch_norm(outplanes, vb.pp("bn3"))?);
+        let conv3 = ConvBn::new(
+            Conv::new(width * scale, outplanes, 1, 1, 0, vb.pp("conv3"))?,
+            batch_norm(outplanes, vb.pp("bn3"))?,
+        );
         let downsample = has_downsample
             .then(|| -> Result<ConvBn> {
                 Ok(ConvBn::new(
@@ -75,7 +88,11 @@ impl Bottle2neck {
         }
         if self.scale > 1 {
             let last = out.narrow(1, (self.scale - 1) * self.width, self.width)?;
-            pieces.push(if self.is_first { avg_pool2d(&last, 3, self.stride, 1)? } else { last });
+            pieces.push(if self.is_first {
+                avg_pool2d(&last, 3, self.stride, 1)?
+            } else {
+                last
+            });
         }
         let merged = self.conv3.forward_t(&Tensor::cat(&pieces, 1)?, train, false)?;
         let shortcut = match &self.downsample {
@@ -107,9 +124,18 @@ impl Bottleneck {
             })
             .transpose()?;
         Ok(Bottleneck {
-            conv1: ConvBn::new(Conv::new(inplanes, planes, 1, 1, 0, vb.pp("conv1"))?, batch_norm(planes, vb.pp("bn1"))?),
-            conv2: ConvBn::new(Conv::new(planes, planes, 3, stride, 1, vb.pp("conv2"))?, batch_norm(planes, vb.pp("bn2"))?),
-            conv3: ConvBn::new(Conv::new(planes, outplanes, 1, 1, 0, vb.pp("conv3"))?, batch_norm(outplanes, vb.pp("bn3"))?),
+            conv1: ConvBn::new(
+                Conv::new(inplanes, planes, 1, 1, 0, vb.pp("conv1"))?,
+                batch_norm(planes, vb.pp("bn1"))?,
+            ),
+            conv2: ConvBn::new(
+                Conv::new(planes, planes, 3, stride, 1, vb.pp("conv2"))?,
+                batch_norm(planes, vb.pp("bn2"))?,
+            ),
+            conv3: ConvBn::new(
+                Conv::new(planes, outplanes, 1, 1, 0, vb.pp("conv3"))?,
+                batch_norm(outplanes, vb.pp("bn3"))?,
+            ),
             downsample,
         })
     }
@@ -154,7 +180,10 @@ impl Backbone {
     /// Builds `arch` with timm names under `vb`; `last_stride` is layer4's stride
     /// (2 as in timm, 1 as common in re-ID).
     pub fn new(arch: Arch, last_stride: usize, vb: VarBuilder) -> Result<Self> {
-        let stem = ConvBn::new(Conv::new(3, 64, 7, 2, 3, vb.pp("conv1"))?, batch_norm(64, vb.pp("bn1"))?);
+        let stem = ConvBn::new(
+            Conv::new(3, 64, 7, 2, 3, vb.pp("conv1"))?,
+            batch_norm(64, vb.pp("bn1"))?,
+        );
         let mut inplanes = 64;
         let mut stages = Vec::with_capacity(4);
         for (s, (&blocks, &planes)) in arch.layers.iter().zip(&arch.planes).enumerate() {
@@ -169,9 +198,14 @@ impl Backbone {
                 let block_stride = if b == 0 { stride } else { 1 };
                 let vbb = vb_stage.pp(b.to_string());
                 stage.push(match arch.block {
-                    BlockKind::Res2Net { scale, base_width } => {
-                        Block::Res2Net(Bottle2neck::new(inplanes, planes, block_stride, scale, base_width, vbb)?)
-                    }
+                    BlockKind::Res2Net { scale, base_width } => Block::Res2Net(Bottle2neck::new(
+                        inplanes,
+                        planes,
+                        block_stride,
+                        scale,
+                        base_width,
+                        vbb,
+                    )?),
                     BlockKind::ResNet => Block::ResNet(Bottleneck::new(inplanes, planes, block_stride, vbb)?),
                 });
                 inplanes = planes * 4;

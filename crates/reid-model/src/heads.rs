@@ -27,7 +27,13 @@ pub fn dropout<R: Rng>(x: &Tensor, p: f64, rng: &mut R) -> Result<Tensor> {
     }
     let keep = 1.0 - p;
     let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.gen::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
+        .map(|_| {
+            if rng.gen::<f64>() < keep {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
@@ -96,14 +102,25 @@ pub struct PairLoss {
 fn accuracy(logits: &Tensor, targets: &Tensor) -> Result<f64> {
     let predicted = logits.argmax(D::Minus1)?;
     let targets = targets.to_dtype(DType::U32)?;
-    let right = predicted.eq(&targets)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    let right = predicted
+        .eq(&targets)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
     Ok(right / targets.elem_count() as f64)
 }
 
 impl Heads {
     /// The loss of a pair batch from pooled features `f` [2B, C] of `cat[x1, x2]`.
     /// `dropout` is the probability before each classifier, with its masks from `rng`.
-    pub fn pair_loss<R: Rng>(&self, f: &Tensor, targets: &PairTargets, weights: LossWeights, p_dropout: f64, rng: &mut R) -> Result<PairLoss> {
+    pub fn pair_loss<R: Rng>(
+        &self,
+        f: &Tensor,
+        targets: &PairTargets,
+        weights: LossWeights,
+        p_dropout: f64,
+        rng: &mut R,
+    ) -> Result<PairLoss> {
         let b = f.dim(0)? / 2;
         let (f1, f2) = (f.narrow(0, 0, b)?, f.narrow(0, b, b)?);
         let logits1 = self.id_classifier.forward(&dropout(&f1, p_dropout, rng)?)?;

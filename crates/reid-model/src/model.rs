@@ -69,7 +69,10 @@ impl ReidModel {
 
     /// The trained parameters by name, sorted (running statistics excluded).
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
-        self.named_vars().into_iter().filter(|(n, _)| !is_running_stat(n)).collect()
+        self.named_vars()
+            .into_iter()
+            .filter(|(n, _)| !is_running_stat(n))
+            .collect()
     }
 
     /// Re-initialises every variable from `seed`, independently of thread count and
@@ -108,7 +111,15 @@ impl ReidModel {
 
     /// One training forward of B pairs: the backbone runs once on `cat[x1, x2]`, so
     /// batch statistics cover all 2B images; then the weighted three-term loss.
-    pub fn pair_loss<R: Rng>(&self, x1: &Tensor, x2: &Tensor, targets: &PairTargets, weights: LossWeights, dropout: f64, rng: &mut R) -> Result<PairLoss> {
+    pub fn pair_loss<R: Rng>(
+        &self,
+        x1: &Tensor,
+        x2: &Tensor,
+        targets: &PairTargets,
+        weights: LossWeights,
+        dropout: f64,
+        rng: &mut R,
+    ) -> Result<PairLoss> {
         let x = Tensor::cat(&[x1, x2], 0)?;
         let f = self.features(&x, true)?;
         self.heads.pair_loss(&f, targets, weights, dropout, rng)

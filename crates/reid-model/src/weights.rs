@@ -28,7 +28,11 @@ impl FromStr for WeightSource {
         if parts.len() < 2 || parts[..2].iter().any(|p| p.is_empty()) {
             return Err(format!("'{s}': expected hf:OWNER/NAME or hf:OWNER/NAME/FILE"));
         }
-        let file = if parts.len() > 2 { parts[2..].join("/") } else { "model.safetensors".into() };
+        let file = if parts.len() > 2 {
+            parts[2..].join("/")
+        } else {
+            "model.safetensors".into()
+        };
         Ok(WeightSource::Hub {
             repo: format!("{}/{}", parts[0], parts[1]),
             file,
@@ -53,7 +57,12 @@ pub enum WeightError {
     #[error("{path}: the weights do not fit the model:\n{mismatch}")]
     Mismatch { path: PathBuf, mismatch: Mismatch },
     #[error("hf:{repo}/{file} is not in the hub cache ({cache}) and {why}; download it where there is network (e.g. `huggingface-cli download {repo} {file}`) or pass a local .safetensors path")]
-    NotCached { repo: String, file: String, cache: PathBuf, why: String },
+    NotCached {
+        repo: String,
+        file: String,
+        cache: PathBuf,
+        why: String,
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -86,7 +95,12 @@ impl fmt::Display for Mismatch {
             writeln!(f, "  missing ({}): {}", self.missing.len(), list(&self.missing))?;
         }
         if !self.unexpected.is_empty() {
-            writeln!(f, "  unexpected ({}): {}", self.unexpected.len(), list(&self.unexpected))?;
+            writeln!(
+                f,
+                "  unexpected ({}): {}",
+                self.unexpected.len(),
+                list(&self.unexpected)
+            )?;
         }
         for (name, model, file) in &self.mis_shaped {
             writeln!(f, "  mis-shaped: {name}: model {model:?}, file {file:?}")?;
@@ -121,7 +135,8 @@ pub fn resolve(source: &WeightSource) -> Result<PathBuf, WeightError> {
             if let Some(path) = cache.model(repo.clone()).get(file) {
                 return Ok(path);
             }
-            let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"));
+            let offline = std::env::var("HF_HUB_OFFLINE")
+                .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"));
             let not_cached = |why: String| WeightError::NotCached {
                 repo: repo.clone(),
                 file: file.clone(),
@@ -160,12 +175,20 @@ pub fn load_into(vars: &[(String, Var)], path: &Path, ignore: impl Fn(&str) -> b
     for (name, var) in vars {
         match tensors.get(name) {
             None => mismatch.missing.push(name.clone()),
-            Some(t) if t.dims() != var.dims() => mismatch.mis_shaped.push((name.clone(), var.dims().to_vec(), t.dims().to_vec())),
+            Some(t) if t.dims() != var.dims() => {
+                mismatch
+                    .mis_shaped
+                    .push((name.clone(), var.dims().to_vec(), t.dims().to_vec()))
+            }
             Some(_) => {}
         }
     }
     let known: std::collections::HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
-    mismatch.unexpected = tensors.keys().filter(|n| !ignore(n) && !known.contains(n.as_str())).cloned().collect();
+    mismatch.unexpected = tensors
+        .keys()
+        .filter(|n| !ignore(n) && !known.contains(n.as_str()))
+        .cloned()
+        .collect();
     mismatch.unexpected.sort();
     if !mismatch.is_empty() {
         return Err(WeightError::Mismatch {
@@ -185,7 +208,11 @@ impl ReidModel {
     /// [`LoadScope::Backbone`] so are the heads.
     pub fn load_weights(&self, path: &Path, scope: LoadScope) -> Result<(), WeightError> {
         let backbone_only = scope == LoadScope::Backbone;
-        let vars: Vec<(String, Var)> = self.named_vars().into_iter().filter(|(n, _)| !(backbone_only && is_head(n))).collect();
+        let vars: Vec<(String, Var)> = self
+            .named_vars()
+            .into_iter()
+            .filter(|(n, _)| !(backbone_only && is_head(n)))
+            .collect();
         load_into(&vars, path, |n| ignored(n) || (backbone_only && is_head(n)))
     }
 
@@ -204,7 +231,11 @@ impl ReidModel {
             .map(|n| {
                 let t = &state[*n];
                 let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                Ok(((*n).clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), t.dims().to_vec()))
+                Ok((
+                    (*n).clone(),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    t.dims().to_vec(),
+                ))
             })
             .collect::<candle_core::Result<_>>()?;
         let views = data
@@ -249,7 +280,10 @@ mod tests {
                 file: "sub/w.safetensors".into()
             }
         );
-        assert_eq!("x.safetensors".parse::<WeightSource>().unwrap(), WeightSource::File("x.safetensors".into()));
+        assert_eq!(
+            "x.safetensors".parse::<WeightSource>().unwrap(),
+            WeightSource::File("x.safetensors".into())
+        );
         assert!("hf:onlyname".parse::<WeightSource>().is_err());
     }
 }

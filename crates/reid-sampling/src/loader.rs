@@ -67,7 +67,13 @@ const AUGMENT_STREAM: u64 = 21;
 
 /// Loads image `path` with the training transform, its draws seeded by
 /// (seed, epoch, pair index, which image of the pair).
-pub fn load_augmented(path: &std::path::Path, cfg: &LoaderConfig, epoch: u64, pair: usize, which: u64) -> Result<Chw, DecodeError> {
+pub fn load_augmented(
+    path: &std::path::Path,
+    cfg: &LoaderConfig,
+    epoch: u64,
+    pair: usize,
+    which: u64,
+) -> Result<Chw, DecodeError> {
     let mut img = load_normalized(path, cfg.height, cfg.width)?;
     let mut rng = ChaCha8Rng::seed_from_u64(mix(mix(cfg.seed, AUGMENT_STREAM, epoch), pair as u64, which));
     cfg.augment.apply(&mut img, &mut rng);
@@ -83,13 +89,24 @@ pub fn batches_per_epoch(pairs: usize, cfg: &LoaderConfig) -> usize {
     }
 }
 
-fn build_batch(paths: &[PathBuf], sampler: &PairSampler, pairs: &[Pair], first_pair: usize, epoch: u64, index: usize, cfg: &LoaderConfig) -> Result<PairBatch, DecodeError> {
+fn build_batch(
+    paths: &[PathBuf],
+    sampler: &PairSampler,
+    pairs: &[Pair],
+    first_pair: usize,
+    epoch: u64,
+    index: usize,
+    cfg: &LoaderConfig,
+) -> Result<PairBatch, DecodeError> {
     let images: Vec<Result<(Chw, Chw), DecodeError>> = pairs
         .par_iter()
         .enumerate()
         .map(|(i, p)| {
             let k = first_pair + i;
-            Ok((load_augmented(&paths[p.first], cfg, epoch, k, 0)?, load_augmented(&paths[p.second], cfg, epoch, k, 1)?))
+            Ok((
+                load_augmented(&paths[p.first], cfg, epoch, k, 0)?,
+                load_augmented(&paths[p.second], cfg, epoch, k, 1)?,
+            ))
         })
         .collect();
     let plane = 3 * cfg.height * cfg.width;
@@ -131,16 +148,26 @@ pub struct PairLoader {
 impl PairLoader {
     /// Starts loading `epoch` from batch `start_batch` (non-zero when resuming).
     /// `paths[i]` is training image i, labelled by `sampler`.
-    pub fn start(paths: Arc<Vec<PathBuf>>, sampler: Arc<PairSampler>, cfg: LoaderConfig, epoch: u64, start_batch: usize) -> Self {
+    pub fn start(
+        paths: Arc<Vec<PathBuf>>,
+        sampler: Arc<PairSampler>,
+        cfg: LoaderConfig,
+        epoch: u64,
+        start_batch: usize,
+    ) -> Self {
         let (sender, receiver) = sync_channel(cfg.prefetch.max(1));
         let worker = std::thread::spawn(move || {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(cfg.threads).build().expect("decoding thread pool");
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(cfg.threads)
+                .build()
+                .expect("decoding thread pool");
             let pairs = sampler.epoch(epoch);
             let total = batches_per_epoch(pairs.len(), &cfg);
             for index in start_batch..total {
                 let start = index * cfg.batch_size;
                 let end = (start + cfg.batch_size).min(pairs.len());
-                let batch = pool.install(|| build_batch(&paths, &sampler, &pairs[start..end], start, epoch, index, &cfg));
+                let batch =
+                    pool.install(|| build_batch(&paths, &sampler, &pairs[start..end], start, epoch, index, &cfg));
                 let failed = batch.is_err();
                 if sender.send(batch).is_err() || failed {
                     return;
@@ -205,13 +232,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (paths, labels) = dataset(dir.path());
         let sampler = Arc::new(PairSampler::new(labels, 0.5, 4));
-        let one: Vec<PairBatch> = PairLoader::start(paths.clone(), sampler.clone(), config(1), 2, 0).map(Result::unwrap).collect();
-        let two: Vec<PairBatch> = PairLoader::start(paths.clone(), sampler.clone(), config(2), 2, 0).map(Result::unwrap).collect();
+        let one: Vec<PairBatch> = PairLoader::start(paths.clone(), sampler.clone(), config(1), 2, 0)
+            .map(Result::unwrap)
+            .collect();
+        let two: Vec<PairBatch> = PairLoader::start(paths.clone(), sampler.clone(), config(2), 2, 0)
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(one.len(), 3);
         assert_eq!(one, two);
         assert_eq!(one[2].len(), 2);
         // Resuming at batch 1 gives the same batches 1 and 2.
-        let resumed: Vec<PairBatch> = PairLoader::start(paths, sampler, config(2), 2, 1).map(Result::unwrap).collect();
+        let resumed: Vec<PairBatch> = PairLoader::start(paths, sampler, config(2), 2, 1)
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(resumed, one[1..]);
         for b in &one {
             for i in 0..b.len() {
@@ -227,11 +260,17 @@ mod tests {
         std::fs::write(&paths[4], b"not an image").unwrap();
         let sampler = Arc::new(PairSampler::new(labels, 0.5, 4));
         let results: Vec<_> = PairLoader::start(paths.clone(), sampler.clone(), config(2), 0, 0).collect();
-        let err = results.iter().find_map(|r| r.as_ref().err()).expect("an error").to_string();
+        let err = results
+            .iter()
+            .find_map(|r| r.as_ref().err())
+            .expect("an error")
+            .to_string();
         assert!(err.contains("4.png"), "{err}");
         let mut cfg = config(2);
         cfg.skip_unreadable = true;
-        let batches: Vec<PairBatch> = PairLoader::start(paths, sampler, cfg, 0, 0).map(Result::unwrap).collect();
+        let batches: Vec<PairBatch> = PairLoader::start(paths, sampler, cfg, 0, 0)
+            .map(Result::unwrap)
+            .collect();
         let skipped: usize = batches.iter().map(|b| b.skipped).sum();
         let kept: usize = batches.iter().map(|b| b.len()).sum();
         assert!(skipped >= 1);

@@ -87,12 +87,20 @@ impl PairSampler {
             } else {
                 first
             };
-            return Pair { first, second, same: true };
+            return Pair {
+                first,
+                second,
+                same: true,
+            };
         }
         loop {
             let second = rng.gen_range(0..self.labels.len());
             if self.labels[second] != label {
-                return Pair { first, second, same: false };
+                return Pair {
+                    first,
+                    second,
+                    same: false,
+                };
             }
         }
     }
@@ -144,7 +152,10 @@ mod tests {
             let positives: usize = (0..5).map(|e| s.epoch(e).iter().filter(|p| p.same).count()).sum();
             let expected = frac * 5.0 * n as f64;
             let sd = (5.0 * n as f64 * frac * (1.0 - frac)).sqrt();
-            assert!((positives as f64 - expected).abs() < 5.0 * sd, "{frac}: {positives} vs {expected}");
+            assert!(
+                (positives as f64 - expected).abs() < 5.0 * sd,
+                "{frac}: {positives} vs {expected}"
+            );
         }
     }
 }

@@ -151,7 +151,11 @@ pub fn random_crop<R: Rng>(img: &mut Chw, pad: usize, rng: &mut R) -> (isize, is
             for x in 0..w {
                 let sx = x as isize + dx;
                 let inside = sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w;
-                img.data[(c * h + y) * w + x] = if inside { src[(c * h + sy as usize) * w + sx as usize] } else { 0.0 };
+                img.data[(c * h + y) * w + x] = if inside {
+                    src[(c * h + sy as usize) * w + sx as usize]
+                } else {
+                    0.0
+                };
             }
         }
     }
@@ -234,7 +238,11 @@ mod tests {
             for y in 0..16isize {
                 for x in 0..8isize {
                     let (sy, sx) = (y + dy, x + dx);
-                    let want = if (0..16).contains(&sy) && (0..8).contains(&sx) { orig.at(1, sy as usize, sx as usize) } else { 0.0 };
+                    let want = if (0..16).contains(&sy) && (0..8).contains(&sx) {
+                        orig.at(1, sy as usize, sx as usize)
+                    } else {
+                        0.0
+                    };
                     assert_eq!(img.at(1, y as usize, x as usize), want);
                 }
             }
@@ -283,12 +291,16 @@ mod tests {
     fn decoding_resizes_and_normalises() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("red.png");
-        image::RgbImage::from_pixel(6, 12, image::Rgb([255, 0, 0])).save(&path).unwrap();
+        image::RgbImage::from_pixel(6, 12, image::Rgb([255, 0, 0]))
+            .save(&path)
+            .unwrap();
         let img = load_normalized(&path, 24, 12).unwrap();
         assert_eq!((img.height, img.width, img.data.len()), (24, 12, 3 * 24 * 12));
         assert!((img.at(0, 5, 5) - (1.0 - 0.485) / 0.229).abs() < 1e-5);
         assert!((img.at(1, 5, 5) - (0.0 - 0.456) / 0.224).abs() < 1e-5);
-        let err = load_normalized(&dir.path().join("missing.jpg"), 8, 4).unwrap_err().to_string();
+        let err = load_normalized(&dir.path().join("missing.jpg"), 8, 4)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing.jpg"));
     }
 }

@@ -83,15 +83,17 @@ impl MaxPool2d {
         let win = self.0;
         let (oh, ow) = (win.out_len(h), win.out_len(w));
         let mut out = vec![T::zero(); n * c * oh * ow];
-        out.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(o, plane)| {
-            for oy in 0..oh {
-                let (y0, y1, _) = win.span(oy, h);
-                for ox in 0..ow {
-                    let (x0, x1, _) = win.span(ox, w);
-                    o[oy * ow + ox] = plane[window_argmax(plane, w, (y0, y1), (x0, x1))];
+        out.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                for oy in 0..oh {
+                    let (y0, y1, _) = win.span(oy, h);
+                    for ox in 0..ow {
+                        let (x0, x1, _) = win.span(ox, w);
+                        o[oy * ow + ox] = plane[window_argmax(plane, w, (y0, y1), (x0, x1))];
+                    }
                 }
-            }
-        });
+            });
         out
     }
 }
@@ -103,12 +105,15 @@ impl CustomOp1 for MaxPool2d {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = dims4(layout, self.name())?;
-        let out = float_dispatch!(storage, self.name(), |d| self.forward(contiguous(d, layout, self.name())?, (n, c, h, w)));
+        let out = float_dispatch!(storage, self.name(), |d| self
+            .forward(contiguous(d, layout, self.name())?, (n, c, h, w)));
         Ok((out, Shape::from((n, c, self.0.out_len(h), self.0.out_len(w)))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = arg.contiguous()?.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dBackward(self.0))?;
+        let grad = arg
+            .contiguous()?
+            .apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dBackward(self.0))?;
         Ok(Some(grad))
     }
 }
@@ -169,21 +174,23 @@ impl AvgPool2d {
         let win = self.0;
         let (oh, ow) = (win.out_len(h), win.out_len(w));
         let mut out = vec![T::zero(); n * c * oh * ow];
-        out.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(o, plane)| {
-            for oy in 0..oh {
-                let (y0, y1, py) = win.span(oy, h);
-                for ox in 0..ow {
-                    let (x0, x1, px) = win.span(ox, w);
-                    let mut sum = T::zero();
-                    for y in y0..y1 {
-                        for x in x0..x1 {
-                            sum = sum + plane[y * w + x];
+        out.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                for oy in 0..oh {
+                    let (y0, y1, py) = win.span(oy, h);
+                    for ox in 0..ow {
+                        let (x0, x1, px) = win.span(ox, w);
+                        let mut sum = T::zero();
+                        for y in y0..y1 {
+                            for x in x0..x1 {
+                                sum = sum + plane[y * w + x];
+                            }
                         }
+                        o[oy * ow + ox] = sum / T::from(py * px).unwrap();
                     }
-                    o[oy * ow + ox] = sum / T::from(py * px).unwrap();
                 }
-            }
-        });
+            });
         out
     }
 }
@@ -195,7 +202,8 @@ impl CustomOp1 for AvgPool2d {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = dims4(layout, self.name())?;
-        let out = float_dispatch!(storage, self.name(), |d| self.forward(contiguous(d, layout, self.name())?, (n, c, h, w)));
+        let out = float_dispatch!(storage, self.name(), |d| self
+            .forward(contiguous(d, layout, self.name())?, (n, c, h, w)));
         Ok((out, Shape::from((n, c, self.0.out_len(h), self.0.out_len(w)))))
     }
 
@@ -220,20 +228,22 @@ impl AvgPool2dBackward {
     fn backward<T: Float + Send + Sync>(&self, g: &[T], (n, c, oh, ow): (usize, usize, usize, usize)) -> Vec<T> {
         let (win, (h, w)) = (self.window, self.input_hw);
         let mut out = vec![T::zero(); n * c * h * w];
-        out.par_chunks_mut(h * w).zip(g.par_chunks(oh * ow)).for_each(|(gi, go)| {
-            for oy in 0..oh {
-                let (y0, y1, py) = win.span(oy, h);
-                for ox in 0..ow {
-                    let (x0, x1, px) = win.span(ox, w);
-                    let share = go[oy * ow + ox] / T::from(py * px).unwrap();
-                    for y in y0..y1 {
-                        for x in x0..x1 {
-                            gi[y * w + x] = gi[y * w + x] + share;
+        out.par_chunks_mut(h * w)
+            .zip(g.par_chunks(oh * ow))
+            .for_each(|(gi, go)| {
+                for oy in 0..oh {
+                    let (y0, y1, py) = win.span(oy, h);
+                    for ox in 0..ow {
+                        let (x0, x1, px) = win.span(ox, w);
+                        let share = go[oy * ow + ox] / T::from(py * px).unwrap();
+                        for y in y0..y1 {
+                            for x in x0..x1 {
+                                gi[y * w + x] = gi[y * w + x] + share;
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
         out
     }
 }
@@ -245,19 +255,28 @@ impl CustomOp1 for AvgPool2dBackward {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, oh, ow) = dims4(layout, self.name())?;
-        let out = float_dispatch!(storage, self.name(), |d| self.backward(contiguous(d, layout, self.name())?, (n, c, oh, ow)));
+        let out = float_dispatch!(storage, self.name(), |d| self
+            .backward(contiguous(d, layout, self.name())?, (n, c, oh, ow)));
         Ok((out, Shape::from((n, c, self.input_hw.0, self.input_hw.1))))
     }
 }
 
 /// `max_pool2d` with padding (PyTorch semantics) and a correct backward.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(MaxPool2d(Window { kernel, stride, padding }))
+    x.contiguous()?.apply_op1(MaxPool2d(Window {
+        kernel,
+        stride,
+        padding,
+    }))
 }
 
 /// `avg_pool2d` with padding, counting padded zeros, with a correct backward.
 pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(AvgPool2d(Window { kernel, stride, padding }))
+    x.contiguous()?.apply_op1(AvgPool2d(Window {
+        kernel,
+        stride,
+        padding,
+    }))
 }
 
 #[cfg(test)]
@@ -284,7 +303,13 @@ mod tests {
         let g = random(y.dims(), 2);
         let loss = (&y * &g).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
-        let analytic: Vec<f64> = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let analytic: Vec<f64> = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let base: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let eps = 1e-6;
         for i in 0..base.len() {
@@ -292,10 +317,19 @@ mod tests {
                 let mut v = base.clone();
                 v[i] += delta;
                 let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
-                (pool(&t).unwrap() * &g).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+                (pool(&t).unwrap() * &g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
             };
             let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
-            assert!((numeric - analytic[i]).abs() < 1e-6, "element {i}: {numeric} vs {}", analytic[i]);
+            assert!(
+                (numeric - analytic[i]).abs() < 1e-6,
+                "element {i}: {numeric} vs {}",
+                analytic[i]
+            );
         }
     }
 
@@ -317,24 +351,53 @@ mod tests {
         let x = random(&[2, 3, 8, 6], 3).to_dtype(DType::F32).unwrap();
         let ours = max_pool2d(&x, 2, 2, 0).unwrap();
         let theirs = x.max_pool2d(2).unwrap();
-        let d = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (ours - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0);
         let ours = avg_pool2d(&x, 2, 2, 0).unwrap();
         let theirs = x.avg_pool2d(2).unwrap();
-        let d = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (ours - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-6);
     }
 
     #[test]
     fn padding_is_minus_infinity_for_max_and_counted_zero_for_average() {
         let x = Tensor::from_vec(vec![-1.0f64, -2.0, -3.0, -4.0], (1, 1, 2, 2), &Device::Cpu).unwrap();
-        let m: Vec<f64> = max_pool2d(&x, 3, 2, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let m: Vec<f64> = max_pool2d(&x, 3, 2, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(m, vec![-1.0]);
-        let a: Vec<f64> = avg_pool2d(&x, 3, 2, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let a: Vec<f64> = avg_pool2d(&x, 3, 2, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!((a[0] - (-10.0 / 9.0)).abs() < 1e-12);
         // Ties go to the first position in row-major order, as in PyTorch.
         let z = Var::from_tensor(&Tensor::zeros((1, 1, 2, 2), DType::F64, &Device::Cpu).unwrap()).unwrap();
-        let g = max_pool2d(z.as_tensor(), 3, 2, 1).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = max_pool2d(z.as_tensor(), 3, 2, 1)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let gz: Vec<f64> = g.get(z.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(gz, vec![1.0, 0.0, 0.0, 0.0]);
     }
