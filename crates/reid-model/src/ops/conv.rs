@@ -1,0 +1,509 @@
+//! 2-D convolution forward and backward by matrix multiplication (im2col + GEMM,
+//! GEMM for the weight gradient, GEMM + col2im for the input gradient), replacing
+//! candle 0.11's CPU backward, which goes through a direct `conv_transpose2d` loop.
+//!
+//! Work is split over images (and, for the weight gradient, over fixed groups of
+//! images summed in a fixed order), never by thread count, so results are the same
+//! bit for bit whatever the number of threads.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Geometry of one convolution call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    fn new(x: &[usize], weight: &[usize], stride: usize, padding: usize) -> Result<Self> {
+        let (&[n, c, h, w], &[o, wc, kh, kw]) = (x, weight) else {
+            candle_core::bail!("conv2d: expected NCHW input and OIHW weight, got {x:?} and {weight:?}");
+        };
+        if wc != c || kh != kw {
+            candle_core::bail!("conv2d: weight {weight:?} does not fit input {x:?} (square kernels only)");
+        }
+        if h + 2 * padding < kh || w + 2 * padding < kw {
+            candle_core::bail!("conv2d: kernel {kh}x{kw} larger than padded input {h}x{w}");
+        }
+        let oh = (h + 2 * padding - kh) / stride + 1;
+        let ow = (w + 2 * padding - kw) / stride + 1;
+        Ok(Geometry {
+            n,
+            c,
+            h,
+            w,
+            o,
+            k: kh,
+            stride,
+            padding,
+            oh,
+            ow,
+        })
+    }
+
+    /// Rows of the column matrix: C * k * k.
+    fn ckk(&self) -> usize {
+        self.c * self.k * self.k
+    }
+
+    /// Output positions per image.
+    fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// Whether the input itself is the column matrix (1x1, stride 1, no padding).
+    fn direct(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.padding == 0
+    }
+}
+
+/// Fills `cols` [C*k*k, OH*OW] from one image `x` [C, H, W].
+fn im2col<T: Float>(x: &[T], g: &Geometry, cols: &mut [T]) {
+    let p = g.p();
+    for c in 0..g.c {
+        for ky in 0..g.k {
+            for kx in 0..g.k {
+                let row = &mut cols[((c * g.k + ky) * g.k + kx) * p..][..p];
+                for oy in 0..g.oh {
+                    let iy = (oy * g.stride + ky) as isize - g.padding as isize;
+                    let out = &mut row[oy * g.ow..(oy + 1) * g.ow];
+                    if iy < 0 || iy as usize >= g.h {
+                        out.iter_mut().for_each(|v| *v = T::zero());
+                        continue;
+                    }
+                    let src = &x[(c * g.h + iy as usize) * g.w..][..g.w];
+                    for (ox, v) in out.iter_mut().enumerate() {
+                        let ix = (ox * g.stride + kx) as isize - g.padding as isize;
+                        *v = if ix < 0 || ix as usize >= g.w {
+                            T::zero()
+                        } else {
+                            src[ix as usize]
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the column matrix `cols` back into the image gradient `x` [C, H, W].
+fn col2im<T: Float>(cols: &[T], g: &Geometry, x: &mut [T]) {
+    let p = g.p();
+    x.iter_mut().for_each(|v| *v = T::zero());
+    for c in 0..g.c {
+        for ky in 0..g.k {
+            for kx in 0..g.k {
+                let row = &cols[((c * g.k + ky) * g.k + kx) * p..][..p];
+                for oy in 0..g.oh {
+                    let iy = (oy * g.stride + ky) as isize - g.padding as isize;
+                    if iy < 0 || iy as usize >= g.h {
+                        continue;
+                    }
+                    let dst = &mut x[(c * g.h + iy as usize) * g.w..][..g.w];
+                    for (ox, &v) in row[oy * g.ow..(oy + 1) * g.ow].iter().enumerate() {
+                        let ix = (ox * g.stride + kx) as isize - g.padding as isize;
+                        if ix >= 0 && (ix as usize) < g.w {
+                            dst[ix as usize] = dst[ix as usize] + v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[m, n] (+)= a[m, k] * b[k, n]` for row-major matrices given by their row
+/// strides and transposition, single-threaded.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: 'static + Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    a: &[T],
+    a_transposed: bool,
+    b: &[T],
+    b_transposed: bool,
+) {
+    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    // Row-major [m, k] has (column stride, row stride) = (1, k); its transpose, stored
+    // as [k, m], has (m, 1).
+    let (a_cs, a_rs) = if a_transposed { (m as isize, 1) } else { (1, k as isize) };
+    let (b_cs, b_rs) = if b_transposed { (k as isize, 1) } else { (1, n as isize) };
+    // SAFETY: the asserts above bound every index the strides describe.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+fn forward<T: 'static + Float + Send + Sync>(x: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
+    let (ckk, p) = (g.ckk(), g.p());
+    let mut out = vec![T::zero(); g.n * g.o * p];
+    out.par_chunks_mut(g.o * p)
+        .zip(x.par_chunks(g.c * g.h * g.w))
+        .for_each_init(
+            || {
+                if g.direct() {
+                    Vec::new()
+                } else {
+                    vec![T::zero(); ckk * p]
+                }
+            },
+            |cols, (y, image)| {
+                let cols: &[T] = if g.direct() {
+                    image
+                } else {
+                    im2col(image, g, cols);
+                    cols
+                };
+                matmul(g.o, p, ckk, y, false, weight, false, cols, false);
+            },
+        );
+    out
+}
+
+fn backward_input<T: 'static + Float + Send + Sync>(grad_out: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
+    let (ckk, p) = (g.ckk(), g.p());
+    let mut grad_x = vec![T::zero(); g.n * g.c * g.h * g.w];
+    grad_x
+        .par_chunks_mut(g.c * g.h * g.w)
+        .zip(grad_out.par_chunks(g.o * p))
+        .for_each_init(
+            || {
+                if g.direct() {
+                    Vec::new()
+                } else {
+                    vec![T::zero(); ckk * p]
+                }
+            },
+            |cols, (gx, gy)| {
+                if g.direct() {
+                    matmul(ckk, p, g.o, gx, false, weight, true, gy, false);
+                } else {
+                    matmul(ckk, p, g.o, cols, false, weight, true, gy, false);
+                    col2im(cols, g, gx);
+                }
+            },
+        );
+    grad_x
+}
+
+/// Images per partial sum of the weight gradient: fixed by the batch alone.
+const WEIGHT_GROUP: usize = 4;
+
+fn backward_weight<T: 'static + Float + Send + Sync>(x: &[T], grad_out: &[T], g: &Geometry) -> Vec<T> {
+    let (ckk, p) = (g.ckk(), g.p());
+    let image = g.c * g.h * g.w;
+    let partials: Vec<Vec<T>> = (0..g.n.div_ceil(WEIGHT_GROUP))
+        .into_par_iter()
+        .map(|group| {
+            let mut acc = vec![T::zero(); g.o * ckk];
+            let mut cols = if g.direct() {
+                Vec::new()
+            } else {
+                vec![T::zero(); ckk * p]
+            };
+            for i in group * WEIGHT_GROUP..((group + 1) * WEIGHT_GROUP).min(g.n) {
+                let img = &x[i * image..(i + 1) * image];
+                let columns: &[T] = if g.direct() {
+                    img
+                } else {
+                    im2col(img, g, &mut cols);
+                    &cols
+                };
+                let gy = &grad_out[i * g.o * p..(i + 1) * g.o * p];
+                matmul(
+                    g.o,
+                    ckk,
+                    p,
+                    &mut acc,
+                    i > group * WEIGHT_GROUP,
+                    gy,
+                    false,
+                    columns,
+                    true,
+                );
+            }
+            acc
+        })
+        .collect();
+    let mut total = partials[0].clone();
+    for part in &partials[1..] {
+        total.iter_mut().zip(part).for_each(|(t, v)| *t = *t + *v);
+    }
+    total
+}
+
+fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: operands must be contiguous"),
+    }
+}
+
+/// Runs `f` on two f32 or two f64 operands.
+macro_rules! two_floats {
+    ($op:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, |$a:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let ($a, $b) = (slice(a, $l1, $op)?, slice(b, $l2, $op)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let ($a, $b) = (slice(a, $l1, $op)?, slice(b, $l2, $op)?);
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: two f32 or two f64 operands expected", $op),
+        }
+    };
+}
+
+/// Convolution of (input [N, C, H, W], weight [O, C, k, k]) without bias.
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2d {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let out = two_floats!(self.name(), s1, l1, s2, l2, |x, w| forward(x, w, &g));
+        Ok((out, Shape::from((g.n, g.o, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let grad_x = grad.apply_op2_no_bwd(
+            weight,
+            &Conv2dBackwardInput {
+                conv: *self,
+                input: x.dims4()?,
+            },
+        )?;
+        let grad_w = x.apply_op2_no_bwd(
+            &grad,
+            &Conv2dBackwardWeight {
+                conv: *self,
+                weight: weight.dims4()?,
+            },
+        )?;
+        Ok((Some(grad_x), Some(grad_w)))
+    }
+}
+
+/// The input gradient of [`Conv2d`] from (output gradient, weight).
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dBackwardInput {
+    pub conv: Conv2d,
+    pub input: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for Conv2dBackwardInput {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-backward-input"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = self.input;
+        let g = Geometry::new(&[n, c, h, w], l2.dims(), self.conv.stride, self.conv.padding)?;
+        if l1.dims() != [g.n, g.o, g.oh, g.ow] {
+            candle_core::bail!("{}: gradient {:?} does not fit the output", self.name(), l1.dims());
+        }
+        let out = two_floats!(self.name(), s1, l1, s2, l2, |gy, wt| backward_input(gy, wt, &g));
+        Ok((out, Shape::from(self.input)))
+    }
+}
+
+/// The weight gradient of [`Conv2d`] from (input, output gradient).
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dBackwardWeight {
+    pub conv: Conv2d,
+    pub weight: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for Conv2dBackwardWeight {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-backward-weight"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (o, c, kh, kw) = self.weight;
+        let g = Geometry::new(l1.dims(), &[o, c, kh, kw], self.conv.stride, self.conv.padding)?;
+        if l2.dims() != [g.n, g.o, g.oh, g.ow] {
+            candle_core::bail!("{}: gradient {:?} does not fit the output", self.name(), l2.dims());
+        }
+        let out = two_floats!(self.name(), s1, l1, s2, l2, |x, gy| backward_weight(x, gy, &g));
+        Ok((out, Shape::from(self.weight)))
+    }
+}
+
+/// Convolution without bias through [`Conv2d`] on the CPU, and candle's own
+/// convolution on other devices.
+pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, Conv2d { stride, padding })
+    } else {
+        x.conv2d(weight, padding, stride, 1, 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    }
+
+    /// Shapes covering strides 1 and 2, padding 0 and 1, 1x1/3x3/7x7, odd channels.
+    const CASES: [(usize, usize, usize, usize, usize, usize, usize, usize); 7] = [
+        // n, c, h, w, o, k, stride, padding
+        (2, 3, 9, 7, 5, 3, 1, 1),
+        (3, 5, 8, 6, 7, 3, 2, 1),
+        (2, 3, 13, 11, 4, 7, 2, 3),
+        (5, 7, 6, 5, 3, 1, 1, 0),
+        (2, 6, 7, 7, 9, 1, 2, 0),
+        (1, 1, 5, 5, 1, 3, 1, 0),
+        (6, 3, 4, 4, 2, 3, 2, 0),
+    ];
+
+    #[test]
+    fn forward_and_gradients_match_candle() {
+        for (i, &(n, c, h, w, o, k, s, p)) in CASES.iter().enumerate() {
+            let x = Var::from_tensor(&random(&[n, c, h, w], 1 + i as u64)).unwrap();
+            let wt = Var::from_tensor(&random(&[o, c, k, k], 100 + i as u64)).unwrap();
+            let ours = conv2d(x.as_tensor(), wt.as_tensor(), s, p).unwrap();
+            let theirs = x.as_tensor().conv2d(wt.as_tensor(), p, s, 1, 1).unwrap();
+            assert_eq!(ours.dims(), theirs.dims(), "case {i}");
+            assert!(max_diff(&values(&ours), &values(&theirs)) < 1e-12, "forward, case {i}");
+            let g = random(ours.dims(), 7);
+            let ga = (&ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&theirs * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &wt] {
+                let (a, b) = (
+                    values(ga.get(v.as_tensor()).unwrap()),
+                    values(gb.get(v.as_tensor()).unwrap()),
+                );
+                assert!(max_diff(&a, &b) < 1e-11, "gradient, case {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let (n, c, h, w, o, k, s, p) = (2, 3, 6, 5, 4, 3, 2, 1);
+        let x = Var::from_tensor(&random(&[n, c, h, w], 3)).unwrap();
+        let wt = Var::from_tensor(&random(&[o, c, k, k], 4)).unwrap();
+        let y = conv2d(x.as_tensor(), wt.as_tensor(), s, p).unwrap();
+        let g = random(y.dims(), 5);
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        for (var, other, is_input) in [(&x, &wt, true), (&wt, &x, false)] {
+            let analytic = values(grads.get(var.as_tensor()).unwrap());
+            let base = values(var.as_tensor());
+            for (j, &a) in analytic.iter().enumerate() {
+                let eval = |d: f64| {
+                    let mut v = base.clone();
+                    v[j] += d;
+                    let t = Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap();
+                    let y = if is_input {
+                        conv2d(&t, other.as_tensor(), s, p)
+                    } else {
+                        conv2d(other.as_tensor(), &t, s, p)
+                    };
+                    (y.unwrap() * &g)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                };
+                let numeric = (eval(1e-6) - eval(-1e-6)) / 2e-6;
+                assert!((numeric - a).abs() < 1e-6, "element {j}: {numeric} vs {a}");
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let x = Var::from_tensor(&random(&[9, 5, 12, 10], 8).to_dtype(candle_core::DType::F32).unwrap()).unwrap();
+        let wt = Var::from_tensor(&random(&[6, 5, 3, 3], 9).to_dtype(candle_core::DType::F32).unwrap()).unwrap();
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| {
+                    let y = conv2d(x.as_tensor(), wt.as_tensor(), 2, 1).unwrap();
+                    let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                    let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    (
+                        f(&y),
+                        f(grads.get(x.as_tensor()).unwrap()),
+                        f(grads.get(wt.as_tensor()).unwrap()),
+                    )
+                })
+        };
+        assert_eq!(run(1), run(3));
+    }
+}
