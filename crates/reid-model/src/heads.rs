@@ -58,6 +58,7 @@ impl Heads {
 
 /// Weights of the three loss terms: `id1 * id(f1) + id2 * id(f2) + verif * verif`.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LossWeights {
     pub id1: f64,
     pub id2: f64,

@@ -82,7 +82,7 @@ pub enum EraseFill {
 
 /// The training augmentation settings; each step can be switched off.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Augment {
     /// Zero-pad by this many pixels, then crop back to the input size at a random
     /// offset (0 = no random crop).
