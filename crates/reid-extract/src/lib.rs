@@ -1,0 +1,239 @@
+//! The test half of the method: one branch of the trained network turns images
+//! into descriptors. Galleries are extracted once, cached by the hashes of the
+//! checkpoint and the manifest, and searched without the model.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use reid_data::gallery::{sha256_file, Gallery, GalleryMeta, GALLERY_FORMAT_VERSION};
+use reid_data::{Manifest, Split};
+use reid_model::{LoadScope, ReidModel};
+use reid_sampling::{load_normalized, Chw};
+
+/// Why extraction failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error(transparent)]
+    Data(#[from] reid_data::DataError),
+    #[error(transparent)]
+    Decode(#[from] reid_sampling::DecodeError),
+    #[error(transparent)]
+    Weights(#[from] reid_model::WeightError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How features are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtractOptions {
+    pub batch_size: usize,
+    /// Average the features of each image and its mirror image.
+    pub flip: bool,
+    /// L2-normalise the features.
+    pub normalize: bool,
+}
+
+impl Default for ExtractOptions {
+    fn default() -> Self {
+        ExtractOptions {
+            batch_size: 32,
+            flip: false,
+            normalize: true,
+        }
+    }
+}
+
+/// A trained model ready for inference, with the input size it was trained at.
+pub struct Extractor {
+    pub model: ReidModel,
+    pub image_size: (usize, usize),
+    pub checkpoint: PathBuf,
+}
+
+impl Extractor {
+    /// Loads a checkpoint written by `reid train` onto `device`.
+    pub fn load(checkpoint: &Path, device: &Device) -> Result<Self, ExtractError> {
+        let info = reid_train::read_info(checkpoint)?;
+        let model = ReidModel::new(info.model, DType::F32, device)?;
+        model.load_weights(checkpoint, LoadScope::Full)?;
+        Ok(Extractor {
+            model,
+            image_size: info.image_size,
+            checkpoint: checkpoint.to_path_buf(),
+        })
+    }
+
+    /// Features [N, D] (row-major) of decoded images, in eval mode.
+    pub fn embed(&self, images: &[Chw], options: &ExtractOptions) -> Result<Vec<f32>, ExtractError> {
+        let (h, w) = self.image_size;
+        let mut data: Vec<f32> = Vec::with_capacity(images.len() * 3 * h * w * if options.flip { 2 } else { 1 });
+        for img in images {
+            data.extend_from_slice(&img.data);
+        }
+        if options.flip {
+            for img in images {
+                let mut m = img.clone();
+                m.flip_horizontal();
+                data.extend_from_slice(&m.data);
+            }
+        }
+        let n = data.len() / (3 * h * w);
+        let x = Tensor::from_vec(data, (n, 3, h, w), &self.model.device)?;
+        let mut f = self.model.features(&x, false)?;
+        if options.flip {
+            let b = images.len();
+            f = ((f.narrow(0, 0, b)? + f.narrow(0, b, b)?)? * 0.5)?;
+        }
+        if options.normalize {
+            let norm = f.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+            f = f.broadcast_div(&norm)?;
+        }
+        Ok(f.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    }
+
+    /// Features of image files, `batch_size` at a time; `progress` gets the count done.
+    pub fn embed_files(
+        &self,
+        paths: &[PathBuf],
+        options: &ExtractOptions,
+        progress: &dyn Fn(usize),
+    ) -> Result<Vec<f32>, ExtractError> {
+        let (h, w) = self.image_size;
+        let mut features = Vec::new();
+        for (i, chunk) in paths.chunks(options.batch_size.max(1)).enumerate() {
+            let images: Vec<Chw> = chunk
+                .par_iter()
+                .map(|p| load_normalized(p, h, w))
+                .collect::<Result<_, _>>()?;
+            features.extend(self.embed(&images, options)?);
+            progress((i * options.batch_size + chunk.len()).min(paths.len()));
+        }
+        Ok(features)
+    }
+}
+
+/// What `extract_split` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extracted {
+    /// A gallery with the same hashes and settings was already there.
+    Cached,
+    /// Features were computed and written.
+    Written { images: usize },
+}
+
+/// What a gallery file must record to be reused.
+fn expected_meta(
+    checkpoint_sha: &str,
+    manifest_sha: &str,
+    split: Split,
+    image_size: (usize, usize),
+    options: &ExtractOptions,
+) -> GalleryMeta {
+    GalleryMeta {
+        format_version: Some(GALLERY_FORMAT_VERSION.into()),
+        split: Some(split.as_str().into()),
+        image_size: Some((image_size.0 as u32, image_size.1 as u32)),
+        normalized: Some(options.normalize),
+        flip: Some(options.flip),
+        checkpoint_sha256: Some(checkpoint_sha.into()),
+        manifest_sha256: Some(manifest_sha.into()),
+        ..GalleryMeta::default()
+    }
+}
+
+fn same_settings(a: &GalleryMeta, b: &GalleryMeta) -> bool {
+    a.format_version == b.format_version
+        && a.split == b.split
+        && a.image_size == b.image_size
+        && a.normalized == b.normalized
+        && a.flip == b.flip
+        && a.checkpoint_sha256 == b.checkpoint_sha256
+        && a.manifest_sha256 == b.manifest_sha256
+}
+
+/// One split to extract.
+#[derive(Debug, Clone)]
+pub struct SplitJob {
+    pub checkpoint: PathBuf,
+    pub manifest: PathBuf,
+    pub split: Split,
+    pub options: ExtractOptions,
+    /// The gallery file to write.
+    pub out: PathBuf,
+    /// Recompute even when `out` matches.
+    pub force: bool,
+}
+
+/// Writes the features of one split to `job.out`, unless it already holds them for
+/// the same checkpoint, manifest and settings (and `force` is off). The file is
+/// written atomically. `progress` gets (done, total).
+pub fn extract_split(
+    job: &SplitJob,
+    device: &Device,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Extracted, ExtractError> {
+    let SplitJob {
+        checkpoint,
+        manifest: manifest_path,
+        split,
+        options,
+        out,
+        force,
+    } = job;
+    let (split, options, force) = (*split, options, *force);
+    let checkpoint_sha = sha256_file(checkpoint)?;
+    let manifest_sha = sha256_file(manifest_path)?;
+    let info = reid_train::read_info(checkpoint)?;
+    let mut meta = expected_meta(&checkpoint_sha, &manifest_sha, split, info.image_size, options);
+    if !force && out.exists() {
+        if let Ok(existing) = Gallery::read(out) {
+            if same_settings(&existing.meta, &meta) {
+                return Ok(Extracted::Cached);
+            }
+        }
+    }
+    let manifest = Manifest::read_parquet(manifest_path)?;
+    let records: Vec<_> = manifest.split(split).collect();
+    if records.is_empty() {
+        return Err(ExtractError::Invalid(format!(
+            "{}: the {split} split has no images",
+            manifest_path.display()
+        )));
+    }
+    let extractor = Extractor::load(checkpoint, device)?;
+    let paths: Vec<PathBuf> = records.iter().map(|r| manifest.image_path(r)).collect();
+    let total = paths.len();
+    let features = extractor.embed_files(&paths, options, &|done| progress(done, total))?;
+    meta.arch = Some(info.model.arch.name.to_string());
+    meta.paths = Some(records.iter().map(|r| r.path.clone()).collect());
+    meta.data_root = Some(manifest.root.to_string_lossy().into_owned());
+    let gallery = Gallery {
+        dim: features.len() / total,
+        features,
+        pids: records.iter().map(|r| r.pid).collect(),
+        camids: records.iter().map(|r| r.camid).collect(),
+        meta,
+    };
+    gallery.write(out)?;
+    Ok(Extracted::Written { images: total })
+}
+
+/// The `top` gallery entries nearest to `query` (cosine distance on L2-normalised
+/// features): (row, distance), nearest first.
+pub fn nearest(gallery: &Gallery, query: &[f32], top: usize) -> Vec<(usize, f32)> {
+    let qn = query.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+    let mut scored: Vec<(usize, f32)> = (0..gallery.len())
+        .map(|i| {
+            let g = gallery.feature(i);
+            let gn = g.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            let dot: f32 = g.iter().zip(query).map(|(a, b)| a * b).sum();
+            (i, 1.0 - dot / (qn * gn))
+        })
+        .collect();
+    scored.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    scored.truncate(top);
+    scored
+}
