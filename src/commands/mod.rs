@@ -1,6 +1,9 @@
 //! One module per subcommand: argument parsing and printing; the work itself lives
 //! in the stage crates.
 
+pub mod bench;
 pub mod evaluate;
+pub mod extract;
 pub mod index;
 pub mod synth;
+pub mod train;

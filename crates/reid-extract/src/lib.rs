@@ -68,30 +68,7 @@ impl Extractor {
 
     /// Features [N, D] (row-major) of decoded images, in eval mode.
     pub fn embed(&self, images: &[Chw], options: &ExtractOptions) -> Result<Vec<f32>, ExtractError> {
-        let (h, w) = self.image_size;
-        let mut data: Vec<f32> = Vec::with_capacity(images.len() * 3 * h * w * if options.flip { 2 } else { 1 });
-        for img in images {
-            data.extend_from_slice(&img.data);
-        }
-        if options.flip {
-            for img in images {
-                let mut m = img.clone();
-                m.flip_horizontal();
-                data.extend_from_slice(&m.data);
-            }
-        }
-        let n = data.len() / (3 * h * w);
-        let x = Tensor::from_vec(data, (n, 3, h, w), &self.model.device)?;
-        let mut f = self.model.features(&x, false)?;
-        if options.flip {
-            let b = images.len();
-            f = ((f.narrow(0, 0, b)? + f.narrow(0, b, b)?)? * 0.5)?;
-        }
-        if options.normalize {
-            let norm = f.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-            f = f.broadcast_div(&norm)?;
-        }
-        Ok(f.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        embed(&self.model, self.image_size, images, options)
     }
 
     /// Features of image files, `batch_size` at a time; `progress` gets the count done.
@@ -101,18 +78,63 @@ impl Extractor {
         options: &ExtractOptions,
         progress: &dyn Fn(usize),
     ) -> Result<Vec<f32>, ExtractError> {
-        let (h, w) = self.image_size;
-        let mut features = Vec::new();
-        for (i, chunk) in paths.chunks(options.batch_size.max(1)).enumerate() {
-            let images: Vec<Chw> = chunk
-                .par_iter()
-                .map(|p| load_normalized(p, h, w))
-                .collect::<Result<_, _>>()?;
-            features.extend(self.embed(&images, options)?);
-            progress((i * options.batch_size + chunk.len()).min(paths.len()));
-        }
-        Ok(features)
+        embed_files(&self.model, self.image_size, paths, options, progress)
     }
+}
+
+/// Features [N, D] (row-major) of decoded `images` of `image_size`, in eval mode.
+pub fn embed(
+    model: &ReidModel,
+    image_size: (usize, usize),
+    images: &[Chw],
+    options: &ExtractOptions,
+) -> Result<Vec<f32>, ExtractError> {
+    let (h, w) = image_size;
+    let mut data: Vec<f32> = Vec::with_capacity(images.len() * 3 * h * w * if options.flip { 2 } else { 1 });
+    for img in images {
+        data.extend_from_slice(&img.data);
+    }
+    if options.flip {
+        for img in images {
+            let mut m = img.clone();
+            m.flip_horizontal();
+            data.extend_from_slice(&m.data);
+        }
+    }
+    let n = data.len() / (3 * h * w);
+    let x = Tensor::from_vec(data, (n, 3, h, w), &model.device)?;
+    let mut f = model.features(&x, false)?;
+    if options.flip {
+        let b = images.len();
+        f = ((f.narrow(0, 0, b)? + f.narrow(0, b, b)?)? * 0.5)?;
+    }
+    if options.normalize {
+        let norm = f.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        f = f.broadcast_div(&norm)?;
+    }
+    Ok(f.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
+
+/// Features of image files, `batch_size` at a time; `progress` gets the count done.
+/// Decoding runs on all cores; memory holds one batch.
+pub fn embed_files(
+    model: &ReidModel,
+    image_size: (usize, usize),
+    paths: &[PathBuf],
+    options: &ExtractOptions,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<f32>, ExtractError> {
+    let (h, w) = image_size;
+    let mut features = Vec::new();
+    for (i, chunk) in paths.chunks(options.batch_size.max(1)).enumerate() {
+        let images: Vec<Chw> = chunk
+            .par_iter()
+            .map(|p| load_normalized(p, h, w))
+            .collect::<Result<_, _>>()?;
+        features.extend(embed(model, image_size, &images, options)?);
+        progress((i * options.batch_size + chunk.len()).min(paths.len()));
+    }
+    Ok(features)
 }
 
 /// What `extract_split` did.

@@ -1,8 +1,12 @@
 //! The building blocks every backbone shares: bias-free convolution and batch norm
 //! with timm's parameter names and PyTorch's settings.
 
-use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, BatchNormConfig, VarBuilder};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Module, ModuleT, Result, Tensor, Var};
+use candle_nn::VarBuilder;
+
+use crate::ops::batch_norm::{BatchNormTrain, BatchStats, ChannelAffine};
 
 /// A bias-free 2-D convolution (`<name>.weight`, [out, in, k, k]).
 #[derive(Debug, Clone)]
@@ -34,18 +38,83 @@ impl Module for Conv {
     }
 }
 
-/// Batch norm with PyTorch's defaults: eps 1e-5, momentum 0.1, affine.
+/// Batch norm with PyTorch's settings (eps 1e-5, momentum 0.1, affine) and timm's
+/// names (`weight`, `bias`, `running_mean`, `running_var`). On the CPU it runs as
+/// the fused ops of [`crate::ops::batch_norm`], ReLU included when asked; on other
+/// devices through candle's own batch norm.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    fallback: candle_nn::BatchNorm,
+}
+
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+impl BatchNorm {
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        let running_mean = vb.get_with_hints(channels, "running_mean", candle_nn::Init::Const(0.0))?;
+        let running_var = vb.get_with_hints(channels, "running_var", candle_nn::Init::Const(1.0))?;
+        let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+        let fallback = candle_nn::BatchNorm::new_with_momentum(
+            channels,
+            running_mean.clone(),
+            running_var.clone(),
+            weight.clone(),
+            bias.clone(),
+            BN_EPS,
+            BN_MOMENTUM,
+        )?;
+        Ok(BatchNorm {
+            weight,
+            bias,
+            running_mean: Var::from_tensor(&running_mean)?,
+            running_var: Var::from_tensor(&running_var)?,
+            fallback,
+        })
+    }
+
+    /// Normalises `x` with batch statistics (updating the running ones) when
+    /// `train`, else with the running statistics; then ReLU if `relu`.
+    pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if !x.device().is_cpu() {
+            let y = self.fallback.forward_t(x, train)?;
+            return if relu { y.relu() } else { Ok(y) };
+        }
+        let x = x.contiguous()?;
+        if train {
+            let stats = Arc::new(Mutex::new(None));
+            let op = BatchNormTrain {
+                eps: BN_EPS,
+                relu,
+                stats: stats.clone(),
+            };
+            let y = x.apply_op3(&self.weight, &self.bias, op)?;
+            let BatchStats { mean, var, count } = stats.lock().expect("stats lock").take().expect("forward ran");
+            let unbiased = count as f64 / (count as f64 - 1.0).max(1.0);
+            let (dtype, device) = (x.dtype(), x.device());
+            let mean = Tensor::from_vec(mean, self.weight.dims(), device)?.to_dtype(dtype)?;
+            let var = (Tensor::from_vec(var, self.weight.dims(), device)?.to_dtype(dtype)? * unbiased)?;
+            let rm = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
+            let rv = ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (var * BN_MOMENTUM)?)?;
+            self.running_mean.set(&rm)?;
+            self.running_var.set(&rv)?;
+            Ok(y)
+        } else {
+            let scale = (&self.weight / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
+            let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
+            x.apply_op3_no_bwd(&scale, &shift, &ChannelAffine { relu })
+        }
+    }
+}
+
+/// Batch norm with PyTorch's defaults under `vb` (`<name>.weight`, ...).
 pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
-    candle_nn::batch_norm(
-        channels,
-        BatchNormConfig {
-            eps: 1e-5,
-            remove_mean: true,
-            affine: true,
-            momentum: 0.1,
-        },
-        vb,
-    )
+    BatchNorm::new(channels, vb)
 }
 
 /// Convolution then batch norm, the unit most layers are made of.
@@ -63,11 +132,6 @@ impl ConvBn {
 
     /// Convolution, batch norm (batch statistics when `train`), optional ReLU.
     pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        let y = self.bn.forward_t(&self.conv.forward(x)?, train)?;
-        if relu {
-            y.relu()
-        } else {
-            Ok(y)
-        }
+        self.bn.forward_t(&self.conv.forward(x)?, train, relu)
     }
 }

@@ -1,5 +1,6 @@
 //! Operations candle 0.11 lacks or gets wrong for training, with their backward.
 
+pub mod batch_norm;
 pub mod conv;
 pub mod pool;
 
