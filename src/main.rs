@@ -34,6 +34,10 @@ enum Command {
     Extract(commands::extract::ExtractArgs),
     /// Evaluate query features against gallery features (CMC, mAP, mINP).
     Evaluate(commands::evaluate::EvaluateArgs),
+    /// Find the nearest gallery entries of query images (and draw them).
+    Search(commands::search::SearchArgs),
+    /// Run the whole pipeline on a generated dataset (no download).
+    Demo(commands::demo::DemoArgs),
     /// Benchmark the model (infer, train) or the evaluator (eval).
     Bench(commands::bench::BenchArgs),
 }
@@ -56,6 +60,8 @@ fn main() -> ExitCode {
         Command::Extract(args) => commands::extract::run(args),
         Command::Evaluate(args) => commands::evaluate::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Demo(args) => commands::demo::run(args),
+        Command::Search(args) => commands::search::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

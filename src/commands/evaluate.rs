@@ -1,21 +1,25 @@
-//! `reid evaluate`: CMC / mAP / mINP of query features against gallery features.
+//! `reid evaluate`: CMC / mAP / mINP of query features against gallery features,
+//! with `metrics.json`, pictures and `report.html` in the report folder.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use reid_data::gallery::Gallery;
-use reid_eval::{Evaluator, Metric, RerankParams};
+use reid_eval::report::{
+    draw_cmc, draw_ranked, draw_training_curves, read_training_log, write_html, CurveSeries, RankedRow, ReportPage,
+};
+use reid_eval::{Evaluator, Metric, Metrics, RerankParams};
 
 #[derive(Args)]
 pub struct EvaluateArgs {
     /// Query features (a gallery file written by `reid extract`, or any safetensors
-    /// file with features [N, D], pids [N], camids [N]).
-    #[arg(long)]
-    pub query: PathBuf,
-    /// Gallery features, same format.
-    #[arg(long)]
-    pub gallery: PathBuf,
+    /// file with features [N, D], pids [N], camids [N]). Repeat to compare runs.
+    #[arg(long, required = true)]
+    pub query: Vec<PathBuf>,
+    /// Gallery features, same format; one per --query (or one --query for all).
+    #[arg(long, required = true)]
+    pub gallery: Vec<PathBuf>,
     /// Distance: cosine or euclidean (squared).
     #[arg(long, default_value = "cosine")]
     pub metric: Metric,
@@ -25,12 +29,22 @@ pub struct EvaluateArgs {
     /// Longest rank of the CMC curve.
     #[arg(long, default_value_t = 50)]
     pub max_rank: usize,
-    /// Report folder [default: artifacts/reports/<folder of the gallery file>].
+    /// Report folder [default: artifacts/reports/<folder of the first gallery file>].
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Print the metrics as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Queries shown with their top-10 in ranked.png (0: no picture).
+    #[arg(long, default_value_t = 8)]
+    pub ranked: usize,
+    /// Dataset root the gallery files' image paths are relative to
+    /// [default: the root recorded in the gallery file].
+    #[arg(long)]
+    pub data_root: Option<PathBuf>,
+    /// A training run whose metrics.csv is drawn as training curves.
+    #[arg(long)]
+    pub run: Option<PathBuf>,
 }
 
 fn read(path: &Path) -> Result<Gallery> {
@@ -39,60 +53,176 @@ fn read(path: &Path) -> Result<Gallery> {
 
 /// The report folder for a gallery file at `artifacts/features/<run>/<split>.safetensors`.
 pub fn default_report_dir(gallery: &Path) -> PathBuf {
-    let run = gallery
+    PathBuf::from("artifacts/reports").join(run_label(gallery))
+}
+
+/// The name of the folder holding a gallery file (the run it came from).
+fn run_label(gallery: &Path) -> String {
+    gallery
         .parent()
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "default".into());
-    PathBuf::from("artifacts/reports").join(run)
+        .unwrap_or_else(|| "default".into())
 }
 
-pub fn run(args: EvaluateArgs) -> Result<()> {
-    let started = std::time::Instant::now();
-    let query = read(&args.query)?;
-    let gallery = read(&args.gallery)?;
-    if let (Some(a), Some(b)) = (&query.meta.checkpoint_sha256, &gallery.meta.checkpoint_sha256) {
+/// Refuses a query/gallery pair extracted with different checkpoints.
+fn check_same_checkpoint(q: &Gallery, g: &Gallery, qp: &Path, gp: &Path) -> Result<()> {
+    if let (Some(a), Some(b)) = (&q.meta.checkpoint_sha256, &g.meta.checkpoint_sha256) {
         if a != b {
             bail!(
                 "{} and {} were extracted with different checkpoints (sha256 {}… vs {}…); extract both with the same one",
-                args.query.display(),
-                args.gallery.display(),
+                qp.display(),
+                gp.display(),
                 &a[..a.len().min(12)],
                 &b[..b.len().min(12)]
             );
         }
     }
-    let evaluator = Evaluator::new((&query).into(), (&gallery).into(), args.metric, args.rerank)?;
-    let evaluation = evaluator.run(args.max_rank)?;
-    let m = &evaluation.metrics;
-    let out = args.out.unwrap_or_else(|| default_report_dir(&args.gallery));
-    let json = serde_json::to_string_pretty(m)?;
-    reid_data::atomic::write_bytes_atomically(&out.join("metrics.json"), json.as_bytes())?;
-    if args.json {
-        println!("{json}");
-    } else {
-        println!(
-            "{} queries ({} with a match) x {} gallery ({} junk removed), {}{}",
-            m.num_queries,
-            m.num_valid_queries,
-            m.num_gallery,
-            m.num_junk_removed,
-            m.metric,
-            if m.rerank.is_some() { " + re-ranking" } else { "" }
-        );
-        println!(
-            "rank-1 {:.2}%  rank-5 {:.2}%  rank-10 {:.2}%  mAP {:.2}%  mINP {:.2}%",
-            100.0 * m.rank1,
-            100.0 * m.rank5,
-            100.0 * m.rank10,
-            100.0 * m.map,
-            100.0 * m.minp
-        );
-        println!(
-            "wrote {} in {:.2?}",
-            out.join("metrics.json").display(),
-            started.elapsed()
-        );
+    Ok(())
+}
+
+/// What one evaluation produced, for printing and for the demo.
+pub struct EvaluateOutcome {
+    pub metrics: Metrics,
+    pub report: PathBuf,
+    pub metrics_file: PathBuf,
+}
+
+fn ranked_rows(
+    evaluator: &Evaluator,
+    query: &Gallery,
+    gallery: &Gallery,
+    count: usize,
+    data_root: Option<&Path>,
+) -> Result<Vec<RankedRow>> {
+    let (Some(qpaths), Some(gpaths)) = (&query.meta.paths, &gallery.meta.paths) else {
+        bail!("the feature files record no image paths; --ranked 0 skips the picture");
+    };
+    let root = |g: &Gallery| -> PathBuf {
+        data_root
+            .map(Path::to_path_buf)
+            .or_else(|| g.meta.data_root.as_ref().map(PathBuf::from))
+            .unwrap_or_default()
+    };
+    let (qroot, groot) = (root(query), root(gallery));
+    // Evenly spread queries, so the picture is not all one identity.
+    let step = (query.len() / count.max(1)).max(1);
+    Ok((0..query.len())
+        .step_by(step)
+        .take(count)
+        .map(|q| RankedRow {
+            query: qroot.join(&qpaths[q]),
+            matches: evaluator
+                .top_matches(q, 10)
+                .into_iter()
+                .map(|(g, _)| (groot.join(&gpaths[g]), gallery.pids[g] == query.pids[q]))
+                .collect(),
+        })
+        .collect())
+}
+
+/// Evaluates as `args` ask and writes the report folder.
+pub fn evaluate(args: &EvaluateArgs) -> Result<EvaluateOutcome> {
+    let pairs: Vec<(PathBuf, PathBuf)> = match (args.query.len(), args.gallery.len()) {
+        (q, g) if q == g => args.query.iter().cloned().zip(args.gallery.iter().cloned()).collect(),
+        (1, _) => args
+            .gallery
+            .iter()
+            .map(|g| (args.query[0].clone(), g.clone()))
+            .collect(),
+        (q, g) => bail!("{q} --query for {g} --gallery: give one query file, or one per gallery"),
+    };
+    let out = args.out.clone().unwrap_or_else(|| default_report_dir(&pairs[0].1));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut results: Vec<(String, Metrics)> = Vec::new();
+    let mut pictures = Vec::new();
+    for (i, (qp, gp)) in pairs.iter().enumerate() {
+        let (query, gallery) = (read(qp)?, read(gp)?);
+        check_same_checkpoint(&query, &gallery, qp, gp)?;
+        let evaluator = Evaluator::new((&query).into(), (&gallery).into(), args.metric, args.rerank)
+            .with_context(|| format!("evaluating {} against {}", qp.display(), gp.display()))?;
+        let metrics = evaluator.run(args.max_rank)?.metrics;
+        if i == 0 && args.ranked > 0 {
+            let rows = ranked_rows(&evaluator, &query, &gallery, args.ranked, args.data_root.as_deref());
+            match rows.and_then(|rows| Ok(draw_ranked(&out.join("ranked.png"), &rows)?)) {
+                Ok(()) => pictures.push((
+                    "ranked.png".to_string(),
+                    "Top-10 matches: green frames show the query's identity, red frames another one".to_string(),
+                )),
+                Err(e) => tracing::warn!("no ranked.png: {e:#}"),
+            }
+        }
+        results.push((run_label(gp), metrics));
     }
+    let series: Vec<CurveSeries> = results
+        .iter()
+        .map(|(label, m)| CurveSeries {
+            label: label.clone(),
+            cmc: m.cmc.clone(),
+            rank1: m.rank1,
+            map: m.map,
+        })
+        .collect();
+    draw_cmc(&out.join("cmc.png"), &series)?;
+    pictures.insert(
+        0,
+        ("cmc.png".to_string(), "Cumulative matching characteristic".to_string()),
+    );
+    if let Some(run) = &args.run {
+        let log = read_training_log(&run.join("metrics.csv"))?;
+        draw_training_curves(&out.join("training.png"), &log)?;
+        pictures.push((
+            "training.png".to_string(),
+            format!("Training curves of {}", run.display()),
+        ));
+    }
+    let metrics = results[0].1.clone();
+    let json = serde_json::to_string_pretty(&metrics)?;
+    let metrics_file = out.join("metrics.json");
+    reid_data::atomic::write_bytes_atomically(&metrics_file, json.as_bytes())?;
+    let page = ReportPage {
+        title: format!("reid evaluation: {}", results[0].0),
+        runs: results.iter().map(|(l, m)| (l.clone(), m)).collect(),
+        pictures,
+    };
+    let report = write_html(&out, &page)?;
+    Ok(EvaluateOutcome {
+        metrics,
+        report,
+        metrics_file,
+    })
+}
+
+pub fn run(args: EvaluateArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let outcome = evaluate(&args)?;
+    let m = &outcome.metrics;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(m)?);
+        return Ok(());
+    }
+    println!(
+        "{} queries ({} with a match) x {} gallery ({} junk removed), {}{}",
+        m.num_queries,
+        m.num_valid_queries,
+        m.num_gallery,
+        m.num_junk_removed,
+        m.metric,
+        if m.rerank.is_some() { " + re-ranking" } else { "" }
+    );
+    println!(
+        "rank-1 {:.2}%  rank-5 {:.2}%  rank-10 {:.2}%  mAP {:.2}%  mINP {:.2}%",
+        100.0 * m.rank1,
+        100.0 * m.rank5,
+        100.0 * m.rank10,
+        100.0 * m.map,
+        100.0 * m.minp
+    );
+    println!(
+        "wrote {} and {} in {:.2?}",
+        outcome.metrics_file.display(),
+        outcome.report.display(),
+        started.elapsed()
+    );
     Ok(())
 }

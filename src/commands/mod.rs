@@ -2,8 +2,10 @@
 //! in the stage crates.
 
 pub mod bench;
+pub mod demo;
 pub mod evaluate;
 pub mod extract;
 pub mod index;
+pub mod search;
 pub mod synth;
 pub mod train;

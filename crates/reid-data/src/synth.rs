@@ -207,7 +207,7 @@ impl Person {
             shorts: rng.gen_bool(0.25),
             shoes: pick(rng, &PALETTE[4..7]),
             height: rng.gen_range(0.84..1.0),
-            build: rng.gen_range(0.22..0.32),
+            build: rng.gen_range(0.26..0.36),
             bag: rng.gen_range(0..3),
             bag_colour: pick(rng, &PALETTE),
             bag_left: rng.gen_bool(0.5),
@@ -242,11 +242,11 @@ impl Camera {
         let stripes = rng.gen_bool(0.5).then(|| (rng.gen_range(6..16), grey(rng)));
         Camera {
             cast: [
-                rng.gen_range(0.8..1.2),
-                rng.gen_range(0.8..1.2),
-                rng.gen_range(0.8..1.2),
+                rng.gen_range(0.9..1.1),
+                rng.gen_range(0.9..1.1),
+                rng.gen_range(0.9..1.1),
             ],
-            brightness: rng.gen_range(0.75..1.25),
+            brightness: rng.gen_range(0.85..1.15),
             wall,
             floor,
             horizon: rng.gen_range(0.45..0.8),
@@ -333,6 +333,22 @@ impl Canvas {
 }
 
 fn draw_background<R: Rng>(canvas: &mut Canvas, cam: &Camera, rng: &mut R) {
+    // Each image sees the camera's scene from a slightly different spot: the wall
+    // and floor colours shift, so the background alone does not name the camera.
+    let mut jitter = |c: [f32; 3], amount: f32| {
+        let shift = rng.gen_range(-amount..amount);
+        [
+            (c[0] + shift + rng.gen_range(-12.0..12.0)).clamp(0.0, 255.0),
+            (c[1] + shift + rng.gen_range(-12.0..12.0)).clamp(0.0, 255.0),
+            (c[2] + shift + rng.gen_range(-12.0..12.0)).clamp(0.0, 255.0),
+        ]
+    };
+    let cam = &Camera {
+        wall: jitter(cam.wall, 40.0),
+        floor: jitter(cam.floor, 40.0),
+        stripes: cam.stripes.map(|(p, c)| (p, jitter(c, 40.0))),
+        ..cam.clone()
+    };
     let horizon = cam.horizon * canvas.h as f32 + rng.gen_range(-6.0..6.0);
     let offset = rng.gen_range(0..32);
     let (w, h) = (canvas.w, canvas.h);

@@ -4,6 +4,7 @@
 pub mod distance;
 pub mod evaluate;
 pub mod protocol;
+pub mod report;
 pub mod rerank;
 
 pub use distance::Metric;

@@ -94,7 +94,7 @@ impl BatchNorm {
                 stats: stats.clone(),
             };
             let y = x.apply_op3(&self.weight, &self.bias, op)?;
-            let BatchStats { mean, var, count } = stats.lock().expect("stats lock").take().expect("forward ran");
+            let BatchStats { mean, var, count } = stats.lock().expect("stats lock").clone().expect("forward ran");
             let unbiased = count as f64 / (count as f64 - 1.0).max(1.0);
             let (dtype, device) = (x.dtype(), x.device());
             let mean = Tensor::from_vec(mean, self.weight.dims(), device)?.to_dtype(dtype)?;

@@ -196,6 +196,24 @@ pub fn save_state(optimizer: &Sgd, next: Position, config_toml: &str, path: &Pat
     reid_data::atomic::write_bytes_atomically(path, &bytes).map_err(|e| err(e.to_string()))
 }
 
+/// The position recorded in a trainer-state file: where the run would resume.
+pub fn read_position(path: &Path) -> Result<Position, WeightError> {
+    let meta = header_metadata(path)?;
+    let num = |k: &str| -> Result<u64, WeightError> {
+        meta.get(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| WeightError::Read {
+                path: path.to_path_buf(),
+                message: format!("no '{k}' in the trainer state"),
+            })
+    };
+    Ok(Position {
+        epoch: num(keys::NEXT_EPOCH)? as usize,
+        batch: num(keys::NEXT_BATCH)? as usize,
+        step: num(keys::STEP)?,
+    })
+}
+
 /// Restores momentum buffers from a state file and returns the position to resume at.
 pub fn load_state(optimizer: &mut Sgd, path: &Path) -> Result<Position, WeightError> {
     let meta = header_metadata(path)?;

@@ -123,19 +123,25 @@ impl TrainConfig {
     /// Reads a TOML file and applies `overrides` (`section.key=value`, the value in
     /// TOML syntax, bare words taken as strings).
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
-        let mut value: toml::Value = match path {
+        match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| ConfigError::File {
                     path: p.to_path_buf(),
                     message: e.to_string(),
                 })?;
-                toml::from_str(&text).map_err(|e| ConfigError::File {
-                    path: p.to_path_buf(),
-                    message: e.to_string(),
-                })?
+                Self::parse(&text, p, overrides)
             }
-            None => toml::Value::Table(Default::default()),
+            None => Self::parse("", Path::new("<defaults>"), overrides),
+        }
+    }
+
+    /// Parses TOML `text` (read from `origin`, named in errors) with `overrides`.
+    pub fn parse(text: &str, origin: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let file_err = |message: String| ConfigError::File {
+            path: origin.to_path_buf(),
+            message,
         };
+        let mut value: toml::Value = toml::from_str(text).map_err(|e: toml::de::Error| file_err(e.to_string()))?;
         for o in overrides {
             let (key, raw) = o.split_once('=').ok_or_else(|| ConfigError::Override(o.clone()))?;
             let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
@@ -155,10 +161,7 @@ impl TrainConfig {
                     .or_insert_with(|| toml::Value::Table(Default::default()));
             }
         }
-        let config: TrainConfig = value.try_into().map_err(|e: toml::de::Error| ConfigError::File {
-            path: path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<--set>")),
-            message: e.to_string(),
-        })?;
+        let config: TrainConfig = value.try_into().map_err(|e: toml::de::Error| file_err(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }

@@ -2,11 +2,12 @@
 //! data, forward and backward, in place of candle's chain of broadcast ops. Train
 //! mode normalises with the biased batch variance and hands the batch statistics
 //! back for the running-statistics update; the gradient flows through the batch
-//! mean and variance, as in PyTorch.
+//! mean and variance, as in PyTorch. The forward keeps its statistics in the op,
+//! so the backward is two passes: the per-channel sums, then the input gradient.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -19,6 +20,7 @@ pub struct BatchStats {
     pub count: usize,
 }
 
+/// (N, C, H*W) of an [N, C, H, W] or [N, C] layout.
 fn dims(layout: &Layout, op: &str) -> Result<(usize, usize, usize)> {
     match layout.dims() {
         &[n, c, h, w] => Ok((n, c, h * w)),
@@ -34,47 +36,45 @@ fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
     }
 }
 
-/// Sums `f(value, position)` over channel `c`'s values, in f64.
-fn channel_sum<T: Float>(x: &[T], (n, c, hw): (usize, usize, usize), ch: usize, f: impl Fn(f64, usize) -> f64) -> f64 {
-    let mut total = 0.0;
-    for i in 0..n {
-        let base = (i * c + ch) * hw;
-        let mut s = 0.0;
-        for (k, v) in x[base..base + hw].iter().enumerate() {
-            s += f(v.to_f64().unwrap(), base + k);
-        }
-        total += s;
+/// Per-plane values of `f` over each (n, c) plane, summed per channel in plane
+/// order (a fixed order: the result does not depend on the thread count).
+fn per_channel(planes: usize, c: usize, f: impl Fn(usize) -> [f64; 2] + Sync) -> Vec<[f64; 2]> {
+    let partial: Vec<[f64; 2]> = (0..planes).into_par_iter().map(&f).collect();
+    let mut out = vec![[0.0; 2]; c];
+    for (p, v) in partial.iter().enumerate() {
+        out[p % c][0] += v[0];
+        out[p % c][1] += v[1];
     }
-    total
+    out
 }
 
-fn batch_stats<T: Float + Sync>(x: &[T], d: (usize, usize, usize)) -> BatchStats {
-    let count = d.0 * d.2;
-    let (mean, var): (Vec<f64>, Vec<f64>) = (0..d.1)
-        .into_par_iter()
-        .map(|ch| {
-            let mean = channel_sum(x, d, ch, |v, _| v) / count as f64;
-            let var = channel_sum(x, d, ch, |v, _| (v - mean) * (v - mean)) / count as f64;
-            (mean, var)
-        })
-        .unzip();
+fn batch_stats<T: Float + Sync>(x: &[T], (n, c, hw): (usize, usize, usize)) -> BatchStats {
+    let count = n * hw;
+    let plane = |p: usize| &x[p * hw..(p + 1) * hw];
+    let sums = per_channel(n * c, c, |p| [plane(p).iter().map(|v| v.to_f64().unwrap()).sum(), 0.0]);
+    let mean: Vec<f64> = sums.iter().map(|s| s[0] / count as f64).collect();
+    let sq = per_channel(n * c, c, |p| {
+        let m = mean[p % c];
+        [plane(p).iter().map(|v| (v.to_f64().unwrap() - m).powi(2)).sum(), 0.0]
+    });
+    let var = sq.iter().map(|s| s[0] / count as f64).collect();
     BatchStats { mean, var, count }
 }
 
 /// `y = x * scale[c] + shift[c]`, then ReLU if asked, over planes in parallel.
 fn affine<T: Float + Send + Sync>(
     x: &[T],
-    d: (usize, usize, usize),
+    (_, c, hw): (usize, usize, usize),
     scale: &[f64],
     shift: &[f64],
     relu: bool,
 ) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(d.2)
-        .zip(x.par_chunks(d.2))
+    y.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
         .enumerate()
         .for_each(|(plane, (yo, xi))| {
-            let ch = plane % d.1;
+            let ch = plane % c;
             let (s, b) = (T::from(scale[ch]).unwrap(), T::from(shift[ch]).unwrap());
             for (o, &v) in yo.iter_mut().zip(xi) {
                 let r = v * s + b;
@@ -106,7 +106,7 @@ macro_rules! three_floats {
 }
 
 /// Train-mode batch norm of (x, weight, bias), optionally with ReLU; the batch
-/// statistics are left in `stats`.
+/// statistics are left in `stats` (for the running update and the backward).
 #[derive(Debug, Clone)]
 pub struct BatchNormTrain {
     pub eps: f64,
@@ -154,130 +154,130 @@ impl CustomOp3 for BatchNormTrain {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Through the ReLU first: the gradient passes where the output is positive.
-        let grad = if self.relu {
-            y.apply_op2_no_bwd(&grad.contiguous()?, &ReluMask)?
+        let stats = self.stats.lock().expect("stats lock").clone().expect("the forward ran");
+        let grad = grad.contiguous()?;
+        let sums_op = GradSums {
+            eps: self.eps,
+            relu: self.relu,
+            stats: stats.clone(),
+        };
+        let sums = x.apply_op3_no_bwd(y, &grad, &sums_op)?;
+        let (sum_gxhat, sum_g) = (sums.get(0)?, sums.get(1)?);
+        let input_op = InputGrad {
+            eps: self.eps,
+            relu: self.relu,
+            stats,
+            weight: to_f64(&w.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?),
+            sum_gxhat: sum_gxhat.to_dtype(candle_core::DType::F64)?.to_vec1()?,
+            sum_g: sum_g.to_dtype(candle_core::DType::F64)?.to_vec1()?,
+        };
+        let grad_x = if x.track_op() {
+            Some(x.apply_op3_no_bwd(y, &grad, &input_op)?)
         } else {
-            grad.contiguous()?
+            None
         };
-        let params = x.apply_op2_no_bwd(&grad, &BatchNormParamGrads { eps: self.eps })?;
-        let grad_x = x.apply_op3_no_bwd(w, &grad, &BatchNormInputGrad { eps: self.eps })?;
-        Ok((Some(grad_x), Some(params.get(0)?), Some(params.get(1)?)))
+        Ok((grad_x, Some(sum_gxhat), Some(sum_g)))
     }
 }
 
-/// `grad * (y > 0)` from (y, grad).
-#[derive(Debug, Clone, Copy)]
-struct ReluMask;
-
-impl CustomOp2 for ReluMask {
-    fn name(&self) -> &'static str {
-        "relu-mask"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        fn mask<T: Float + Send + Sync>(y: &[T], g: &[T]) -> Vec<T> {
-            let mut out = vec![T::zero(); g.len()];
-            out.par_chunks_mut(4096)
-                .zip(y.par_chunks(4096).zip(g.par_chunks(4096)))
-                .for_each(|(o, (y, g))| {
-                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                        *o = if y > T::zero() { g } else { T::zero() };
-                    }
-                });
-            out
-        }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(g)) => {
-                CpuStorage::F32(mask(slice(y, l1, self.name())?, slice(g, l2, self.name())?))
-            }
-            (CpuStorage::F64(y), CpuStorage::F64(g)) => {
-                CpuStorage::F64(mask(slice(y, l1, self.name())?, slice(g, l2, self.name())?))
-            }
-            _ => candle_core::bail!("relu-mask: f32 or f64 operands of one dtype expected"),
-        };
-        Ok((out, l1.shape().clone()))
+/// The gradient reaching the batch norm, through the ReLU when there is one: it
+/// passes where the output is positive.
+#[inline]
+fn masked<T: Float>(g: T, y: T, relu: bool) -> f64 {
+    if relu && !(y > T::zero()) {
+        0.0
+    } else {
+        g.to_f64().unwrap()
     }
 }
 
-/// Per channel: sum(grad * x_hat) and sum(grad), as a [2, C] tensor, from (x, grad).
-#[derive(Debug, Clone, Copy)]
-struct BatchNormParamGrads {
+/// Per channel: sum(g * x_hat) and sum(g) as a [2, C] tensor, from (x, y, grad).
+#[derive(Debug, Clone)]
+struct GradSums {
     eps: f64,
+    relu: bool,
+    stats: BatchStats,
 }
 
-fn param_grads<T: Float + Send + Sync>(
-    x: &[T],
-    g: &[T],
-    d: (usize, usize, usize),
-    eps: f64,
-) -> (Vec<f64>, Vec<f64>, BatchStats) {
-    let stats = batch_stats(x, d);
-    let (sum_gx, sum_g): (Vec<f64>, Vec<f64>) = (0..d.1)
-        .into_par_iter()
-        .map(|ch| {
-            let (mean, invstd) = (stats.mean[ch], 1.0 / (stats.var[ch] + eps).sqrt());
-            let sum_g = channel_sum(g, d, ch, |v, _| v);
-            let sum_gx = channel_sum(g, d, ch, |v, at| v * (x[at].to_f64().unwrap() - mean) * invstd);
-            (sum_gx, sum_g)
-        })
-        .unzip();
-    (sum_gx, sum_g, stats)
+impl GradSums {
+    fn sums<T: Float + Send + Sync>(&self, x: &[T], y: &[T], g: &[T], (n, c, hw): (usize, usize, usize)) -> Vec<T> {
+        let s = &self.stats;
+        let per = per_channel(n * c, c, |p| {
+            let (mean, range) = (s.mean[p % c], p * hw..(p + 1) * hw);
+            let (mut sg, mut sgx) = (0.0, 0.0);
+            for ((&xv, &yv), &gv) in x[range.clone()].iter().zip(&y[range.clone()]).zip(&g[range]) {
+                let gm = masked(gv, yv, self.relu);
+                sg += gm;
+                sgx += gm * (xv.to_f64().unwrap() - mean);
+            }
+            [sgx, sg]
+        });
+        let invstd: Vec<f64> = s.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let first = per.iter().zip(&invstd).map(|(v, i)| T::from(v[0] * i).unwrap());
+        let second = per.iter().map(|v| T::from(v[1]).unwrap());
+        first.chain(second).collect()
+    }
 }
 
-impl CustomOp2 for BatchNormParamGrads {
+impl CustomOp3 for GradSums {
     fn name(&self) -> &'static str {
-        "batch-norm-param-grads"
+        "batch-norm-grad-sums"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let d = dims(l1, self.name())?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                let (a, b, _) = param_grads(slice(x, l1, self.name())?, slice(g, l2, self.name())?, d, self.eps);
-                CpuStorage::F32(a.into_iter().chain(b).map(|v| v as f32).collect())
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                let (a, b, _) = param_grads(slice(x, l1, self.name())?, slice(g, l2, self.name())?, d, self.eps);
-                CpuStorage::F64(a.into_iter().chain(b).collect())
-            }
-            _ => candle_core::bail!("{}: f32 or f64 operands of one dtype expected", self.name()),
-        };
+        let out = three_floats!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, y, g| self
+            .sums(x, y, g, d));
         Ok((out, Shape::from((2, d.1))))
     }
 }
 
-/// The input gradient of train-mode batch norm from (x, weight, grad):
+/// The input gradient of train-mode batch norm from (x, y, grad):
 /// `w * invstd / n * (n * g - sum(g) - x_hat * sum(g * x_hat))`.
-#[derive(Debug, Clone, Copy)]
-struct BatchNormInputGrad {
+#[derive(Debug, Clone)]
+struct InputGrad {
     eps: f64,
+    relu: bool,
+    stats: BatchStats,
+    weight: Vec<f64>,
+    sum_gxhat: Vec<f64>,
+    sum_g: Vec<f64>,
 }
 
-impl BatchNormInputGrad {
-    fn backward<T: Float + Send + Sync>(&self, x: &[T], w: &[T], g: &[T], d: (usize, usize, usize)) -> Vec<T> {
-        let (sum_gx, sum_g, stats) = param_grads(x, g, d, self.eps);
-        let n = stats.count as f64;
-        let w = to_f64(w);
+impl InputGrad {
+    fn backward<T: Float + Send + Sync>(&self, x: &[T], y: &[T], g: &[T], (_, c, hw): (usize, usize, usize)) -> Vec<T> {
+        let s = &self.stats;
+        let n = s.count as f64;
         let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(d.2)
-            .zip(x.par_chunks(d.2).zip(g.par_chunks(d.2)))
-            .enumerate()
-            .for_each(|(plane, (o, (xs, gs)))| {
-                let ch = plane % d.1;
-                let invstd = 1.0 / (stats.var[ch] + self.eps).sqrt();
-                let (mean, k) = (stats.mean[ch], w[ch] * invstd / n);
-                let (a, b) = (sum_g[ch], sum_gx[ch]);
-                for ((o, &xv), &gv) in o.iter_mut().zip(xs).zip(gs) {
-                    let xhat = (xv.to_f64().unwrap() - mean) * invstd;
-                    *o = T::from(k * (n * gv.to_f64().unwrap() - a - xhat * b)).unwrap();
-                }
-            });
+        out.par_chunks_mut(hw).enumerate().for_each(|(plane, o)| {
+            let ch = plane % c;
+            let range = plane * hw..(plane + 1) * hw;
+            let invstd = 1.0 / (s.var[ch] + self.eps).sqrt();
+            let (mean, k) = (s.mean[ch], self.weight[ch] * invstd / n);
+            let (a, b) = (self.sum_g[ch], self.sum_gxhat[ch]);
+            for (((o, &xv), &yv), &gv) in o
+                .iter_mut()
+                .zip(&x[range.clone()])
+                .zip(&y[range.clone()])
+                .zip(&g[range])
+            {
+                let xhat = (xv.to_f64().unwrap() - mean) * invstd;
+                *o = T::from(k * (n * masked(gv, yv, self.relu) - a - xhat * b)).unwrap();
+            }
+        });
         out
     }
 }
 
-impl CustomOp3 for BatchNormInputGrad {
+impl CustomOp3 for InputGrad {
     fn name(&self) -> &'static str {
         "batch-norm-input-grad"
     }
@@ -292,8 +292,8 @@ impl CustomOp3 for BatchNormInputGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = dims(l1, self.name())?;
-        let out = three_floats!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, w, g| self
-            .backward(x, w, g, d));
+        let out = three_floats!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, y, g| self
+            .backward(x, y, g, d));
         Ok((out, l1.shape().clone()))
     }
 }

@@ -316,13 +316,16 @@ impl CustomOp2 for Conv2d {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let grad_x = grad.apply_op2_no_bwd(
-            weight,
-            &Conv2dBackwardInput {
+        // No input gradient where nothing upstream needs one (the images).
+        let grad_x = if x.track_op() {
+            let op = Conv2dBackwardInput {
                 conv: *self,
                 input: x.dims4()?,
-            },
-        )?;
+            };
+            Some(grad.apply_op2_no_bwd(weight, &op)?)
+        } else {
+            None
+        };
         let grad_w = x.apply_op2_no_bwd(
             &grad,
             &Conv2dBackwardWeight {
@@ -330,7 +333,7 @@ impl CustomOp2 for Conv2d {
                 weight: weight.dims4()?,
             },
         )?;
-        Ok((Some(grad_x), Some(grad_w)))
+        Ok((grad_x, Some(grad_w)))
     }
 }
 

@@ -3,7 +3,9 @@
 //! own pooling has no padding and a wrong or refused backward for overlapping
 //! windows, which is exactly the stem max-pool and Res2Net's average pools.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -74,26 +76,42 @@ fn window_argmax<T: Float>(plane: &[T], w: usize, ys: (usize, usize), xs: (usize
     at
 }
 
-/// Max pooling: `x.apply_op1(MaxPool2d(window))`.
-#[derive(Debug, Clone, Copy)]
-pub struct MaxPool2d(pub Window);
+/// Max pooling: `x.apply_op1(MaxPool2d::new(window))`. The forward keeps the
+/// position of each window's maximum for the backward.
+#[derive(Debug, Clone)]
+pub struct MaxPool2d {
+    pub window: Window,
+    argmax: Arc<Mutex<Vec<u32>>>,
+}
 
 impl MaxPool2d {
+    pub fn new(window: Window) -> Self {
+        MaxPool2d {
+            window,
+            argmax: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
     fn forward<T: Float + Send + Sync>(&self, x: &[T], (n, c, h, w): (usize, usize, usize, usize)) -> Vec<T> {
-        let win = self.0;
+        let win = self.window;
         let (oh, ow) = (win.out_len(h), win.out_len(w));
         let mut out = vec![T::zero(); n * c * oh * ow];
+        let mut at = vec![0u32; n * c * oh * ow];
         out.par_chunks_mut(oh * ow)
+            .zip(at.par_chunks_mut(oh * ow))
             .zip(x.par_chunks(h * w))
-            .for_each(|(o, plane)| {
+            .for_each(|((o, a), plane)| {
                 for oy in 0..oh {
                     let (y0, y1, _) = win.span(oy, h);
                     for ox in 0..ow {
                         let (x0, x1, _) = win.span(ox, w);
-                        o[oy * ow + ox] = plane[window_argmax(plane, w, (y0, y1), (x0, x1))];
+                        let i = window_argmax(plane, w, (y0, y1), (x0, x1));
+                        o[oy * ow + ox] = plane[i];
+                        a[oy * ow + ox] = i as u32;
                     }
                 }
             });
+        *self.argmax.lock().expect("argmax lock") = at;
         out
     }
 }
@@ -107,61 +125,56 @@ impl CustomOp1 for MaxPool2d {
         let (n, c, h, w) = dims4(layout, self.name())?;
         let out = float_dispatch!(storage, self.name(), |d| self
             .forward(contiguous(d, layout, self.name())?, (n, c, h, w)));
-        Ok((out, Shape::from((n, c, self.0.out_len(h), self.0.out_len(w)))))
+        Ok((out, Shape::from((n, c, self.window.out_len(h), self.window.out_len(w)))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = arg
-            .contiguous()?
-            .apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dBackward(self.0))?;
-        Ok(Some(grad))
+        let (_, _, h, w) = arg.dims4()?;
+        let argmax = self.argmax.lock().expect("argmax lock").clone();
+        let op = MaxPool2dBackward {
+            input_hw: (h, w),
+            argmax,
+        };
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }
 
-/// The gradient of max pooling: routes each output gradient to its window's argmax.
-/// Arguments: (input, output gradient).
-#[derive(Debug, Clone, Copy)]
-pub struct MaxPool2dBackward(pub Window);
+/// The gradient of max pooling: routes each output gradient to its window's
+/// maximum, at the positions the forward recorded.
+#[derive(Debug, Clone)]
+pub struct MaxPool2dBackward {
+    pub input_hw: (usize, usize),
+    pub argmax: Vec<u32>,
+}
 
 impl MaxPool2dBackward {
-    fn backward<T: Float + Send + Sync>(&self, x: &[T], g: &[T], (n, c, h, w): (usize, usize, usize, usize)) -> Vec<T> {
-        let win = self.0;
-        let (oh, ow) = (win.out_len(h), win.out_len(w));
+    fn backward<T: Float + Send + Sync>(&self, g: &[T], (n, c, oh, ow): (usize, usize, usize, usize)) -> Vec<T> {
+        let (h, w) = self.input_hw;
         let mut out = vec![T::zero(); n * c * h * w];
         out.par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w))
-            .zip(g.par_chunks(oh * ow))
-            .for_each(|((gi, plane), go)| {
-                for oy in 0..oh {
-                    let (y0, y1, _) = win.span(oy, h);
-                    for ox in 0..ow {
-                        let (x0, x1, _) = win.span(ox, w);
-                        let at = window_argmax(plane, w, (y0, y1), (x0, x1));
-                        gi[at] = gi[at] + go[oy * ow + ox];
-                    }
+            .zip(g.par_chunks(oh * ow).zip(self.argmax.par_chunks(oh * ow)))
+            .for_each(|(gi, (go, at))| {
+                for (&v, &i) in go.iter().zip(at) {
+                    gi[i as usize] = gi[i as usize] + v;
                 }
             });
         out
     }
 }
 
-impl CustomOp2 for MaxPool2dBackward {
+impl CustomOp1 for MaxPool2dBackward {
     fn name(&self) -> &'static str {
         "max-pool2d-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = dims4(l1, self.name())?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(self.backward(contiguous(x, l1, self.name())?, contiguous(g, l2, self.name())?, dims))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(self.backward(contiguous(x, l1, self.name())?, contiguous(g, l2, self.name())?, dims))
-            }
-            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype expected", self.name()),
-        };
-        Ok((out, l1.shape().clone()))
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, oh, ow) = dims4(layout, self.name())?;
+        if self.argmax.len() != n * c * oh * ow {
+            candle_core::bail!("{}: the gradient does not match the forward", self.name());
+        }
+        let out = float_dispatch!(storage, self.name(), |d| self
+            .backward(contiguous(d, layout, self.name())?, (n, c, oh, ow)));
+        Ok((out, Shape::from((n, c, self.input_hw.0, self.input_hw.1))))
     }
 }
 
@@ -263,20 +276,79 @@ impl CustomOp1 for AvgPool2dBackward {
 
 /// `max_pool2d` with padding (PyTorch semantics) and a correct backward.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(MaxPool2d(Window {
+    let window = Window {
         kernel,
         stride,
         padding,
-    }))
+    };
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(MaxPool2d::new(window))
+    } else {
+        composed_pool(x, window, true)
+    }
 }
 
 /// `avg_pool2d` with padding, counting padded zeros, with a correct backward.
 pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(AvgPool2d(Window {
+    let window = Window {
         kernel,
         stride,
         padding,
-    }))
+    };
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(AvgPool2d(window))
+    } else {
+        composed_pool(x, window, false)
+    }
+}
+
+/// Every `stride`-th element of dimension `dim`, starting at 0, `count` of them.
+fn subsample(x: &Tensor, dim: usize, stride: usize, count: usize) -> Result<Tensor> {
+    if stride == 1 {
+        return x.narrow(dim, 0, count);
+    }
+    let need = count * stride;
+    let have = x.dim(dim)?;
+    let x = if have < need {
+        x.pad_with_zeros(dim, 0, need - have)?
+    } else {
+        x.narrow(dim, 0, need)?
+    };
+    let mut shape = x.dims().to_vec();
+    shape[dim] = count;
+    shape.insert(dim + 1, stride);
+    x.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
+}
+
+/// Pooling from candle's own operations (zero padding, shifted views, maximum or
+/// sum, subsampling), for devices without the CPU kernels. Zero padding equals
+/// PyTorch's -inf padding for max pooling of non-negative inputs (post-ReLU, as in
+/// the stem); average pooling counts the padding, as `count_include_pad`.
+fn composed_pool(x: &Tensor, w: Window, max: bool) -> Result<Tensor> {
+    let (_, _, h, wd) = x.dims4()?;
+    let (oh, ow) = (w.out_len(h), w.out_len(wd));
+    let xp = x
+        .pad_with_zeros(2, w.padding, w.padding)?
+        .pad_with_zeros(3, w.padding, w.padding)?;
+    let (sh, sw) = (h + 2 * w.padding - w.kernel + 1, wd + 2 * w.padding - w.kernel + 1);
+    let mut acc: Option<Tensor> = None;
+    for dy in 0..w.kernel {
+        for dx in 0..w.kernel {
+            let view = xp.narrow(2, dy, sh)?.narrow(3, dx, sw)?;
+            acc = Some(match acc {
+                None => view,
+                Some(a) if max => a.maximum(&view)?,
+                Some(a) => (a + view)?,
+            });
+        }
+    }
+    let acc = acc.expect("kernel is at least 1");
+    let pooled = subsample(&subsample(&acc, 2, w.stride, oh)?, 3, w.stride, ow)?;
+    if max {
+        Ok(pooled)
+    } else {
+        pooled / (w.kernel * w.kernel) as f64
+    }
 }
 
 #[cfg(test)]
@@ -371,6 +443,45 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < 1e-6);
+    }
+
+    #[test]
+    fn the_composed_fallback_matches_the_kernels_on_non_negative_input() {
+        for (shape, stride) in [([2, 3, 7, 6], 2), ([1, 2, 8, 5], 1), ([1, 1, 6, 6], 2)] {
+            let x = random(&shape, 5).abs().unwrap();
+            let v = Var::from_tensor(&x).unwrap();
+            for max in [true, false] {
+                let w = Window {
+                    kernel: 3,
+                    stride,
+                    padding: 1,
+                };
+                let ours = if max {
+                    max_pool2d(v.as_tensor(), 3, stride, 1)
+                } else {
+                    avg_pool2d(v.as_tensor(), 3, stride, 1)
+                }
+                .unwrap();
+                let composed = composed_pool(v.as_tensor(), w, max).unwrap();
+                assert_eq!(ours.dims(), composed.dims());
+                let d = (&ours - &composed)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(d < 1e-12, "forward {shape:?} {max}");
+                let g = random(ours.dims(), 6);
+                let ga = (&ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let gb = (&composed * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let a: Vec<f64> = ga.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f64> = gb.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                assert!(d < 1e-12, "backward {shape:?} {max}");
+            }
+        }
     }
 
     #[test]
