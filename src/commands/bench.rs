@@ -20,6 +20,8 @@ pub enum BenchKind {
     Train,
     /// Distances + CMC/mAP of a random Market-size case.
     Eval,
+    /// Pair-batch loading (decode + augment) from --manifest's training split.
+    Loader,
 }
 
 #[derive(Args)]
@@ -40,6 +42,12 @@ pub struct BenchArgs {
     pub iters: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Manifest for the loader benchmark (e.g. of `reid synth --preset market`).
+    #[arg(long)]
+    pub manifest: Option<std::path::PathBuf>,
+    /// Loader benchmark without augmentation.
+    #[arg(long)]
+    pub no_augment: bool,
     /// Queries, gallery size and dimension of the eval case.
     #[arg(long, value_delimiter = ',', default_value = "3368,15913,2048")]
     pub eval_size: Vec<usize>,
@@ -171,6 +179,49 @@ pub fn run(args: BenchArgs) -> Result<()> {
             out["total_s_best"] = json!(best);
             out["rank1"] = json!(m.rank1);
             out["mAP"] = json!(m.map);
+        }
+        BenchKind::Loader => {
+            let Some(path) = &args.manifest else {
+                anyhow::bail!("the loader benchmark needs --manifest (e.g. of `reid synth --preset market`)");
+            };
+            let manifest = reid_data::Manifest::read_parquet(path)?;
+            let data = reid_train::TrainData::from_manifest(&manifest)?;
+            let sampler = std::sync::Arc::new(reid_sampling::PairSampler::new(data.labels.clone(), 0.5, 0));
+            let b = args.batch.unwrap_or(32);
+            let cfg = reid_sampling::LoaderConfig {
+                batch_size: b,
+                height: args.height,
+                width: args.width,
+                augment: if args.no_augment {
+                    reid_sampling::Augment::none()
+                } else {
+                    reid_sampling::Augment::default()
+                },
+                prefetch: 4,
+                threads: 0,
+                skip_unreadable: false,
+                drop_last: true,
+                seed: 0,
+            };
+            let batches = args.iters.max(1) * 5;
+            let mut times = Vec::new();
+            for rep in 0..3u64 {
+                let t = Instant::now();
+                let mut images = 0;
+                for batch in reid_sampling::PairLoader::start(data.paths.clone(), sampler.clone(), cfg.clone(), rep, 0)
+                    .take(batches)
+                {
+                    images += 2 * batch?.len();
+                }
+                times.push(images as f64 / t.elapsed().as_secs_f64());
+            }
+            out["cmd"] = json!("loader");
+            out["augment"] = json!(!args.no_augment);
+            out["pairs_per_batch"] = json!(b);
+            out["batches"] = json!(batches);
+            out["height"] = json!(args.height);
+            out["width"] = json!(args.width);
+            out["images_per_s_median"] = json!(median(times));
         }
     }
     out["peak_rss_mib"] = json!(peak_rss_mib());

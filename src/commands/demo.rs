@@ -52,8 +52,8 @@ fn tiny_dataset(seed: u64) -> SynthConfig {
     SynthConfig {
         seed,
         cameras: 3,
-        train_ids: 12,
-        train_images: 96,
+        train_ids: 40,
+        train_images: 200,
         test_ids: 12,
         query_images: 30,
         gallery_images: 60,
@@ -215,7 +215,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let m = &o.metrics;
 
     println!();
-    println!("{:<10} {:>9}  {}", "stage", "time", "");
+    println!("{:<10} {:>9}  ", "stage", "time");
     for s in &stages {
         println!("{:<10} {:>8.1}s  {}", s.name, s.secs, s.note);
     }

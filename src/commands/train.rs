@@ -38,38 +38,50 @@ pub struct TrainArgs {
     pub max_steps: Option<u64>,
 }
 
-/// Rank-1 and mAP of `model` on the query/gallery split of `manifest`.
-pub fn validate(model: &ReidModel, manifest: &Manifest, image_size: (usize, usize)) -> Result<(f64, f64), String> {
-    let run = |split: Split| -> Result<(Vec<f32>, Vec<i64>, Vec<i64>), String> {
+/// Features of one split with the identities and cameras the protocol needs.
+struct SplitFeatures {
+    features: Vec<f32>,
+    pids: Vec<i64>,
+    camids: Vec<i64>,
+}
+
+impl SplitFeatures {
+    fn extract(
+        model: &ReidModel,
+        manifest: &Manifest,
+        split: Split,
+        image_size: (usize, usize),
+    ) -> Result<Self, String> {
         let records: Vec<_> = manifest.split(split).collect();
         let paths: Vec<PathBuf> = records.iter().map(|r| manifest.image_path(r)).collect();
         let options = ExtractOptions {
             batch_size: 64,
             ..ExtractOptions::default()
         };
-        let f = embed_files(model, image_size, &paths, &options, &|_| {}).map_err(|e| e.to_string())?;
-        Ok((
-            f,
-            records.iter().map(|r| r.pid).collect(),
-            records.iter().map(|r| r.camid).collect(),
-        ))
-    };
-    let (qf, qp, qc) = run(Split::Query)?;
-    let (gf, gp, gc) = run(Split::Gallery)?;
+        let features = embed_files(model, image_size, &paths, &options, &|_| {}).map_err(|e| e.to_string())?;
+        Ok(SplitFeatures {
+            features,
+            pids: records.iter().map(|r| r.pid).collect(),
+            camids: records.iter().map(|r| r.camid).collect(),
+        })
+    }
+
+    fn set(&self, dim: usize) -> reid_eval::FeatureSet<'_> {
+        reid_eval::FeatureSet {
+            features: &self.features,
+            dim,
+            pids: &self.pids,
+            camids: &self.camids,
+        }
+    }
+}
+
+/// Rank-1 and mAP of `model` on the query/gallery split of `manifest`.
+pub fn validate(model: &ReidModel, manifest: &Manifest, image_size: (usize, usize)) -> Result<(f64, f64), String> {
+    let query = SplitFeatures::extract(model, manifest, Split::Query, image_size)?;
+    let gallery = SplitFeatures::extract(model, manifest, Split::Gallery, image_size)?;
     let dim = model.config.arch.feature_dim();
-    let q = reid_eval::FeatureSet {
-        features: &qf,
-        dim,
-        pids: &qp,
-        camids: &qc,
-    };
-    let g = reid_eval::FeatureSet {
-        features: &gf,
-        dim,
-        pids: &gp,
-        camids: &gc,
-    };
-    let m = reid_eval::evaluate(q, g, reid_eval::Metric::Cosine, None, 10)
+    let m = reid_eval::evaluate(query.set(dim), gallery.set(dim), reid_eval::Metric::Cosine, None, 10)
         .map_err(|e| e.to_string())?
         .metrics;
     Ok((m.rank1, m.map))

@@ -233,6 +233,9 @@ pub fn read_training_log(path: &Path) -> Result<Vec<LogRow>, ReportError> {
     Ok(rows)
 }
 
+/// Reads one value out of a log row.
+type LogField = fn(&LogRow) -> f64;
+
 /// Draws losses and accuracies over training steps from `metrics.csv` rows.
 pub fn draw_training_curves(path: &Path, log: &[LogRow]) -> Result<(), ReportError> {
     ensure_font();
@@ -256,7 +259,7 @@ pub fn draw_training_curves(path: &Path, log: &[LogRow]) -> Result<(), ReportErr
         .label_style((FONT_NAME, 13))
         .draw()
         .map_err(|e| draw_err(path, e))?;
-    let series: [(&str, fn(&LogRow) -> f64); 3] = [
+    let series: [(&str, LogField); 3] = [
         ("total", |r| r.loss),
         ("identification", |r| r.loss_id),
         ("verification", |r| r.loss_verif),
@@ -291,7 +294,7 @@ pub fn draw_training_curves(path: &Path, log: &[LogRow]) -> Result<(), ReportErr
         .label_style((FONT_NAME, 13))
         .draw()
         .map_err(|e| draw_err(path, e))?;
-    let series: [(&str, fn(&LogRow) -> f64); 2] = [
+    let series: [(&str, LogField); 2] = [
         ("identification", |r| 100.0 * r.id_acc),
         ("verification", |r| 100.0 * r.verif_acc),
     ];

@@ -375,7 +375,7 @@ impl Trainer {
                     stats,
                     lr,
                 });
-                if self.position.step % log_every == 0 {
+                if self.position.step.is_multiple_of(log_every) {
                     let ips = window_images as f64 / window_start.elapsed().as_secs_f64();
                     self.csv_row(&mut csv, "step", epoch, Some((&window.mean(window_n), lr, ips)), None)?;
                     (window, window_n, window_images, window_start) = (StepStats::default(), 0, 0, Instant::now());

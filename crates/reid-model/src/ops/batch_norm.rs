@@ -78,7 +78,7 @@ fn affine<T: Float + Send + Sync>(
             let (s, b) = (T::from(scale[ch]).unwrap(), T::from(shift[ch]).unwrap());
             for (o, &v) in yo.iter_mut().zip(xi) {
                 let r = v * s + b;
-                *o = if relu && !(r > T::zero()) { T::zero() } else { r };
+                *o = if relu && r <= T::zero() { T::zero() } else { r };
             }
         });
     y
@@ -184,7 +184,7 @@ impl CustomOp3 for BatchNormTrain {
 /// passes where the output is positive.
 #[inline]
 fn masked<T: Float>(g: T, y: T, relu: bool) -> f64 {
-    if relu && !(y > T::zero()) {
+    if relu && y <= T::zero() {
         0.0
     } else {
         g.to_f64().unwrap()

@@ -420,7 +420,10 @@ mod tests {
     }
 
     /// Shapes covering strides 1 and 2, padding 0 and 1, 1x1/3x3/7x7, odd channels.
-    const CASES: [(usize, usize, usize, usize, usize, usize, usize, usize); 7] = [
+    /// n, c, h, w, o, k, stride, padding
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    const CASES: [Case; 7] = [
         // n, c, h, w, o, k, stride, padding
         (2, 3, 9, 7, 5, 3, 1, 1),
         (3, 5, 8, 6, 7, 3, 2, 1),
