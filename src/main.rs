@@ -42,7 +42,20 @@ enum Command {
     Bench(commands::bench::BenchArgs),
 }
 
+/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e` of the
+/// mimalloc v2 that libmimalloc-sys 0.1 bundles, next to the named
+/// `mi_option_eager_commit_delay` = 14 and `mi_option_use_numa_nodes` = 16).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps freed memory in the process: returning it makes every training step fault
+/// in and zero fresh pages (28% of a Res2Net-50 CPU step).
+fn keep_freed_memory() {
+    // SAFETY: setting an allocator option is a plain store into mimalloc's table.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// Loader benchmark without augmentation.
     #[arg(long)]
     pub no_augment: bool,
+    /// Eval benchmark with k-reciprocal re-ranking (20, 6, 0.3).
+    #[arg(long)]
+    pub rerank: bool,
     /// Queries, gallery size and dimension of the eval case.
     #[arg(long, value_delimiter = ',', default_value = "3368,15913,2048")]
     pub eval_size: Vec<usize>,
@@ -166,12 +169,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 camids: &gc,
             };
             let mut metrics = None;
+            let rerank = args.rerank.then(reid_eval::RerankParams::default);
             let (med, best) = timed(0, args.iters.min(5), || {
-                metrics = Some(reid_eval::evaluate(qs, gs, reid_eval::Metric::Cosine, None, 50)?.metrics);
+                metrics = Some(reid_eval::evaluate(qs, gs, reid_eval::Metric::Cosine, rerank, 50)?.metrics);
                 Ok(())
             })?;
             let m = metrics.expect("ran");
             out["cmd"] = json!("eval");
+            out["rerank"] = json!(args.rerank);
             out["Q"] = json!(q);
             out["G"] = json!(g);
             out["D"] = json!(d);

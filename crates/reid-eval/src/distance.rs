@@ -48,7 +48,22 @@ pub struct Prepared {
 impl Prepared {
     /// Prepares `features` ([n, dim], row-major) for `metric`.
     pub fn new(metric: Metric, features: &[f32], dim: usize) -> Self {
-        let mut rows = features.to_vec();
+        Self::from_rows(metric, features, dim, None)
+    }
+
+    /// Prepares the rows `which` of `features` (all rows when `None`), copying
+    /// only those.
+    pub fn from_rows(metric: Metric, features: &[f32], dim: usize, which: Option<&[usize]>) -> Self {
+        let mut rows = match which {
+            None => features.to_vec(),
+            Some(idx) => {
+                let mut r = Vec::with_capacity(idx.len() * dim);
+                for &i in idx {
+                    r.extend_from_slice(&features[i * dim..(i + 1) * dim]);
+                }
+                r
+            }
+        };
         let mut sq_norms: Vec<f32> = rows.chunks_exact(dim).map(|r| r.iter().map(|x| x * x).sum()).collect();
         if metric == Metric::Cosine {
             for (row, sq) in rows.chunks_exact_mut(dim).zip(sq_norms.iter_mut()) {

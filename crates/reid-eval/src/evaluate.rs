@@ -111,7 +111,7 @@ impl Evaluator {
             return Err(EvalError::Empty("gallery"));
         }
         let q = Prepared::new(metric, query.features, query.dim);
-        let g = Prepared::new(metric, gallery.features, gallery.dim).select(&gallery_rows);
+        let g = Prepared::from_rows(metric, gallery.features, gallery.dim, Some(&gallery_rows));
         let distances = match rerank {
             None => Distances::Plain { query: q, gallery: g },
             Some(p) => Distances::Reranked(Box::new(Reranker::new(&q, &g, p))),
