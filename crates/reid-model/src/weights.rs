@@ -219,45 +219,65 @@ impl ReidModel {
     /// Writes every variable as f32 under timm's names (heads as `id_classifier.*`,
     /// `verif_classifier.*`), atomically, with `metadata` in the header.
     pub fn save_weights(&self, path: &Path, metadata: Option<HashMap<String, String>>) -> Result<(), WeightError> {
-        let state = self.state_dict()?;
-        let write_err = |e: String| WeightError::Read {
-            path: path.to_path_buf(),
-            message: e,
-        };
-        let mut names: Vec<&String> = state.keys().collect();
-        names.sort();
-        let data: Vec<(String, Vec<u8>, Vec<usize>)> = names
-            .iter()
-            .map(|n| {
-                let t = &state[*n];
-                let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                Ok((
-                    (*n).clone(),
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                    t.dims().to_vec(),
-                ))
-            })
-            .collect::<candle_core::Result<_>>()?;
-        let views = data
-            .iter()
-            .map(|(n, bytes, shape)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| write_err(e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let bytes = safetensors::serialize(views, metadata).map_err(|e| write_err(e.to_string()))?;
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| write_err(e.to_string()))?;
-        }
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-        std::fs::write(&tmp, bytes)
-            .and_then(|_| std::fs::rename(&tmp, path))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                write_err(e.to_string())
-            })
+        write_safetensors(path, &self.state_dict()?, metadata)
     }
+}
+
+/// Writes `tensors` (f64 kept as f64, anything else as f32) to a safetensors file,
+/// atomically (a temporary sibling renamed into place), with `metadata` in the header.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), WeightError> {
+    let write_err = |e: String| WeightError::Read {
+        path: path.to_path_buf(),
+        message: e,
+    };
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let data: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = names
+        .iter()
+        .map(|n| {
+            let t = &tensors[*n];
+            let (bytes, dtype) = match t.dtype() {
+                candle_core::DType::F64 => {
+                    let v: Vec<f64> = t.flatten_all()?.to_vec1()?;
+                    (
+                        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                        safetensors::Dtype::F64,
+                    )
+                }
+                _ => {
+                    let v: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+                    (
+                        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                        safetensors::Dtype::F32,
+                    )
+                }
+            };
+            Ok(((*n).clone(), bytes, t.dims().to_vec(), dtype))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let views = data
+        .iter()
+        .map(|(n, bytes, shape, dtype)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| write_err(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| write_err(e.to_string()))?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| write_err(e.to_string()))?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            write_err(e.to_string())
+        })
 }
 
 #[cfg(test)]

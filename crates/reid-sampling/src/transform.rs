@@ -96,6 +96,10 @@ pub struct Augment {
     /// Lower bound of the erased rectangle's aspect ratio (upper bound: its inverse).
     pub erase_min_aspect: f64,
     pub erase_fill: EraseFill,
+    /// Colour jitter: each channel's gain drawn from [1 - j, 1 + j] per image
+    /// (0 = off). Not part of the paper's recipe; it teaches invariance to camera
+    /// colour casts.
+    pub color_jitter: f64,
 }
 
 impl Default for Augment {
@@ -109,6 +113,7 @@ impl Default for Augment {
             erase_area: [0.02, 0.4],
             erase_min_aspect: 0.3,
             erase_fill: EraseFill::Random,
+            color_jitter: 0.0,
         }
     }
 }
@@ -124,8 +129,11 @@ impl Augment {
         }
     }
 
-    /// Applies crop, flip and erasing, in that order, to `img`.
+    /// Applies colour jitter, crop, flip and erasing, in that order, to `img`.
     pub fn apply<R: Rng>(&self, img: &mut Chw, rng: &mut R) {
+        if self.color_jitter > 0.0 {
+            color_jitter(img, self.color_jitter, rng);
+        }
         if self.crop_padding > 0 {
             random_crop(img, self.crop_padding, rng);
         }
@@ -136,6 +144,21 @@ impl Augment {
             random_erase(img, self, rng);
         }
     }
+}
+
+/// Scales each channel of the (normalised) image by a gain from [1 - j, 1 + j],
+/// as if the pixels were: `x' = x * g + mean * (g - 1) / std`.
+pub fn color_jitter<R: Rng>(img: &mut Chw, j: f64, rng: &mut R) -> [f32; 3] {
+    let plane = img.height * img.width;
+    let mut gains = [1.0f32; 3];
+    for (c, gain) in gains.iter_mut().enumerate() {
+        *gain = rng.gen_range(1.0 - j..=1.0 + j) as f32;
+        let shift = IMAGENET_MEAN[c] * (*gain - 1.0) / IMAGENET_STD[c];
+        for v in &mut img.data[c * plane..(c + 1) * plane] {
+            *v = *v * *gain + shift;
+        }
+    }
+    gains
 }
 
 /// Zero-pads `img` by `pad` on every side (zero after normalisation is the mean
@@ -284,6 +307,20 @@ mod tests {
             if top > 0 {
                 assert_eq!(img.at(0, top - 1, left), ramp(64, 32).at(0, top - 1, left));
             }
+        }
+    }
+
+    #[test]
+    fn colour_jitter_scales_pixel_values_per_channel() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut img = ramp(2, 2);
+        let before = img.clone();
+        let gains = color_jitter(&mut img, 0.2, &mut rng);
+        for (c, g) in gains.iter().enumerate() {
+            assert!((0.8..=1.2).contains(g));
+            let pixel = |x: f32| x * IMAGENET_STD[c] + IMAGENET_MEAN[c];
+            let (a, b) = (pixel(before.at(c, 1, 1)), pixel(img.at(c, 1, 1)));
+            assert!((b - a * g).abs() < 1e-3, "channel {c}: {a} * {g} != {b}");
         }
     }
 

@@ -109,15 +109,19 @@ pub fn read_info(path: &Path) -> Result<CheckpointInfo, WeightError> {
     })
 }
 
-/// The step a checkpoint was written at.
-pub fn read_step(path: &Path) -> Result<u64, WeightError> {
-    header_metadata(path)?
-        .get(keys::STEP)
+/// A whole number stored under `key` in a header's metadata.
+fn number(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<u64, WeightError> {
+    meta.get(key)
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| WeightError::Read {
             path: path.to_path_buf(),
-            message: format!("no '{}' metadata", keys::STEP),
+            message: format!("no number '{key}' in the metadata"),
         })
+}
+
+/// The step a checkpoint was written at.
+pub fn read_step(path: &Path) -> Result<u64, WeightError> {
+    number(&header_metadata(path)?, keys::STEP, path)
 }
 
 /// Writes the model's weights with its facts and the position.
@@ -143,10 +147,6 @@ pub fn save_model(
 /// Writes the optimiser's momentum buffers, the position to resume at and the
 /// config, atomically.
 pub fn save_state(optimizer: &Sgd, next: Position, config_toml: &str, path: &Path) -> Result<(), WeightError> {
-    let err = |m: String| WeightError::Read {
-        path: path.to_path_buf(),
-        message: m,
-    };
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for p in &optimizer.params {
         if let Some(b) = &p.momentum_buffer {
@@ -159,58 +159,16 @@ pub fn save_state(optimizer: &Sgd, next: Position, config_toml: &str, path: &Pat
         (keys::STEP.to_string(), next.step.to_string()),
         (keys::CONFIG.to_string(), config_toml.to_string()),
     ]);
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let data: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = names
-        .iter()
-        .map(|n| {
-            let t = &tensors[*n];
-            let (bytes, dtype) = match t.dtype() {
-                candle_core::DType::F64 => {
-                    let v: Vec<f64> = t.flatten_all()?.to_vec1()?;
-                    (
-                        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                        safetensors::Dtype::F64,
-                    )
-                }
-                _ => {
-                    let v: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-                    (
-                        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                        safetensors::Dtype::F32,
-                    )
-                }
-            };
-            Ok(((*n).clone(), bytes, t.dims().to_vec(), dtype))
-        })
-        .collect::<candle_core::Result<_>>()?;
-    let views = data
-        .iter()
-        .map(|(n, b, s, d)| {
-            safetensors::tensor::TensorView::new(*d, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| err(e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| err(e.to_string()))?;
-    reid_data::atomic::write_bytes_atomically(path, &bytes).map_err(|e| err(e.to_string()))
+    reid_model::weights::write_safetensors(path, &tensors, Some(meta))
 }
 
 /// The position recorded in a trainer-state file: where the run would resume.
 pub fn read_position(path: &Path) -> Result<Position, WeightError> {
     let meta = header_metadata(path)?;
-    let num = |k: &str| -> Result<u64, WeightError> {
-        meta.get(k)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| WeightError::Read {
-                path: path.to_path_buf(),
-                message: format!("no '{k}' in the trainer state"),
-            })
-    };
     Ok(Position {
-        epoch: num(keys::NEXT_EPOCH)? as usize,
-        batch: num(keys::NEXT_BATCH)? as usize,
-        step: num(keys::STEP)?,
+        epoch: number(&meta, keys::NEXT_EPOCH, path)? as usize,
+        batch: number(&meta, keys::NEXT_BATCH, path)? as usize,
+        step: number(&meta, keys::STEP, path)?,
     })
 }
 

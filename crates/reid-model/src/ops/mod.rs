@@ -6,3 +6,22 @@ pub mod pool;
 
 pub use conv::conv2d;
 pub use pool::{avg_pool2d, max_pool2d};
+
+/// Deterministic random tensors for the ops' tests.
+#[cfg(test)]
+pub(crate) mod test_tensors {
+    use candle_core::{Device, Tensor};
+
+    /// Uniform values in [-1, 1) as f64, from a seeded linear congruential stream.
+    pub fn random(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+}

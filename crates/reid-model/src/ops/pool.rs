@@ -356,17 +356,7 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let v: Vec<f64> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::ops::test_tensors::random;
 
     /// d(sum(pool(x) * g))/dx by central differences against the op's backward.
     fn check_gradient(pool: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize]) {
