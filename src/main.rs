@@ -54,7 +54,18 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// Ends quietly when stdout is closed early (`reid index ... | head`), as Unix
+/// tools do, instead of panicking on the failed write.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal at start-up.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    default_sigpipe();
     keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
