@@ -2,26 +2,9 @@
 //! every artifact, learns far above chance, reuses its caches on a second run; a
 //! corrupt image stops training with the documented error.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn reid(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reid"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("reid runs")
-}
-
-fn ok(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
+use common::{ok, reid};
 
 const DEMO: [&str; 13] = [
     "demo",

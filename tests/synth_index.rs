@@ -1,18 +1,10 @@
 //! End to end: `reid synth` renders a dataset that `reid index` reads back with the
 //! expected summary, and bad input gives a clear error and a non-zero exit.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
+use common::reid;
 use reid_data::{Manifest, Split};
-
-fn reid(args: &[&str], cwd: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_reid"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("reid runs")
-}
 
 const SMALL: [&str; 16] = [
     "--cameras",

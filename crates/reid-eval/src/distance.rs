@@ -89,20 +89,6 @@ impl Prepared {
     pub fn is_empty(&self) -> bool {
         self.sq_norms.is_empty()
     }
-
-    /// A subset of rows, in the order of `indices`.
-    pub fn select(&self, indices: &[usize]) -> Prepared {
-        let mut rows = Vec::with_capacity(indices.len() * self.dim);
-        for &i in indices {
-            rows.extend_from_slice(&self.rows[i * self.dim..(i + 1) * self.dim]);
-        }
-        Prepared {
-            metric: self.metric,
-            dim: self.dim,
-            rows,
-            sq_norms: indices.iter().map(|&i| self.sq_norms[i]).collect(),
-        }
-    }
 }
 
 /// Writes the distances from query rows `q_start..q_start + out.len() / g.len()` of

@@ -236,6 +236,57 @@ pub fn read_training_log(path: &Path) -> Result<Vec<LogRow>, ReportError> {
 /// Reads one value out of a log row.
 type LogField = fn(&LogRow) -> f64;
 
+/// One chart of the training-curves picture.
+struct Panel {
+    caption: &'static str,
+    max_step: f64,
+    y_max: f64,
+    /// Index into [`PALETTE`] of the first series.
+    first_colour: usize,
+    legend: SeriesLabelPosition,
+}
+
+/// Draws `series` of `rows` against the step into `area`.
+fn draw_panel(
+    path: &Path,
+    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    panel: &Panel,
+    rows: &[&LogRow],
+    series: &[(&str, LogField)],
+) -> Result<(), ReportError> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(panel.caption, (FONT_NAME, 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0f64..panel.max_step, 0f64..panel.y_max)
+        .map_err(|e| draw_err(path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .label_style((FONT_NAME, 13))
+        .draw()
+        .map_err(|e| draw_err(path, e))?;
+    for (i, (name, f)) in series.iter().enumerate() {
+        let colour = PALETTE[(panel.first_colour + i) % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(
+                rows.iter().map(|r| (r.step as f64, f(r))),
+                colour.stroke_width(2),
+            ))
+            .map_err(|e| draw_err(path, e))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3)));
+    }
+    chart
+        .configure_series_labels()
+        .position(panel.legend.clone())
+        .background_style(WHITE.mix(0.9))
+        .label_font((FONT_NAME, 13))
+        .draw()
+        .map_err(|e| draw_err(path, e))
+}
+
 /// Draws losses and accuracies over training steps from `metrics.csv` rows.
 pub fn draw_training_curves(path: &Path, log: &[LogRow]) -> Result<(), ReportError> {
     ensure_font();
@@ -246,76 +297,31 @@ pub fn draw_training_curves(path: &Path, log: &[LogRow]) -> Result<(), ReportErr
     let (left, right) = root.split_horizontally(500);
     let max_step = rows.iter().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
     let max_loss = rows.iter().map(|r| r.loss.max(r.loss_id)).fold(0.1, f64::max) * 1.05;
-    let mut chart = ChartBuilder::on(&left)
-        .caption("losses", (FONT_NAME, 20))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(48)
-        .build_cartesian_2d(0f64..max_step, 0f64..max_loss)
-        .map_err(|e| draw_err(path, e))?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .label_style((FONT_NAME, 13))
-        .draw()
-        .map_err(|e| draw_err(path, e))?;
-    let series: [(&str, LogField); 3] = [
+    let losses: [(&str, LogField); 3] = [
         ("total", |r| r.loss),
         ("identification", |r| r.loss_id),
         ("verification", |r| r.loss_verif),
     ];
-    for (i, (name, f)) in series.iter().enumerate() {
-        let colour = PALETTE[i];
-        chart
-            .draw_series(LineSeries::new(
-                rows.iter().map(|r| (r.step as f64, f(r))),
-                colour.stroke_width(2),
-            ))
-            .map_err(|e| draw_err(path, e))?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3)));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.9))
-        .label_font((FONT_NAME, 13))
-        .draw()
-        .map_err(|e| draw_err(path, e))?;
-    let mut chart = ChartBuilder::on(&right)
-        .caption("accuracy (%)", (FONT_NAME, 20))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(48)
-        .build_cartesian_2d(0f64..max_step, 0f64..100.5)
-        .map_err(|e| draw_err(path, e))?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .label_style((FONT_NAME, 13))
-        .draw()
-        .map_err(|e| draw_err(path, e))?;
-    let series: [(&str, LogField); 2] = [
+    let panel = Panel {
+        caption: "losses",
+        max_step,
+        y_max: max_loss,
+        first_colour: 0,
+        legend: SeriesLabelPosition::UpperRight,
+    };
+    draw_panel(path, &left, &panel, &rows, &losses)?;
+    let accuracies: [(&str, LogField); 2] = [
         ("identification", |r| 100.0 * r.id_acc),
         ("verification", |r| 100.0 * r.verif_acc),
     ];
-    for (i, (name, f)) in series.iter().enumerate() {
-        let colour = PALETTE[i + 1];
-        chart
-            .draw_series(LineSeries::new(
-                rows.iter().map(|r| (r.step as f64, f(r))),
-                colour.stroke_width(2),
-            ))
-            .map_err(|e| draw_err(path, e))?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3)));
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .label_font((FONT_NAME, 13))
-        .draw()
-        .map_err(|e| draw_err(path, e))?;
+    let panel = Panel {
+        caption: "accuracy (%)",
+        max_step,
+        y_max: 100.5,
+        first_colour: 1,
+        legend: SeriesLabelPosition::LowerRight,
+    };
+    draw_panel(path, &right, &panel, &rows, &accuracies)?;
     root.present().map_err(|e| draw_err(path, e))
 }
 
