@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use crate::arch::{Arch, BlockKind};
 use crate::layers::{batch_norm, Conv, ConvBn};
-use crate::ops::{avg_pool2d, max_pool2d};
+use crate::ops::{add_relu, avg_pool2d, max_pool2d};
 
 /// timm's `Bottle2neck`: a 1x1 convolution split into `scale` groups; the first
 /// `scale - 1` go through 3x3 convolutions, each after the previous group's output
@@ -99,7 +99,7 @@ impl Bottle2neck {
             Some(d) => d.forward_t(x, train, false)?,
             None => x.clone(),
         };
-        (merged + shortcut)?.relu()
+        add_relu(&merged, &shortcut)
     }
 }
 
@@ -148,7 +148,7 @@ impl Bottleneck {
             Some(d) => d.forward_t(x, train, false)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        add_relu(&y, &shortcut)
     }
 }
 

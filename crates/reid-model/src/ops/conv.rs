@@ -6,6 +6,9 @@
 //! images summed in a fixed order), never by thread count, so results are the same
 //! bit for bit whatever the number of threads.
 
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -68,6 +71,25 @@ impl Geometry {
     }
 }
 
+thread_local! {
+    /// Each thread's column matrix, reused across calls (bytes, aligned for f64).
+    static COLS: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The first `len` values of a thread's scratch buffer, viewed as `T` and grown
+/// as needed; their contents are stale values from earlier calls.
+fn scratch<T: Float>(buf: &mut Vec<f64>, len: usize) -> &mut [T] {
+    let bytes = len * std::mem::size_of::<T>();
+    let words = bytes.div_ceil(8);
+    if buf.len() < words {
+        buf.resize(words, 0.0);
+    }
+    assert!(std::mem::size_of::<T>() <= 8 && std::mem::align_of::<T>() <= 8);
+    // SAFETY: the buffer holds at least `bytes` initialised bytes, aligned for
+    // f64 and so for `T` (f32 or f64, any bit pattern valid).
+    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut T, len) }
+}
+
 /// Fills `cols` [C*k*k, OH*OW] from one image `x` [C, H, W].
 fn im2col<T: Float>(x: &[T], g: &Geometry, cols: &mut [T]) {
     let p = g.p();
@@ -97,10 +119,15 @@ fn im2col<T: Float>(x: &[T], g: &Geometry, cols: &mut [T]) {
     }
 }
 
-/// Adds the column matrix `cols` back into the image gradient `x` [C, H, W].
-fn col2im<T: Float>(cols: &[T], g: &Geometry, x: &mut [T]) {
+/// Sums the column matrix `cols` back into the image gradient `x` [C, H, W]
+/// (every value of `x` is written).
+fn col2im<T: Float>(cols: &[T], g: &Geometry, x: &mut [MaybeUninit<T>]) {
     let p = g.p();
-    x.iter_mut().for_each(|v| *v = T::zero());
+    x.iter_mut().for_each(|v| {
+        v.write(T::zero());
+    });
+    // SAFETY: every value was just initialised.
+    let x = unsafe { &mut *(x as *mut [MaybeUninit<T>] as *mut [T]) };
     for c in 0..g.c {
         for ky in 0..g.k {
             for kx in 0..g.k {
@@ -137,18 +164,38 @@ fn matmul<T: 'static + Float>(
     b: &[T],
     b_transposed: bool,
 ) {
+    // SAFETY: `dst` is initialised, so reading it (when accumulating) is sound.
+    let dst = unsafe { &mut *(dst as *mut [T] as *mut [MaybeUninit<T>]) };
+    gemm_into(m, n, k, dst, accumulate, a, a_transposed, b, b_transposed);
+}
+
+/// [`matmul`] into memory that may be uninitialised: it must be when `accumulate`
+/// is true; otherwise all `m * n` values are written.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: 'static + Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [MaybeUninit<T>],
+    accumulate: bool,
+    a: &[T],
+    a_transposed: bool,
+    b: &[T],
+    b_transposed: bool,
+) {
     assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
     // Row-major [m, k] has (column stride, row stride) = (1, k); its transpose, stored
     // as [k, m], has (m, 1).
     let (a_cs, a_rs) = if a_transposed { (m as isize, 1) } else { (1, k as isize) };
     let (b_cs, b_rs) = if b_transposed { (k as isize, 1) } else { (1, n as isize) };
-    // SAFETY: the asserts above bound every index the strides describe.
+    // SAFETY: the asserts above bound every index the strides describe; without
+    // `accumulate` gemm only writes `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr() as *mut T,
             1,
             n as isize,
             accumulate,
@@ -168,56 +215,51 @@ fn matmul<T: 'static + Float>(
     }
 }
 
+/// A vector of `len` values, each written by `fill` (given disjoint chunks of
+/// `chunk` values and their index) before the vector exists: no zeroing pass.
+fn filled_in_chunks<T: Send>(len: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(i, c)| fill(i, c));
+    // SAFETY: `fill` wrote every value of every chunk (its contract).
+    unsafe { out.set_len(len) };
+    out
+}
+
 fn forward<T: 'static + Float + Send + Sync>(x: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
     let (ckk, p) = (g.ckk(), g.p());
-    let mut out = vec![T::zero(); g.n * g.o * p];
-    out.par_chunks_mut(g.o * p)
-        .zip(x.par_chunks(g.c * g.h * g.w))
-        .for_each_init(
-            || {
-                if g.direct() {
-                    Vec::new()
-                } else {
-                    vec![T::zero(); ckk * p]
-                }
-            },
-            |cols, (y, image)| {
-                let cols: &[T] = if g.direct() {
-                    image
-                } else {
-                    im2col(image, g, cols);
-                    cols
-                };
-                matmul(g.o, p, ckk, y, false, weight, false, cols, false);
-            },
-        );
-    out
+    let image_len = g.c * g.h * g.w;
+    filled_in_chunks(g.n * g.o * p, g.o * p, |i, y| {
+        let image = &x[i * image_len..(i + 1) * image_len];
+        if g.direct() {
+            gemm_into(g.o, p, ckk, y, false, weight, false, image, false);
+        } else {
+            COLS.with_borrow_mut(|cols| {
+                let cols = scratch(cols, ckk * p);
+                im2col(image, g, cols);
+                gemm_into(g.o, p, ckk, y, false, weight, false, cols, false);
+            });
+        }
+    })
 }
 
 fn backward_input<T: 'static + Float + Send + Sync>(grad_out: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
     let (ckk, p) = (g.ckk(), g.p());
-    let mut grad_x = vec![T::zero(); g.n * g.c * g.h * g.w];
-    grad_x
-        .par_chunks_mut(g.c * g.h * g.w)
-        .zip(grad_out.par_chunks(g.o * p))
-        .for_each_init(
-            || {
-                if g.direct() {
-                    Vec::new()
-                } else {
-                    vec![T::zero(); ckk * p]
-                }
-            },
-            |cols, (gx, gy)| {
-                if g.direct() {
-                    matmul(ckk, p, g.o, gx, false, weight, true, gy, false);
-                } else {
-                    matmul(ckk, p, g.o, cols, false, weight, true, gy, false);
-                    col2im(cols, g, gx);
-                }
-            },
-        );
-    grad_x
+    let image_len = g.c * g.h * g.w;
+    filled_in_chunks(g.n * image_len, image_len, |i, gx| {
+        let gy = &grad_out[i * g.o * p..(i + 1) * g.o * p];
+        if g.direct() {
+            gemm_into(ckk, p, g.o, gx, false, weight, true, gy, false);
+        } else {
+            COLS.with_borrow_mut(|cols| {
+                let cols = scratch(cols, ckk * p);
+                matmul(ckk, p, g.o, cols, false, weight, true, gy, false);
+                col2im(cols, g, gx);
+            });
+        }
+    })
 }
 
 /// Images per partial sum of the weight gradient: fixed by the batch alone.

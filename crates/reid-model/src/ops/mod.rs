@@ -3,9 +3,11 @@
 pub mod batch_norm;
 pub mod conv;
 pub mod pool;
+pub mod residual;
 
 pub use conv::conv2d;
 pub use pool::{avg_pool2d, max_pool2d};
+pub use residual::add_relu;
 
 /// Deterministic random tensors for the ops' tests.
 #[cfg(test)]

@@ -1,0 +1,140 @@
+//! The end of every residual block, `relu(a + b)`, as one pass forward and one
+//! backward, instead of candle's add, ReLU and the five passes of its ReLU backward.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Elements per parallel task: large enough to amortise scheduling.
+const CHUNK: usize = 1 << 14;
+
+fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: operands must be contiguous"),
+    }
+}
+
+/// `f(x, y)` elementwise over two equally long slices, in parallel, into a new vector.
+fn zip_map<T: Float + Send + Sync>(x: &[T], y: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    x.par_chunks(CHUNK)
+        .zip(y.par_chunks(CHUNK))
+        .flat_map_iter(|(a, b)| a.iter().zip(b).map(|(&u, &v)| f(u, v)))
+        .collect()
+}
+
+/// Runs `$f` elementwise on two f32 or two f64 operands of the same shape.
+macro_rules! binary {
+    ($op:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $f:expr) => {{
+        if $l1.dims() != $l2.dims() {
+            candle_core::bail!("{}: shapes {:?} and {:?} differ", $op, $l1.dims(), $l2.dims());
+        }
+        let storage = match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(zip_map(slice(a, $l1, $op)?, slice(b, $l2, $op)?, $f))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(zip_map(slice(a, $l1, $op)?, slice(b, $l2, $op)?, $f))
+            }
+            _ => candle_core::bail!("{}: two f32 or two f64 operands expected", $op),
+        };
+        Ok((storage, $l1.shape().clone()))
+    }};
+}
+
+fn relu_of_sum<T: Float>(a: T, b: T) -> T {
+    let s = a + b;
+    if s > T::zero() {
+        s
+    } else {
+        T::zero()
+    }
+}
+
+fn pass_where_positive<T: Float>(g: T, out: T) -> T {
+    if out > T::zero() {
+        g
+    } else {
+        T::zero()
+    }
+}
+
+/// `relu(a + b)`; the backward hands both operands the output gradient where the
+/// output is positive.
+#[derive(Debug, Clone, Copy)]
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "add-relu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        binary!(self.name(), s1, l1, s2, l2, relu_of_sum)
+    }
+
+    fn bwd(&self, _a: &Tensor, _b: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let masked = grad.contiguous()?.apply_op2_no_bwd(out, &ReluMask)?;
+        Ok((Some(masked.clone()), Some(masked)))
+    }
+}
+
+/// (gradient, ReLU output) -> the gradient where the output is positive, else 0.
+#[derive(Debug, Clone, Copy)]
+struct ReluMask;
+
+impl CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "relu-mask"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        binary!(self.name(), s1, l1, s2, l2, pass_where_positive)
+    }
+}
+
+/// `relu(a + b)` for tensors of one shape: one fused op on the CPU, candle's add and
+/// ReLU elsewhere.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.device().is_cpu() {
+        a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+    } else {
+        (a + b)?.relu()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    use crate::ops::test_tensors::random;
+
+    #[test]
+    fn matches_candle_forward_and_backward() {
+        let a = Var::from_tensor(&random(&[3, 5, 4, 7], 1)).unwrap();
+        let b = Var::from_tensor(&random(&[3, 5, 4, 7], 2)).unwrap();
+        let g = random(&[3, 5, 4, 7], 3);
+        let ours = add_relu(a.as_tensor(), b.as_tensor()).unwrap();
+        let theirs = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
+        let diff = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f64>().unwrap(), 0.0);
+        let ga = (&ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&theirs * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&a, &b] {
+            let (x, y) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
+            let diff = (x - y).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f64>().unwrap(), 0.0);
+        }
+        // The mask really masks: some outputs are zero and their gradients too.
+        let zeros = ours.eq(0.0).unwrap().to_dtype(candle_core::DType::F64).unwrap();
+        assert!(zeros.sum_all().unwrap().to_scalar::<f64>().unwrap() > 10.0);
+    }
+
+    #[test]
+    fn refuses_different_shapes() {
+        let a = random(&[2, 3], 1);
+        let b = random(&[3, 2], 2);
+        assert!(add_relu(&a, &b).is_err());
+    }
+}
