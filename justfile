@@ -1,16 +1,21 @@
 # Recipes wiring the `reid` stages. Each is a thin call of the binary; run
 # `just --list` for the list. Variables can be set on the command line:
-#   just ROOT=/data/Market-1501-v15.09.15 market
+#   just market ROOT=/data/Market-1501-v15.09.15   (or: just market /data/...)
+# SET holds config overrides separated by spaces, passed on to every training
+# recipe, e.g. a quick check of the recipes on a synthetic Market-size tree:
+#   just SET="model.pretrained= model.arch=res2net_tiny schedule.epochs=1" market ROOT=data/synthetic-market
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 reid := "cargo run --release --quiet --"
 DATASET := "market1501"
-ROOT := "data/Market-1501-v15.09.15"
+ROOT := ""
 CONFIG := "configs/market-res2net50.toml"
 RUN := "market-res2net50"
 DEVICE := "cpu"
 SET := ""
+FLIP := ""
+sets := if SET == "" { "" } else { "--set " + replace(trim(SET), " ", " --set ") }
 
 # The whole pipeline on a generated dataset (no download).
 demo:
@@ -28,40 +33,40 @@ bench:
 
 # Index a dataset folder into artifacts/manifests/<dataset>.parquet.
 index:
-    {{reid}} index --dataset {{DATASET}} --root {{ROOT}} --out artifacts/manifests/{{DATASET}}.parquet
+    {{reid}} index --dataset {{DATASET}} --root {{ if ROOT != "" { ROOT } else if DATASET == "dukemtmc-reid" { "data/DukeMTMC-reID" } else { "data/Market-1501-v15.09.15" } }} --out artifacts/manifests/{{DATASET}}.parquet
 
 # Train RUN with CONFIG on the dataset's manifest.
 train:
-    {{reid}} train --manifest artifacts/manifests/{{DATASET}}.parquet --config {{CONFIG}} --out artifacts/runs/{{RUN}} --device {{DEVICE}} {{ if SET != "" { "--set " + SET } else { "" } }}
+    {{reid}} train --manifest artifacts/manifests/{{DATASET}}.parquet --config {{CONFIG}} --out artifacts/runs/{{RUN}} --device {{DEVICE}} {{sets}}
 
-# Extract query and gallery features of RUN (cached).
+# Extract query and gallery features of RUN (cached); FLIP=--flip averages mirrors.
 extract:
-    {{reid}} extract --run artifacts/runs/{{RUN}} --device {{DEVICE}}
+    {{reid}} extract --run artifacts/runs/{{RUN}} --device {{DEVICE}} {{FLIP}}
 
 # Evaluate RUN's features and write its report.
 evaluate:
     {{reid}} evaluate --query artifacts/features/{{RUN}}/query.safetensors --gallery artifacts/features/{{RUN}}/gallery.safetensors --run artifacts/runs/{{RUN}}
 
 # The paper's Market-1501 recipe end to end: Res2Net-50 from ImageNet weights.
-market ROOT="data/Market-1501-v15.09.15":
-    just DATASET=market1501 ROOT={{ROOT}} index
-    just DATASET=market1501 CONFIG=configs/market-res2net50.toml RUN=market-res2net50 train extract evaluate
+market root=(if ROOT == "" { "data/Market-1501-v15.09.15" } else { ROOT }):
+    just DATASET=market1501 ROOT={{trim_start_match(root, "ROOT=")}} index
+    just DATASET=market1501 CONFIG=configs/market-res2net50.toml RUN=market-res2net50 DEVICE={{DEVICE}} SET="{{SET}}" train extract evaluate
 
 # The paper's DukeMTMC-reID recipe end to end.
-duke ROOT="data/DukeMTMC-reID":
-    just DATASET=dukemtmc-reid ROOT={{ROOT}} index
-    just DATASET=dukemtmc-reid CONFIG=configs/duke-res2net50.toml RUN=duke-res2net50 train extract evaluate
+duke root=(if ROOT == "" { "data/DukeMTMC-reID" } else { ROOT }):
+    just DATASET=dukemtmc-reid ROOT={{trim_start_match(root, "ROOT=")}} index
+    just DATASET=dukemtmc-reid CONFIG=configs/duke-res2net50.toml RUN=duke-res2net50 DEVICE={{DEVICE}} SET="{{SET}}" train extract evaluate
 
 # Table 2: random-erasing probability 0.0 to 1.0, one run each, one table and chart.
 erasing-sweep DATASET="market1501":
     for p in 0.0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9 1.0; do \
-      just DATASET={{DATASET}} CONFIG=configs/market-res2net50.toml RUN=erasing-$p SET="augment.erase=$p" train extract; \
+      just DATASET={{DATASET}} CONFIG=configs/market-res2net50.toml RUN=erasing-$p DEVICE={{DEVICE}} SET="{{SET}} augment.erase=$p" train extract; \
     done
     {{reid}} evaluate $(for p in 0.0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9 1.0; do echo --query artifacts/features/erasing-$p/query.safetensors --gallery artifacts/features/erasing-$p/gallery.safetensors; done) --out artifacts/reports/erasing-sweep
 
 # Table 3: ResNet-50, Res2Net-50, ResNet-101, Res2Net-101, one table and chart.
 backbones DATASET="market1501":
     for a in resnet50 res2net50_26w_4s resnet101 res2net101_26w_4s; do \
-      just DATASET={{DATASET}} CONFIG=configs/backbone-$a.toml RUN=backbone-$a train extract; \
+      just DATASET={{DATASET}} CONFIG=configs/backbone-$a.toml RUN=backbone-$a DEVICE={{DEVICE}} SET="{{SET}}" train extract; \
     done
     {{reid}} evaluate $(for a in resnet50 res2net50_26w_4s resnet101 res2net101_26w_4s; do echo --query artifacts/features/backbone-$a/query.safetensors --gallery artifacts/features/backbone-$a/gallery.safetensors; done) --out artifacts/reports/backbones

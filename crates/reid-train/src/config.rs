@@ -51,7 +51,8 @@ impl Default for DataConfig {
 pub struct ModelSection {
     pub arch: String,
     pub last_stride: usize,
-    /// Backbone weights: a .safetensors path or `hf:OWNER/NAME`; none trains from scratch.
+    /// Backbone weights: a .safetensors path or `hf:OWNER/NAME`; none (or `""`,
+    /// e.g. `--set model.pretrained=`) trains from scratch.
     pub pretrained: Option<String>,
     /// Dropout before each classifier.
     pub dropout: f64,
@@ -161,7 +162,10 @@ impl TrainConfig {
                     .or_insert_with(|| toml::Value::Table(Default::default()));
             }
         }
-        let config: TrainConfig = value.try_into().map_err(|e: toml::de::Error| file_err(e.to_string()))?;
+        let mut config: TrainConfig = value.try_into().map_err(|e: toml::de::Error| file_err(e.to_string()))?;
+        if config.model.pretrained.as_deref().is_some_and(|s| s.trim().is_empty()) {
+            config.model.pretrained = None;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -220,6 +224,10 @@ mod tests {
         assert!(TrainConfig::load(None, &["optim.lrr=0.01".into()]).is_err());
         assert!(TrainConfig::load(None, &["model.arch=resnet7".into()]).is_err());
         assert!(TrainConfig::load(None, &["nonsense".into()]).is_err());
+        let hub = TrainConfig::parse("[model]\npretrained = \"hf:x/y\"", Path::new("t"), &[]);
+        assert_eq!(hub.unwrap().model.pretrained.as_deref(), Some("hf:x/y"));
+        let none = TrainConfig::parse("[model]\npretrained = \"hf:x/y\"", Path::new("t"), &["model.pretrained=".into()]);
+        assert_eq!(none.unwrap().model.pretrained, None);
         let round = TrainConfig::load(None, &[]).unwrap();
         assert_eq!(toml::from_str::<TrainConfig>(&round.to_toml()).unwrap(), round);
     }
