@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use crate::arch::{Arch, BlockKind};
 use crate::layers::{batch_norm, Conv, ConvBn};
-use crate::ops::{add_relu, avg_pool2d, max_pool2d};
+use crate::ops::{add_relu, avg_pool2d, channel_slice, max_pool2d};
 
 /// timm's `Bottle2neck`: a 1x1 convolution split into `scale` groups; the first
 /// `scale - 1` go through 3x3 convolutions, each after the previous group's output
@@ -77,7 +77,7 @@ impl Bottle2neck {
         let mut pieces = Vec::with_capacity(self.scale);
         let mut previous: Option<Tensor> = None;
         for (i, conv) in self.convs.iter().enumerate() {
-            let split = out.narrow(1, i * self.width, self.width)?;
+            let split = channel_slice(&out, i * self.width, self.width)?;
             let input = match (&previous, self.is_first) {
                 (Some(p), false) => (p + split)?,
                 _ => split,
@@ -87,7 +87,7 @@ impl Bottle2neck {
             previous = Some(y);
         }
         if self.scale > 1 {
-            let last = out.narrow(1, (self.scale - 1) * self.width, self.width)?;
+            let last = channel_slice(&out, (self.scale - 1) * self.width, self.width)?;
             pieces.push(if self.is_first {
                 avg_pool2d(&last, 3, self.stride, 1)?
             } else {

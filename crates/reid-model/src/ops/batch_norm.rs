@@ -11,6 +11,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
+use super::filled_in_chunks;
+
 /// Per-channel mean and biased variance of one forward.
 #[derive(Debug, Clone, Default)]
 pub struct BatchStats {
@@ -69,19 +71,14 @@ fn affine<T: Float + Send + Sync>(
     shift: &[f64],
     relu: bool,
 ) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(hw)
-        .zip(x.par_chunks(hw))
-        .enumerate()
-        .for_each(|(plane, (yo, xi))| {
-            let ch = plane % c;
-            let (s, b) = (T::from(scale[ch]).unwrap(), T::from(shift[ch]).unwrap());
-            for (o, &v) in yo.iter_mut().zip(xi) {
-                let r = v * s + b;
-                *o = if relu && r <= T::zero() { T::zero() } else { r };
-            }
-        });
-    y
+    filled_in_chunks(x.len(), hw, |plane, yo| {
+        let ch = plane % c;
+        let (s, b) = (T::from(scale[ch]).unwrap(), T::from(shift[ch]).unwrap());
+        for (o, &v) in yo.iter_mut().zip(&x[plane * hw..(plane + 1) * hw]) {
+            let r = v * s + b;
+            o.write(if relu && r <= T::zero() { T::zero() } else { r });
+        }
+    })
 }
 
 fn to_f64<T: Float>(v: &[T]) -> Vec<f64> {
@@ -256,8 +253,7 @@ impl InputGrad {
     fn backward<T: Float + Send + Sync>(&self, x: &[T], y: &[T], g: &[T], (_, c, hw): (usize, usize, usize)) -> Vec<T> {
         let s = &self.stats;
         let n = s.count as f64;
-        let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(hw).enumerate().for_each(|(plane, o)| {
+        filled_in_chunks(x.len(), hw, |plane, o| {
             let ch = plane % c;
             let range = plane * hw..(plane + 1) * hw;
             let invstd = 1.0 / (s.var[ch] + self.eps).sqrt();
@@ -270,10 +266,9 @@ impl InputGrad {
                 .zip(&g[range])
             {
                 let xhat = (xv.to_f64().unwrap() - mean) * invstd;
-                *o = T::from(k * (n * masked(gv, yv, self.relu) - a - xhat * b)).unwrap();
+                o.write(T::from(k * (n * masked(gv, yv, self.relu) - a - xhat * b)).unwrap());
             }
-        });
-        out
+        })
     }
 }
 

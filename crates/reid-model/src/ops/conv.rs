@@ -10,6 +10,8 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::filled_in_chunks;
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -213,19 +215,6 @@ fn gemm_into<T: 'static + Float>(
             gemm::Parallelism::None,
         )
     }
-}
-
-/// A vector of `len` values, each written by `fill` (given disjoint chunks of
-/// `chunk` values and their index) before the vector exists: no zeroing pass.
-fn filled_in_chunks<T: Send>(len: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync) -> Vec<T> {
-    let mut out: Vec<T> = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(i, c)| fill(i, c));
-    // SAFETY: `fill` wrote every value of every chunk (its contract).
-    unsafe { out.set_len(len) };
-    out
 }
 
 fn forward<T: 'static + Float + Send + Sync>(x: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
