@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
-use rayon::prelude::*;
+use super::filled_in_chunks;
 
 /// Elements per parallel task: large enough to amortise scheduling.
 const CHUNK: usize = 1 << 14;
@@ -17,10 +17,12 @@ fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
 
 /// `f(x, y)` elementwise over two equally long slices, in parallel, into a new vector.
 fn zip_map<T: Float + Send + Sync>(x: &[T], y: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    x.par_chunks(CHUNK)
-        .zip(y.par_chunks(CHUNK))
-        .flat_map_iter(|(a, b)| a.iter().zip(b).map(|(&u, &v)| f(u, v)))
-        .collect()
+    filled_in_chunks(x.len(), CHUNK, |i, out| {
+        let range = i * CHUNK..(i * CHUNK + out.len());
+        for ((o, &u), &v) in out.iter_mut().zip(&x[range.clone()]).zip(&y[range]) {
+            o.write(f(u, v));
+        }
+    })
 }
 
 /// Runs `$f` elementwise on two f32 or two f64 operands of the same shape.
