@@ -63,6 +63,9 @@ pub struct LossWeights {
     pub id1: f64,
     pub id2: f64,
     pub verif: f64,
+    /// Label smoothing of the identification losses (0 = plain cross-entropy, the
+    /// paper's): the target puts `1 - e` on the label and `e` spread over all classes.
+    pub id_label_smoothing: f64,
 }
 
 impl Default for LossWeights {
@@ -72,6 +75,7 @@ impl Default for LossWeights {
             id1: 0.5,
             id2: 0.5,
             verif: 1.0,
+            id_label_smoothing: 0.0,
         }
     }
 }
@@ -111,6 +115,18 @@ fn accuracy(logits: &Tensor, targets: &Tensor) -> Result<f64> {
     Ok(right / targets.elem_count() as f64)
 }
 
+/// Mean cross-entropy of `logits` [B, K] against `targets` [B] with label
+/// smoothing `e`: `(1 - e) * nll + e * mean over classes of -log p`.
+fn smoothed_cross_entropy(logits: &Tensor, targets: &Tensor, e: f64) -> Result<Tensor> {
+    if e == 0.0 {
+        return candle_nn::loss::cross_entropy(logits, targets);
+    }
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let nll = candle_nn::loss::nll(&log_p, targets)?;
+    let uniform = log_p.mean_all()?.neg()?;
+    (nll * (1.0 - e))? + (uniform * e)?
+}
+
 impl Heads {
     /// The loss of a pair batch from pooled features `f` [2B, C] of `cat[x1, x2]`.
     /// `dropout` is the probability before each classifier, with its masks from `rng`.
@@ -128,8 +144,8 @@ impl Heads {
         let logits2 = self.id_classifier.forward(&dropout(&f2, p_dropout, rng)?)?;
         let square = (&f1 - &f2)?.sqr()?;
         let vlogits = self.verif_classifier.forward(&dropout(&square, p_dropout, rng)?)?;
-        let id1 = candle_nn::loss::cross_entropy(&logits1, &targets.y1)?;
-        let id2 = candle_nn::loss::cross_entropy(&logits2, &targets.y2)?;
+        let id1 = smoothed_cross_entropy(&logits1, &targets.y1, weights.id_label_smoothing)?;
+        let id2 = smoothed_cross_entropy(&logits2, &targets.y2, weights.id_label_smoothing)?;
         let verif = candle_nn::loss::cross_entropy(&vlogits, &targets.same)?;
         let total = ((&id1 * weights.id1)? + (&id2 * weights.id2)? + (&verif * weights.verif)?)?;
         let id_accuracy = (accuracy(&logits1, &targets.y1)? + accuracy(&logits2, &targets.y2)?) / 2.0;
@@ -141,5 +157,36 @@ impl Heads {
             id_accuracy,
             verif_accuracy: accuracy(&vlogits, &targets.same)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn label_smoothing_mixes_the_label_with_the_uniform_target() {
+        let logits = Tensor::new(&[[2.0f64, 0.5, -1.0], [0.1, 0.2, 0.3]], &Device::Cpu).unwrap();
+        let targets = Tensor::new(&[0u32, 2], &Device::Cpu).unwrap();
+        let value = |e: f64| {
+            smoothed_cross_entropy(&logits, &targets, e)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        // By hand: -log p for each row and class.
+        let rows = [[2.0f64, 0.5, -1.0], [0.1, 0.2, 0.3]];
+        let nll: Vec<Vec<f64>> = rows
+            .iter()
+            .map(|r| {
+                let lse = r.iter().map(|v| v.exp()).sum::<f64>().ln();
+                r.iter().map(|v| lse - v).collect()
+            })
+            .collect();
+        let plain = (nll[0][0] + nll[1][2]) / 2.0;
+        let uniform = nll.iter().flatten().sum::<f64>() / 6.0;
+        assert!((value(0.0) - plain).abs() < 1e-12);
+        assert!((value(0.1) - (0.9 * plain + 0.1 * uniform)).abs() < 1e-12);
     }
 }

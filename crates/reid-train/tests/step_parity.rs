@@ -124,6 +124,7 @@ fn two_sgd_steps_match_pytorch_in_f64() {
             id1: w["loss_id1"].as_f64().unwrap(),
             id2: w["loss_id2"].as_f64().unwrap(),
             verif: w["loss_verif"].as_f64().unwrap(),
+            id_label_smoothing: 0.0,
         };
         let batches = read_tensors(&folder.join("batches.safetensors"));
         let expected = read_tensors(&folder.join("expected_f64.safetensors"));
