@@ -75,6 +75,38 @@ fn the_demo_writes_every_artifact_learns_and_reuses_its_caches() {
         assert!(again.contains(stage), "{stage} missing from:\n{again}");
     }
     assert!(again.matches("cached (same checkpoint").count() == 2, "{again}");
+
+    // Several runs evaluated together give one comparison table and one chart.
+    let (q, g) = (
+        a.join("features/demo/query.safetensors"),
+        a.join("features/demo/gallery.safetensors"),
+    );
+    let (q, g) = (q.to_str().unwrap(), g.to_str().unwrap());
+    let out = dir.path().join("compare");
+    let table = ok(&reid(
+        &[
+            "evaluate",
+            "--query",
+            q,
+            "--gallery",
+            g,
+            "--query",
+            q,
+            "--gallery",
+            g,
+            "--ranked",
+            "0",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+    ));
+    assert!(table.contains("rank-1  rank-5"), "{table}");
+    let csv = std::fs::read_to_string(out.join("comparison.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    assert_eq!(rows[1], rows[2]);
+    assert!(out.join("cmc.png").is_file());
 }
 
 #[test]

@@ -39,6 +39,9 @@ pub struct DemoArgs {
     /// Synthetic dataset size: "demo" or "tiny" (a few seconds of training, for tests).
     #[arg(long, default_value = "demo")]
     pub size: String,
+    /// Extract features without averaging each image with its mirror image.
+    #[arg(long)]
+    pub no_flip: bool,
 }
 
 /// A stage's name, what happened and how long it took.
@@ -181,7 +184,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             checkpoint: None,
             manifest: Some(manifest_path.clone()),
             split: vec!["query".into(), "gallery".into()],
-            flip: false,
+            flip: !args.no_flip,
             no_normalize: false,
             batch: 64,
             device: "cpu".into(),

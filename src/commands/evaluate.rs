@@ -83,9 +83,24 @@ fn check_same_checkpoint(q: &Gallery, g: &Gallery, qp: &Path, gp: &Path) -> Resu
 
 /// What one evaluation produced, for printing and for the demo.
 pub struct EvaluateOutcome {
+    /// The first (or only) run's metrics, as in `metrics.json`.
     pub metrics: Metrics,
+    /// Every run's label and metrics, in the order given.
+    pub runs: Vec<(String, Metrics)>,
     pub report: PathBuf,
     pub metrics_file: PathBuf,
+}
+
+/// One CSV row per run: its label, rank-1/5/10, mAP and mINP (fractions).
+fn comparison_csv(runs: &[(String, Metrics)]) -> String {
+    let mut csv = String::from("run,rank1,rank5,rank10,mAP,mINP\n");
+    for (label, m) in runs {
+        csv.push_str(&format!(
+            "{label},{:.6},{:.6},{:.6},{:.6},{:.6}\n",
+            m.rank1, m.rank5, m.rank10, m.map, m.minp
+        ));
+    }
+    csv
 }
 
 fn ranked_rows(
@@ -186,8 +201,12 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<EvaluateOutcome> {
         pictures,
     };
     let report = write_html(&out, &page)?;
+    if results.len() > 1 {
+        reid_data::atomic::write_bytes_atomically(&out.join("comparison.csv"), comparison_csv(&results).as_bytes())?;
+    }
     Ok(EvaluateOutcome {
         metrics,
+        runs: results,
         report,
         metrics_file,
     })
@@ -210,14 +229,33 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         m.metric,
         if m.rerank.is_some() { " + re-ranking" } else { "" }
     );
-    println!(
-        "rank-1 {:.2}%  rank-5 {:.2}%  rank-10 {:.2}%  mAP {:.2}%  mINP {:.2}%",
-        100.0 * m.rank1,
-        100.0 * m.rank5,
-        100.0 * m.rank10,
-        100.0 * m.map,
-        100.0 * m.minp
-    );
+    if outcome.runs.len() > 1 {
+        let width = outcome.runs.iter().map(|(l, _)| l.len()).max().unwrap_or(3).max(3);
+        println!("{:width$}  rank-1  rank-5  rank-10     mAP    mINP", "run");
+        for (label, m) in &outcome.runs {
+            println!(
+                "{label:width$}  {:5.2}%  {:5.2}%  {:6.2}%  {:5.2}%  {:5.2}%",
+                100.0 * m.rank1,
+                100.0 * m.rank5,
+                100.0 * m.rank10,
+                100.0 * m.map,
+                100.0 * m.minp
+            );
+        }
+        println!(
+            "(also in {})",
+            outcome.report.with_file_name("comparison.csv").display()
+        );
+    } else {
+        println!(
+            "rank-1 {:.2}%  rank-5 {:.2}%  rank-10 {:.2}%  mAP {:.2}%  mINP {:.2}%",
+            100.0 * m.rank1,
+            100.0 * m.rank5,
+            100.0 * m.rank10,
+            100.0 * m.map,
+            100.0 * m.minp
+        );
+    }
     println!(
         "wrote {} and {} in {:.2?}",
         outcome.metrics_file.display(),

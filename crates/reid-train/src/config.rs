@@ -226,7 +226,11 @@ mod tests {
         assert!(TrainConfig::load(None, &["nonsense".into()]).is_err());
         let hub = TrainConfig::parse("[model]\npretrained = \"hf:x/y\"", Path::new("t"), &[]);
         assert_eq!(hub.unwrap().model.pretrained.as_deref(), Some("hf:x/y"));
-        let none = TrainConfig::parse("[model]\npretrained = \"hf:x/y\"", Path::new("t"), &["model.pretrained=".into()]);
+        let none = TrainConfig::parse(
+            "[model]\npretrained = \"hf:x/y\"",
+            Path::new("t"),
+            &["model.pretrained=".into()],
+        );
         assert_eq!(none.unwrap().model.pretrained, None);
         let round = TrainConfig::load(None, &[]).unwrap();
         assert_eq!(toml::from_str::<TrainConfig>(&round.to_toml()).unwrap(), round);

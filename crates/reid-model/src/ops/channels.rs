@@ -73,7 +73,12 @@ impl CustomOp1 for ChannelSlice {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = nchw(layout, self.name())?;
         if self.start + self.len > c {
-            candle_core::bail!("{}: channels {}..{} of {c}", self.name(), self.start, self.start + self.len);
+            candle_core::bail!(
+                "{}: channels {}..{} of {c}",
+                self.name(),
+                self.start,
+                self.start + self.len
+            );
         }
         let ranges = (self.start, 0, self.len);
         let out = float_data!(self.name(), storage, layout, |d| copy_channels(

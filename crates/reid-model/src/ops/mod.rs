@@ -17,7 +17,11 @@ pub use residual::add_relu;
 
 /// A vector of `len` values, each written by `fill` (given disjoint chunks of
 /// `chunk` values and their index) before the vector exists: no zeroing pass.
-pub(crate) fn filled_in_chunks<T: Send>(len: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync) -> Vec<T> {
+pub(crate) fn filled_in_chunks<T: Send>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(len);
     out.spare_capacity_mut()[..len]
         .par_chunks_mut(chunk)

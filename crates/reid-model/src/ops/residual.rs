@@ -1,9 +1,9 @@
 //! The end of every residual block, `relu(a + b)`, as one pass forward and one
 //! backward, instead of candle's add, ReLU and the five passes of its ReLU backward.
 
+use super::filled_in_chunks;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
-use super::filled_in_chunks;
 
 /// Elements per parallel task: large enough to amortise scheduling.
 const CHUNK: usize = 1 << 14;
