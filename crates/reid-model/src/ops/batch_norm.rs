@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::filled_in_chunks;
+use super::{contiguous, filled_in_chunks};
 
 /// Per-channel mean and biased variance of one forward.
 #[derive(Debug, Clone, Default)]
@@ -28,13 +28,6 @@ fn dims(layout: &Layout, op: &str) -> Result<(usize, usize, usize)> {
         &[n, c, h, w] => Ok((n, c, h * w)),
         &[n, c] => Ok((n, c, 1)),
         d => candle_core::bail!("{op}: expected [N, C, H, W] or [N, C], got {d:?}"),
-    }
-}
-
-fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: operands must be contiguous"),
     }
 }
 
@@ -90,11 +83,19 @@ macro_rules! three_floats {
     ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
         match ($s1, $s2, $s3) {
             (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
-                let ($a, $b, $c) = (slice(a, $l1, $op)?, slice(b, $l2, $op)?, slice(c, $l3, $op)?);
+                let ($a, $b, $c) = (
+                    contiguous(a, $l1, $op)?,
+                    contiguous(b, $l2, $op)?,
+                    contiguous(c, $l3, $op)?,
+                );
                 CpuStorage::F32($body)
             }
             (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
-                let ($a, $b, $c) = (slice(a, $l1, $op)?, slice(b, $l2, $op)?, slice(c, $l3, $op)?);
+                let ($a, $b, $c) = (
+                    contiguous(a, $l1, $op)?,
+                    contiguous(b, $l2, $op)?,
+                    contiguous(c, $l3, $op)?,
+                );
                 CpuStorage::F64($body)
             }
             _ => candle_core::bail!("{}: operands must all be f32 or all f64", $op),

@@ -6,33 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
-use super::filled_in_chunks;
-
-/// (N, C, H*W) of a contiguous [N, C, H, W] layout.
-fn nchw(layout: &Layout, op: &str) -> Result<(usize, usize, usize, usize)> {
-    match layout.dims() {
-        &[n, c, h, w] if layout.is_contiguous() => Ok((n, c, h, w)),
-        d => candle_core::bail!("{op}: expected a contiguous [N, C, H, W] tensor, got {d:?}"),
-    }
-}
-
-/// Runs `$f` on the f32 or f64 data of a contiguous layout.
-macro_rules! float_data {
-    ($op:expr, $storage:expr, $layout:expr, |$d:ident| $body:expr) => {{
-        let start = $layout.start_offset();
-        match $storage {
-            CpuStorage::F32(v) => {
-                let $d = &v[start..];
-                CpuStorage::F32($body)
-            }
-            CpuStorage::F64(v) => {
-                let $d = &v[start..];
-                CpuStorage::F64($body)
-            }
-            _ => candle_core::bail!("{}: f32 or f64 expected", $op),
-        }
-    }};
-}
+use super::{contiguous, dims4, filled_in_chunks};
 
 /// Copies channels `start..start + len` of each image (`channels` in all) from
 /// `src` (images of `src_c` channels) into images of `dst_c` channels at
@@ -71,7 +45,7 @@ impl CustomOp1 for ChannelSlice {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = nchw(layout, self.name())?;
+        let (n, c, h, w) = dims4(layout, self.name())?;
         if self.start + self.len > c {
             candle_core::bail!(
                 "{}: channels {}..{} of {c}",
@@ -81,8 +55,8 @@ impl CustomOp1 for ChannelSlice {
             );
         }
         let ranges = (self.start, 0, self.len);
-        let out = float_data!(self.name(), storage, layout, |d| copy_channels(
-            d,
+        let out = float_dispatch!(storage, self.name(), |d| copy_channels(
+            contiguous(d, layout, self.name())?,
             (n, c, h * w),
             ranges,
             self.len
@@ -113,10 +87,10 @@ impl CustomOp1 for ChannelPad {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, len, h, w) = nchw(layout, self.name())?;
+        let (n, len, h, w) = dims4(layout, self.name())?;
         let ranges = (0, self.start, len);
-        let out = float_data!(self.name(), storage, layout, |d| copy_channels(
-            d,
+        let out = float_dispatch!(storage, self.name(), |d| copy_channels(
+            contiguous(d, layout, self.name())?,
             (n, len, h * w),
             ranges,
             self.channels

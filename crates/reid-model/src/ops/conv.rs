@@ -10,10 +10,10 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-
-use super::filled_in_chunks;
 use num_traits::Float;
 use rayon::prelude::*;
+
+use super::filled_in_chunks;
 
 /// Geometry of one convolution call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,30 +295,6 @@ fn backward_weight<T: 'static + Float + Send + Sync>(x: &[T], grad_out: &[T], g:
         total.iter_mut().zip(part).for_each(|(t, v)| *t = *t + *v);
     }
     total
-}
-
-fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: operands must be contiguous"),
-    }
-}
-
-/// Runs `f` on two f32 or two f64 operands.
-macro_rules! two_floats {
-    ($op:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, |$a:ident, $b:ident| $body:expr) => {
-        match ($s1, $s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let ($a, $b) = (slice(a, $l1, $op)?, slice(b, $l2, $op)?);
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let ($a, $b) = (slice(a, $l1, $op)?, slice(b, $l2, $op)?);
-                CpuStorage::F64($body)
-            }
-            _ => candle_core::bail!("{}: two f32 or two f64 operands expected", $op),
-        }
-    };
 }
 
 /// Convolution of (input [N, C, H, W], weight [O, C, k, k]) without bias.

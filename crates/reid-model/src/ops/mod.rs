@@ -1,14 +1,66 @@
 //! Operations candle 0.11 lacks or gets wrong for training, with their backward.
 
+use std::mem::MaybeUninit;
+
+use candle_core::{Layout, Result};
+use rayon::prelude::*;
+
+/// The values of a contiguous `layout` in `data`; an error naming `op` otherwise.
+pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: operands must be contiguous"),
+    }
+}
+
+/// (N, C, H, W) of a 4-d layout; an error naming `op` otherwise.
+pub(crate) fn dims4(layout: &Layout, op: &str) -> Result<(usize, usize, usize, usize)> {
+    match layout.dims() {
+        &[n, c, h, w] => Ok((n, c, h, w)),
+        d => candle_core::bail!("{op}: expected an NCHW tensor, got shape {d:?}"),
+    }
+}
+
+/// Runs `$body` on the f32 or f64 vector of a CPU storage, wrapping the result
+/// back into a storage of the same type.
+macro_rules! float_dispatch {
+    ($storage:expr, $op:expr, |$data:ident| $body:expr) => {
+        match $storage {
+            candle_core::CpuStorage::F32($data) => candle_core::CpuStorage::F32($body),
+            candle_core::CpuStorage::F64($data) => candle_core::CpuStorage::F64($body),
+            _ => candle_core::bail!("{}: only f32 and f64 are supported", $op),
+        }
+    };
+}
+
+/// Runs `$body` on the contiguous values of two f32 or two f64 operands.
+macro_rules! two_floats {
+    ($op:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, |$a:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (candle_core::CpuStorage::F32(a), candle_core::CpuStorage::F32(b)) => {
+                let ($a, $b) = (
+                    $crate::ops::contiguous(a, $l1, $op)?,
+                    $crate::ops::contiguous(b, $l2, $op)?,
+                );
+                candle_core::CpuStorage::F32($body)
+            }
+            (candle_core::CpuStorage::F64(a), candle_core::CpuStorage::F64(b)) => {
+                let ($a, $b) = (
+                    $crate::ops::contiguous(a, $l1, $op)?,
+                    $crate::ops::contiguous(b, $l2, $op)?,
+                );
+                candle_core::CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: two f32 or two f64 operands expected", $op),
+        }
+    };
+}
+
 pub mod batch_norm;
 pub mod channels;
 pub mod conv;
 pub mod pool;
 pub mod residual;
-
-use std::mem::MaybeUninit;
-
-use rayon::prelude::*;
 
 pub use channels::channel_slice;
 pub use conv::conv2d;

@@ -9,6 +9,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
+use super::{contiguous, dims4};
+
 /// Window geometry shared by both pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
@@ -32,31 +34,6 @@ impl Window {
         let with_pad = (padded_end - start) as usize;
         (start.max(0) as usize, end.min(n as isize) as usize, with_pad)
     }
-}
-
-fn dims4(layout: &Layout, op: &str) -> Result<(usize, usize, usize, usize)> {
-    match layout.dims() {
-        &[n, c, h, w] => Ok((n, c, h, w)),
-        d => candle_core::bail!("{op}: expected an NCHW tensor, got shape {d:?}"),
-    }
-}
-
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
-
-/// Runs `f` on f32 or f64 storage.
-macro_rules! float_dispatch {
-    ($storage:expr, $op:expr, |$data:ident| $body:expr) => {
-        match $storage {
-            CpuStorage::F32($data) => CpuStorage::F32($body),
-            CpuStorage::F64($data) => CpuStorage::F64($body),
-            _ => candle_core::bail!("{}: only f32 and f64 are supported", $op),
-        }
-    };
 }
 
 /// Index of the maximum of one window: the first maximum in row-major order, NaN

@@ -1,19 +1,13 @@
 //! The end of every residual block, `relu(a + b)`, as one pass forward and one
 //! backward, instead of candle's add, ReLU and the five passes of its ReLU backward.
 
-use super::filled_in_chunks;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
+use super::filled_in_chunks;
+
 /// Elements per parallel task: large enough to amortise scheduling.
 const CHUNK: usize = 1 << 14;
-
-fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: operands must be contiguous"),
-    }
-}
 
 /// `f(x, y)` elementwise over two equally long slices, in parallel, into a new vector.
 fn zip_map<T: Float + Send + Sync>(x: &[T], y: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
@@ -31,15 +25,7 @@ macro_rules! binary {
         if $l1.dims() != $l2.dims() {
             candle_core::bail!("{}: shapes {:?} and {:?} differ", $op, $l1.dims(), $l2.dims());
         }
-        let storage = match ($s1, $s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(zip_map(slice(a, $l1, $op)?, slice(b, $l2, $op)?, $f))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(zip_map(slice(a, $l1, $op)?, slice(b, $l2, $op)?, $f))
-            }
-            _ => candle_core::bail!("{}: two f32 or two f64 operands expected", $op),
-        };
+        let storage = two_floats!($op, $s1, $l1, $s2, $l2, |a, b| zip_map(a, b, $f));
         Ok((storage, $l1.shape().clone()))
     }};
 }
