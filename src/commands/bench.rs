@@ -101,6 +101,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 arch: args.arch,
                 last_stride: 2,
                 num_classes: args.classes,
+                bnneck: false,
             };
             let model = ReidModel::new(config, DType::F32, &Device::Cpu)?;
             model.initialize(0)?;

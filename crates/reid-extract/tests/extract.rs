@@ -42,6 +42,7 @@ fn checkpoint(dir: &Path, name: &str, seed: u64) -> PathBuf {
             arch,
             last_stride: 2,
             num_classes: 3,
+            bnneck: false,
         },
         DType::F32,
         &Device::Cpu,

@@ -128,11 +128,13 @@ fn smoothed_cross_entropy(logits: &Tensor, targets: &Tensor, e: f64) -> Result<T
 }
 
 impl Heads {
-    /// The loss of a pair batch from pooled features `f` [2B, C] of `cat[x1, x2]`.
+    /// The loss of a pair batch from the features of `cat[x1, x2]`, [2B, C] each:
+    /// `f` for identification, `g` for verification (the same tensor in the paper).
     /// `dropout` is the probability before each classifier, with its masks from `rng`.
     pub fn pair_loss<R: Rng>(
         &self,
         f: &Tensor,
+        g: &Tensor,
         targets: &PairTargets,
         weights: LossWeights,
         p_dropout: f64,
@@ -142,7 +144,7 @@ impl Heads {
         let (f1, f2) = (f.narrow(0, 0, b)?, f.narrow(0, b, b)?);
         let logits1 = self.id_classifier.forward(&dropout(&f1, p_dropout, rng)?)?;
         let logits2 = self.id_classifier.forward(&dropout(&f2, p_dropout, rng)?)?;
-        let square = (&f1 - &f2)?.sqr()?;
+        let square = (g.narrow(0, 0, b)? - g.narrow(0, b, b)?)?.sqr()?;
         let vlogits = self.verif_classifier.forward(&dropout(&square, p_dropout, rng)?)?;
         let id1 = smoothed_cross_entropy(&logits1, &targets.y1, weights.id_label_smoothing)?;
         let id2 = smoothed_cross_entropy(&logits2, &targets.y2, weights.id_label_smoothing)?;

@@ -10,6 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::arch::Arch;
 use crate::backbone::Backbone;
 use crate::heads::{Heads, LossWeights, PairLoss, PairTargets};
+use crate::layers::BatchNorm;
 
 /// What to build.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -19,14 +20,20 @@ pub struct ModelConfig {
     pub last_stride: usize,
     /// Training identities K.
     pub num_classes: usize,
+    /// A batch norm over the pooled feature (the "BNNeck" of Luo et al., 2019): both
+    /// heads and retrieval then use the normalised feature. Off in the paper.
+    pub bnneck: bool,
 }
 
-/// Backbone and heads, their variables held in one [`VarMap`] under timm's names
-/// (heads as `id_classifier.*` and `verif_classifier.*`).
+/// Backbone, optional neck and heads, their variables held in one [`VarMap`] under
+/// timm's names (the neck as `neck.*`, heads as `id_classifier.*` and
+/// `verif_classifier.*`).
 pub struct ReidModel {
     pub config: ModelConfig,
     pub varmap: VarMap,
     pub backbone: Backbone,
+    /// The feature's batch norm when `config.bnneck`.
+    pub neck: Option<BatchNorm>,
     pub heads: Heads,
     pub dtype: DType,
     pub device: Device,
@@ -37,9 +44,10 @@ pub fn is_running_stat(name: &str) -> bool {
     name.ends_with(".running_mean") || name.ends_with(".running_var")
 }
 
-/// Whether a variable belongs to the heads rather than the backbone.
+/// Whether a variable belongs to the layers after the backbone (neck and heads),
+/// which no pretrained backbone provides.
 pub fn is_head(name: &str) -> bool {
-    name.starts_with("id_classifier.") || name.starts_with("verif_classifier.")
+    name.starts_with("id_classifier.") || name.starts_with("verif_classifier.") || name.starts_with("neck.")
 }
 
 impl ReidModel {
@@ -48,11 +56,17 @@ impl ReidModel {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, dtype, device);
         let backbone = Backbone::new(config.arch, config.last_stride, vb.clone())?;
+        let neck = if config.bnneck {
+            Some(BatchNorm::new(config.arch.feature_dim(), vb.pp("neck"))?)
+        } else {
+            None
+        };
         let heads = Heads::new(config.arch.feature_dim(), config.num_classes, vb)?;
         Ok(ReidModel {
             config,
             varmap,
             backbone,
+            neck,
             heads,
             dtype,
             device: device.clone(),
@@ -104,13 +118,29 @@ impl ReidModel {
         Ok(())
     }
 
-    /// Pooled features `f` [N, C] of images [N, 3, H, W].
+    /// Features `f` [N, C] of images [N, 3, H, W], the ones retrieval uses: pooled,
+    /// then through the neck when there is one.
     pub fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.backbone.forward_t(x, train)
+        self.through_neck(&self.backbone.forward_t(x, train)?, train)
+    }
+
+    /// The neck's normalisation of pooled features [N, C] (identity without one).
+    fn through_neck(&self, pooled: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.neck {
+            Some(bn) => {
+                let (n, c) = pooled.dims2()?;
+                bn.forward_t(&pooled.reshape((n, c, 1, 1))?, train, false)?
+                    .reshape((n, c))
+            }
+            None => Ok(pooled.clone()),
+        }
     }
 
     /// One training forward of B pairs: the backbone runs once on `cat[x1, x2]`, so
-    /// batch statistics cover all 2B images; then the weighted three-term loss.
+    /// batch statistics cover all 2B images; then the weighted three-term loss. With a
+    /// neck, identification uses the normalised feature and verification the pooled
+    /// one (as metric losses do in Luo et al.: unit-variance features would give
+    /// `(f1 - f2)^2` a scale the verification classifier cannot start from).
     pub fn pair_loss<R: Rng>(
         &self,
         x1: &Tensor,
@@ -121,8 +151,9 @@ impl ReidModel {
         rng: &mut R,
     ) -> Result<PairLoss> {
         let x = Tensor::cat(&[x1, x2], 0)?;
-        let f = self.features(&x, true)?;
-        self.heads.pair_loss(&f, targets, weights, dropout, rng)
+        let pooled = self.backbone.forward_t(&x, true)?;
+        let f = self.through_neck(&pooled, true)?;
+        self.heads.pair_loss(&f, &pooled, targets, weights, dropout, rng)
     }
 
     /// Every variable's current value by name, as f32 on the CPU (for saving).
@@ -139,4 +170,69 @@ fn standard_normal<R: Rng>(rng: &mut R) -> f64 {
     let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
     let u2: f64 = rng.gen();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(bnneck: bool) -> ReidModel {
+        let config = ModelConfig {
+            arch: "res2net_tiny".parse().unwrap(),
+            last_stride: 2,
+            num_classes: 5,
+            bnneck,
+        };
+        let m = ReidModel::new(config, DType::F64, &Device::Cpu).unwrap();
+        m.initialize(3).unwrap();
+        m
+    }
+
+    fn scalar(t: &Tensor) -> f64 {
+        t.to_scalar::<f64>().unwrap()
+    }
+
+    #[test]
+    fn the_neck_standardises_identification_features_and_leaves_verification_pooled() {
+        let (plain, necked) = (tiny(false), tiny(true));
+        let names: Vec<String> = necked.named_vars().into_iter().map(|(n, _)| n).collect();
+        for n in ["neck.weight", "neck.bias", "neck.running_mean", "neck.running_var"] {
+            assert!(names.contains(&n.to_string()) && is_head(n), "{n}");
+        }
+        // Same backbone and heads in both models.
+        let necked_vars: HashMap<String, Var> = necked.named_vars().into_iter().collect();
+        for (n, v) in plain.named_vars() {
+            necked_vars[&n].set(v.as_tensor()).unwrap();
+        }
+
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let x: Vec<f64> = (0..8 * 3 * 32 * 16).map(|_| standard_normal(&mut rng)).collect();
+        let x = Tensor::from_vec(x, (8, 3, 32, 16), &Device::Cpu).unwrap();
+        let f = necked.features(&x, true).unwrap();
+        let mean = f.mean(0).unwrap();
+        let var = f.broadcast_sub(&mean).unwrap().sqr().unwrap().mean(0).unwrap();
+        let max_abs = |t: &Tensor| t.abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+        assert!(max_abs(&mean) < 1e-9, "batch mean of the necked feature is zero");
+        assert!(max_abs(&(var - 1.0).unwrap()) < 1e-3, "and its batch variance one");
+        let running: Vec<f64> = necked_vars["neck.running_mean"].as_tensor().to_vec1().unwrap();
+        assert!(
+            running.iter().any(|v| *v != 0.0),
+            "a training forward moves the running mean"
+        );
+
+        let targets = PairTargets {
+            y1: Tensor::new(&[0u32, 1, 2, 3], &Device::Cpu).unwrap(),
+            y2: Tensor::new(&[0u32, 4, 2, 1], &Device::Cpu).unwrap(),
+            same: Tensor::new(&[0u32, 1, 0, 1], &Device::Cpu).unwrap(),
+        };
+        let (x1, x2) = (x.narrow(0, 0, 4).unwrap(), x.narrow(0, 4, 4).unwrap());
+        let loss = |m: &ReidModel| {
+            let mut rng = ChaCha8Rng::seed_from_u64(1);
+            m.pair_loss(&x1, &x2, &targets, LossWeights::default(), 0.0, &mut rng)
+                .unwrap()
+        };
+        let (a, b) = (loss(&plain), loss(&necked));
+        assert!((scalar(&a.verif) - scalar(&b.verif)).abs() < 1e-12);
+        assert!((scalar(&a.id1) - scalar(&b.id1)).abs() > 1e-6);
+    }
 }

@@ -15,6 +15,7 @@ fn model(classes: usize, seed: u64) -> ReidModel {
             arch,
             last_stride: 2,
             num_classes: classes,
+            bnneck: false,
         },
         DType::F32,
         &Device::Cpu,

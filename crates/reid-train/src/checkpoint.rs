@@ -15,6 +15,8 @@ pub mod keys {
     pub const ARCH: &str = "reid.arch";
     pub const LAST_STRIDE: &str = "reid.last_stride";
     pub const NUM_CLASSES: &str = "reid.num_classes";
+    /// "true" when the model has a neck (absent in older checkpoints: none).
+    pub const BNNECK: &str = "reid.bnneck";
     pub const HEIGHT: &str = "reid.height";
     pub const WIDTH: &str = "reid.width";
     pub const EPOCH: &str = "reid.epoch";
@@ -104,6 +106,7 @@ pub fn read_info(path: &Path) -> Result<CheckpointInfo, WeightError> {
             arch,
             last_stride: num(keys::LAST_STRIDE)?,
             num_classes: num(keys::NUM_CLASSES)?,
+            bnneck: meta.get(keys::BNNECK).is_some_and(|v| v == "true"),
         },
         image_size: (num(keys::HEIGHT)?, num(keys::WIDTH)?),
     })
@@ -136,6 +139,7 @@ pub fn save_model(
         (keys::ARCH.to_string(), c.arch.name.to_string()),
         (keys::LAST_STRIDE.to_string(), c.last_stride.to_string()),
         (keys::NUM_CLASSES.to_string(), c.num_classes.to_string()),
+        (keys::BNNECK.to_string(), c.bnneck.to_string()),
         (keys::HEIGHT.to_string(), image_size.0.to_string()),
         (keys::WIDTH.to_string(), image_size.1.to_string()),
         (keys::EPOCH.to_string(), position.epoch.to_string()),
@@ -196,4 +200,46 @@ pub fn load_state(optimizer: &mut Sgd, path: &Path) -> Result<Position, WeightEr
         };
     }
     Ok(position)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+    use reid_model::LoadScope;
+
+    fn model(bnneck: bool, seed: u64) -> ReidModel {
+        let config = ModelConfig {
+            arch: "res2net_tiny".parse().unwrap(),
+            last_stride: 1,
+            num_classes: 6,
+            bnneck,
+        };
+        let m = ReidModel::new(config, DType::F32, &Device::Cpu).unwrap();
+        m.initialize(seed).unwrap();
+        m
+    }
+
+    #[test]
+    fn the_header_rebuilds_the_model_neck_included() {
+        let dir = tempfile::tempdir().unwrap();
+        for bnneck in [false, true] {
+            let saved = model(bnneck, 1);
+            let path = dir.path().join(format!("{bnneck}.safetensors"));
+            save_model(&saved, (64, 32), Position::default(), &path).unwrap();
+            let info = read_info(&path).unwrap();
+            assert_eq!(info.model, saved.config);
+            assert_eq!(info.image_size, (64, 32));
+            let loaded = model(info.model.bnneck, 2);
+            loaded.load_weights(&path, LoadScope::Full).unwrap();
+            let (a, b) = (saved.state_dict().unwrap(), loaded.state_dict().unwrap());
+            assert_eq!(a.len(), b.len());
+            assert_eq!(a.contains_key("neck.weight"), bnneck);
+            for (name, t) in &a {
+                let same = t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                    == b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(same, "{name}");
+            }
+        }
+    }
 }

@@ -56,6 +56,9 @@ pub struct ModelSection {
     pub pretrained: Option<String>,
     /// Dropout before each classifier.
     pub dropout: f64,
+    /// Batch norm over the pooled feature, used by both heads and for retrieval
+    /// (not in the paper).
+    pub bnneck: bool,
 }
 
 impl Default for ModelSection {
@@ -65,6 +68,7 @@ impl Default for ModelSection {
             last_stride: 2,
             pretrained: None,
             dropout: 0.5,
+            bnneck: false,
         }
     }
 }

@@ -438,6 +438,7 @@ fn build_model(config: &TrainConfig, num_classes: usize, device: &Device) -> Res
         arch,
         last_stride: config.model.last_stride,
         num_classes,
+        bnneck: config.model.bnneck,
     };
     Ok(ReidModel::new(model_config, DType::F32, device)?)
 }

@@ -113,6 +113,7 @@ fn two_sgd_steps_match_pytorch_in_f64() {
             arch,
             last_stride: meta.get("last_stride").and_then(|v| v.as_u64()).unwrap_or(2) as usize,
             num_classes: meta["num_classes"].as_u64().unwrap() as usize,
+            bnneck: false,
         };
         let model = ReidModel::new(config, DType::F64, &Device::Cpu).unwrap();
         model
