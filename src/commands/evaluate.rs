@@ -91,14 +91,17 @@ pub struct EvaluateOutcome {
     pub metrics_file: PathBuf,
 }
 
+/// The headline figures, fractions: rank-1, rank-5, rank-10, mAP, mINP.
+fn headline(m: &Metrics) -> [f64; 5] {
+    [m.rank1, m.rank5, m.rank10, m.map, m.minp]
+}
+
 /// One CSV row per run: its label, rank-1/5/10, mAP and mINP (fractions).
 fn comparison_csv(runs: &[(String, Metrics)]) -> String {
     let mut csv = String::from("run,rank1,rank5,rank10,mAP,mINP\n");
     for (label, m) in runs {
-        csv.push_str(&format!(
-            "{label},{:.6},{:.6},{:.6},{:.6},{:.6}\n",
-            m.rank1, m.rank5, m.rank10, m.map, m.minp
-        ));
+        let [r1, r5, r10, map, minp] = headline(m);
+        csv.push_str(&format!("{label},{r1:.6},{r5:.6},{r10:.6},{map:.6},{minp:.6}\n"));
     }
     csv
 }
@@ -233,28 +236,16 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         let width = outcome.runs.iter().map(|(l, _)| l.len()).max().unwrap_or(3).max(3);
         println!("{:width$}  rank-1  rank-5  rank-10     mAP    mINP", "run");
         for (label, m) in &outcome.runs {
-            println!(
-                "{label:width$}  {:5.2}%  {:5.2}%  {:6.2}%  {:5.2}%  {:5.2}%",
-                100.0 * m.rank1,
-                100.0 * m.rank5,
-                100.0 * m.rank10,
-                100.0 * m.map,
-                100.0 * m.minp
-            );
+            let [r1, r5, r10, map, minp] = headline(m).map(|v| 100.0 * v);
+            println!("{label:width$}  {r1:5.2}%  {r5:5.2}%  {r10:6.2}%  {map:5.2}%  {minp:5.2}%");
         }
         println!(
             "(also in {})",
             outcome.report.with_file_name("comparison.csv").display()
         );
     } else {
-        println!(
-            "rank-1 {:.2}%  rank-5 {:.2}%  rank-10 {:.2}%  mAP {:.2}%  mINP {:.2}%",
-            100.0 * m.rank1,
-            100.0 * m.rank5,
-            100.0 * m.rank10,
-            100.0 * m.map,
-            100.0 * m.minp
-        );
+        let [r1, r5, r10, map, minp] = headline(m).map(|v| 100.0 * v);
+        println!("rank-1 {r1:.2}%  rank-5 {r5:.2}%  rank-10 {r10:.2}%  mAP {map:.2}%  mINP {minp:.2}%");
     }
     println!(
         "wrote {} and {} in {:.2?}",

@@ -78,8 +78,9 @@ impl BatchNorm {
         })
     }
 
-    /// Normalises `x` with batch statistics (updating the running ones) when
-    /// `train`, else with the running statistics; then ReLU if `relu`.
+    /// Normalises `x` ([N, C, H, W] or [N, C]) with batch statistics (updating the
+    /// running ones) when `train`, else with the running statistics; then ReLU if
+    /// `relu`.
     pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if !x.device().is_cpu() {
             let y = self.fallback.forward_t(x, train)?;

@@ -127,11 +127,7 @@ impl ReidModel {
     /// The neck's normalisation of pooled features [N, C] (identity without one).
     fn through_neck(&self, pooled: &Tensor, train: bool) -> Result<Tensor> {
         match &self.neck {
-            Some(bn) => {
-                let (n, c) = pooled.dims2()?;
-                bn.forward_t(&pooled.reshape((n, c, 1, 1))?, train, false)?
-                    .reshape((n, c))
-            }
+            Some(bn) => bn.forward_t(pooled, train, false),
             None => Ok(pooled.clone()),
         }
     }

@@ -64,14 +64,17 @@ fn affine<T: Float + Send + Sync>(
     shift: &[f64],
     relu: bool,
 ) -> Vec<T> {
-    filled_in_chunks(x.len(), hw, |plane, yo| {
-        let ch = plane % c;
-        let (s, b) = (T::from(scale[ch]).unwrap(), T::from(shift[ch]).unwrap());
-        for (o, &v) in yo.iter_mut().zip(&x[plane * hw..(plane + 1) * hw]) {
-            let r = v * s + b;
-            o.write(if relu && r <= T::zero() { T::zero() } else { r });
-        }
-    })
+    // SAFETY: every value of each plane is written by the loop over it.
+    unsafe {
+        filled_in_chunks(x.len(), hw, |plane, yo| {
+            let ch = plane % c;
+            let (s, b) = (T::from(scale[ch]).unwrap(), T::from(shift[ch]).unwrap());
+            for (o, &v) in yo.iter_mut().zip(&x[plane * hw..(plane + 1) * hw]) {
+                let r = v * s + b;
+                o.write(if relu && r <= T::zero() { T::zero() } else { r });
+            }
+        })
+    }
 }
 
 fn to_f64<T: Float>(v: &[T]) -> Vec<f64> {
@@ -254,22 +257,25 @@ impl InputGrad {
     fn backward<T: Float + Send + Sync>(&self, x: &[T], y: &[T], g: &[T], (_, c, hw): (usize, usize, usize)) -> Vec<T> {
         let s = &self.stats;
         let n = s.count as f64;
-        filled_in_chunks(x.len(), hw, |plane, o| {
-            let ch = plane % c;
-            let range = plane * hw..(plane + 1) * hw;
-            let invstd = 1.0 / (s.var[ch] + self.eps).sqrt();
-            let (mean, k) = (s.mean[ch], self.weight[ch] * invstd / n);
-            let (a, b) = (self.sum_g[ch], self.sum_gxhat[ch]);
-            for (((o, &xv), &yv), &gv) in o
-                .iter_mut()
-                .zip(&x[range.clone()])
-                .zip(&y[range.clone()])
-                .zip(&g[range])
-            {
-                let xhat = (xv.to_f64().unwrap() - mean) * invstd;
-                o.write(T::from(k * (n * masked(gv, yv, self.relu) - a - xhat * b)).unwrap());
-            }
-        })
+        // SAFETY: every value of each plane is written by the loop over it.
+        unsafe {
+            filled_in_chunks(x.len(), hw, |plane, o| {
+                let ch = plane % c;
+                let range = plane * hw..(plane + 1) * hw;
+                let invstd = 1.0 / (s.var[ch] + self.eps).sqrt();
+                let (mean, k) = (s.mean[ch], self.weight[ch] * invstd / n);
+                let (a, b) = (self.sum_g[ch], self.sum_gxhat[ch]);
+                for (((o, &xv), &yv), &gv) in o
+                    .iter_mut()
+                    .zip(&x[range.clone()])
+                    .zip(&y[range.clone()])
+                    .zip(&g[range])
+                {
+                    let xhat = (xv.to_f64().unwrap() - mean) * invstd;
+                    o.write(T::from(k * (n * masked(gv, yv, self.relu) - a - xhat * b)).unwrap());
+                }
+            })
+        }
     }
 }
 

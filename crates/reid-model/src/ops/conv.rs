@@ -220,35 +220,41 @@ fn gemm_into<T: 'static + Float>(
 fn forward<T: 'static + Float + Send + Sync>(x: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
     let (ckk, p) = (g.ckk(), g.p());
     let image_len = g.c * g.h * g.w;
-    filled_in_chunks(g.n * g.o * p, g.o * p, |i, y| {
-        let image = &x[i * image_len..(i + 1) * image_len];
-        if g.direct() {
-            gemm_into(g.o, p, ckk, y, false, weight, false, image, false);
-        } else {
-            COLS.with_borrow_mut(|cols| {
-                let cols = scratch(cols, ckk * p);
-                im2col(image, g, cols);
-                gemm_into(g.o, p, ckk, y, false, weight, false, cols, false);
-            });
-        }
-    })
+    // SAFETY: gemm without accumulation writes all O x P outputs of an image.
+    unsafe {
+        filled_in_chunks(g.n * g.o * p, g.o * p, |i, y| {
+            let image = &x[i * image_len..(i + 1) * image_len];
+            if g.direct() {
+                gemm_into(g.o, p, ckk, y, false, weight, false, image, false);
+            } else {
+                COLS.with_borrow_mut(|cols| {
+                    let cols = scratch(cols, ckk * p);
+                    im2col(image, g, cols);
+                    gemm_into(g.o, p, ckk, y, false, weight, false, cols, false);
+                });
+            }
+        })
+    }
 }
 
 fn backward_input<T: 'static + Float + Send + Sync>(grad_out: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
     let (ckk, p) = (g.ckk(), g.p());
     let image_len = g.c * g.h * g.w;
-    filled_in_chunks(g.n * image_len, image_len, |i, gx| {
-        let gy = &grad_out[i * g.o * p..(i + 1) * g.o * p];
-        if g.direct() {
-            gemm_into(ckk, p, g.o, gx, false, weight, true, gy, false);
-        } else {
-            COLS.with_borrow_mut(|cols| {
-                let cols = scratch(cols, ckk * p);
-                matmul(ckk, p, g.o, cols, false, weight, true, gy, false);
-                col2im(cols, g, gx);
-            });
-        }
-    })
+    // SAFETY: gemm (direct) or col2im (which zeroes first) writes the whole image gradient.
+    unsafe {
+        filled_in_chunks(g.n * image_len, image_len, |i, gx| {
+            let gy = &grad_out[i * g.o * p..(i + 1) * g.o * p];
+            if g.direct() {
+                gemm_into(ckk, p, g.o, gx, false, weight, true, gy, false);
+            } else {
+                COLS.with_borrow_mut(|cols| {
+                    let cols = scratch(cols, ckk * p);
+                    matmul(ckk, p, g.o, cols, false, weight, true, gy, false);
+                    col2im(cols, g, gx);
+                });
+            }
+        })
+    }
 }
 
 /// Images per partial sum of the weight gradient: fixed by the batch alone.

@@ -69,7 +69,10 @@ pub use residual::add_relu;
 
 /// A vector of `len` values, each written by `fill` (given disjoint chunks of
 /// `chunk` values and their index) before the vector exists: no zeroing pass.
-pub(crate) fn filled_in_chunks<T: Send>(
+///
+/// # Safety
+/// `fill` must write every value of every chunk it is given.
+pub(crate) unsafe fn filled_in_chunks<T: Send>(
     len: usize,
     chunk: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
@@ -79,7 +82,7 @@ pub(crate) fn filled_in_chunks<T: Send>(
         .par_chunks_mut(chunk)
         .enumerate()
         .for_each(|(i, c)| fill(i, c));
-    // SAFETY: `fill` wrote every value of every chunk (its contract).
+    // SAFETY: `fill` wrote every value of every chunk (the caller's promise).
     unsafe { out.set_len(len) };
     out
 }
