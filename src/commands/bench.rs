@@ -190,8 +190,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let Some(path) = &args.manifest else {
                 anyhow::bail!("the loader benchmark needs --manifest (e.g. of `reid synth --preset market`)");
             };
-            let manifest = reid_data::Manifest::read_parquet(path)?;
-            let data = reid_train::TrainData::from_manifest(&manifest)?;
+            let (data, _) = reid_train::TrainData::load(path)?;
             let sampler = std::sync::Arc::new(reid_sampling::PairSampler::new(data.labels.clone(), 0.5, 0));
             let b = args.batch.unwrap_or(32);
             let cfg = reid_sampling::LoaderConfig {

@@ -2,14 +2,14 @@
 //! index, train res2net_tiny, extract, evaluate, report. Each stage reuses what a
 //! previous run left (dataset, manifest, trained run, galleries) and says so.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use reid_data::{DatasetKind, IndexOptions, Manifest, SynthConfig};
-use reid_train::checkpoint::{read_position, RunPaths};
-use reid_train::TrainConfig;
+use reid_model::DeviceSpec;
+use reid_train::{Outcome, Prepared, RunPaths, TrainConfig, TrainerState};
 
 use crate::commands::{evaluate, extract, synth, train};
 
@@ -65,6 +65,79 @@ fn tiny_dataset(seed: u64) -> SynthConfig {
         height: 128,
         width: 64,
     }
+}
+
+/// What the demo's training stage finds in the run folder.
+enum RunCache {
+    /// The same recipe and data, trained to the end.
+    Finished,
+    /// The same recipe and data, cut off: resume it.
+    Partial,
+    /// No run, or one of another recipe or data (the reason given): train anew.
+    Stale(Option<String>),
+}
+
+/// Compares the run in `run_dir` with the recipe and the manifest asked for.
+fn run_cache(run_dir: &Path, config: &TrainConfig, manifest: &Path) -> Result<RunCache> {
+    let paths = RunPaths::new(run_dir);
+    let Ok(state) = TrainerState::read(&paths.state()) else {
+        return Ok(RunCache::Stale(
+            run_dir.exists().then(|| "it holds no finished epoch".into()),
+        ));
+    };
+    let saved = TrainConfig::load(Some(&paths.config()), &[])?;
+    let changed: Vec<String> = saved.differences(config).into_iter().map(|(_, t)| t).collect();
+    if !changed.is_empty() {
+        return Ok(RunCache::Stale(Some(format!(
+            "the recipe changed ({})",
+            changed.join(", ")
+        ))));
+    }
+    if state.manifest_sha256 != reid_data::gallery::sha256_file(manifest)? {
+        return Ok(RunCache::Stale(Some("the dataset changed".into())));
+    }
+    Ok(if state.position.epoch >= config.schedule.epochs {
+        RunCache::Finished
+    } else {
+        RunCache::Partial
+    })
+}
+
+/// Trains the demo run unless an identical one is finished (then it is reused).
+fn train_stage(run_dir: &Path, manifest: &Path, config: &TrainConfig, regenerated: bool) -> Result<String> {
+    let cache = if regenerated {
+        RunCache::Stale(run_dir.exists().then(|| "the dataset was regenerated".into()))
+    } else {
+        run_cache(run_dir, config, manifest)?
+    };
+    let resume = match cache {
+        RunCache::Finished => {
+            return Ok(format!(
+                "cached: {} finished {} epochs",
+                run_dir.display(),
+                config.schedule.epochs
+            ))
+        }
+        RunCache::Partial => true,
+        RunCache::Stale(why) => {
+            if let Some(why) = why {
+                println!("[train] {} is stale: {why}; training anew", run_dir.display());
+                std::fs::remove_dir_all(run_dir)
+                    .with_context(|| format!("removing the stale run {}", run_dir.display()))?;
+            }
+            false
+        }
+    };
+    let mut prepared = Prepared::new(config.clone(), run_dir, resume, train::interrupt_flag())?;
+    if prepared.run(&mut train::printer(config.schedule.epochs))? == Outcome::Interrupted {
+        anyhow::bail!("interrupted; `reid demo` again resumes the run");
+    }
+    let verb = if resume { "resumed and finished" } else { "trained" };
+    Ok(format!(
+        "{verb} {} epochs into {}",
+        config.schedule.epochs,
+        run_dir.display()
+    ))
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
@@ -123,57 +196,18 @@ pub fn run(args: DemoArgs) -> Result<()> {
         ))
     })?;
 
-    // 3. Training (resumed if cut off, skipped if complete).
+    // 3. Training (resumed if cut off, skipped if complete, redone if the recipe
+    // or the data changed).
     let run_dir = args.artifacts.join(format!("runs/{}", args.name));
     let mut overrides = vec![format!("run.seed={}", args.seed)];
     overrides.extend(args.overrides.iter().cloned());
-    let config = match &args.config {
+    let mut config = match &args.config {
         Some(p) => TrainConfig::load(Some(p), &overrides)?,
-        None => TrainConfig::parse(DEMO_CONFIG, std::path::Path::new("configs/demo.toml"), &overrides)?,
+        None => TrainConfig::parse(DEMO_CONFIG, Path::new("configs/demo.toml"), &overrides)?,
     };
+    config.data.manifest = Some(manifest_path.clone());
     timed("train", &mut || {
-        let state = RunPaths::new(&run_dir).state();
-        if generated && run_dir.exists() {
-            std::fs::remove_dir_all(&run_dir)
-                .with_context(|| format!("removing the stale run {}", run_dir.display()))?;
-        }
-        if let Ok(position) = read_position(&state) {
-            let saved = TrainConfig::load(Some(&run_dir.join("config.toml")), &[])?;
-            if position.epoch >= saved.schedule.epochs {
-                return Ok(format!(
-                    "cached: {} finished {} epochs",
-                    run_dir.display(),
-                    saved.schedule.epochs
-                ));
-            }
-            train::train(train::TrainArgs {
-                manifest: Some(manifest_path.clone()),
-                config: None,
-                overrides: vec![],
-                out: run_dir.clone(),
-                resume: Some(run_dir.clone()),
-                device: None,
-                max_steps: None,
-            })?;
-            return Ok(format!("resumed and finished {}", run_dir.display()));
-        }
-        let config_file = args.artifacts.join(format!("runs/{}.config.toml", args.name));
-        reid_data::atomic::write_bytes_atomically(&config_file, config.to_toml().as_bytes())?;
-        train::train(train::TrainArgs {
-            manifest: Some(manifest_path.clone()),
-            config: Some(config_file.clone()),
-            overrides: vec![],
-            out: run_dir.clone(),
-            resume: None,
-            device: None,
-            max_steps: None,
-        })?;
-        let _ = std::fs::remove_file(&config_file);
-        Ok(format!(
-            "trained {} epochs into {}",
-            config.schedule.epochs,
-            run_dir.display()
-        ))
+        train_stage(&run_dir, &manifest_path, &config, generated)
     })?;
 
     // 4. Features (cached by checkpoint and manifest hashes).
@@ -187,7 +221,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             flip: !args.no_flip,
             no_normalize: false,
             batch: 64,
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             out: Some(features.clone()),
             force: false,
         })?;

@@ -1,11 +1,12 @@
 //! `reid extract`: features of a split into a cached gallery file.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use reid_data::Split;
 use reid_extract::{extract_split, ExtractOptions, Extracted, SplitJob};
+use reid_model::DeviceSpec;
 use reid_train::TrainConfig;
 
 use crate::progress;
@@ -34,23 +35,13 @@ pub struct ExtractArgs {
     pub batch: usize,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: DeviceSpec,
     /// Output folder [default: artifacts/features/<run>]; files are <split>.safetensors.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Recompute even when a matching gallery exists.
     #[arg(long)]
     pub force: bool,
-}
-
-/// The checkpoint of a run: `best` when validation kept one, else `last`.
-pub fn run_checkpoint(run: &Path) -> PathBuf {
-    let best = run.join("checkpoints/best.safetensors");
-    if best.is_file() {
-        best
-    } else {
-        run.join("checkpoints/last.safetensors")
-    }
 }
 
 /// Extracts as `args` ask; returns the gallery files written or reused.
@@ -63,7 +54,11 @@ pub fn extract(args: &ExtractArgs) -> Result<Vec<PathBuf>> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            (run_checkpoint(run), name, config.data.manifest)
+            (
+                reid_train::RunPaths::new(run).chosen_checkpoint(),
+                name,
+                config.data.manifest,
+            )
         }
         (None, Some(c)) => {
             let name = c
@@ -84,7 +79,7 @@ pub fn extract(args: &ExtractArgs) -> Result<Vec<PathBuf>> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("artifacts/features").join(&run_name));
-    let device = reid_train::parse_device(&args.device)?;
+    let device = args.device.open()?;
     let mut written = Vec::new();
     for split in &args.split {
         let split: Split = split.parse().map_err(anyhow::Error::msg)?;

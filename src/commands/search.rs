@@ -8,6 +8,7 @@ use clap::Args;
 use reid_data::gallery::Gallery;
 use reid_eval::report::{draw_ranked, RankedRow};
 use reid_extract::{nearest, ExtractOptions, Extractor};
+use reid_model::DeviceSpec;
 
 #[derive(Args)]
 pub struct SearchArgs {
@@ -32,7 +33,7 @@ pub struct SearchArgs {
     pub data_root: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: DeviceSpec,
 }
 
 /// The identity in a Market-1501 or DukeMTMC-reID file name, if it has one.
@@ -58,7 +59,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
             args.checkpoint.display()
         );
     }
-    let device = reid_train::parse_device(&args.device)?;
+    let device = args.device.open()?;
     let extractor = Extractor::load(&args.checkpoint, &device)?;
     let options = ExtractOptions {
         batch_size: 32,

@@ -4,13 +4,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
 
-use crate::atomic::write_atomically;
 use crate::error::{DataError, Result};
 
 /// Version of the gallery layout, stored as `format_version` metadata.
@@ -38,8 +37,8 @@ pub struct GalleryMeta {
 }
 
 impl GalleryMeta {
-    fn to_map(&self) -> HashMap<String, String> {
-        let mut m: HashMap<String, String> = self.extra.clone().into_iter().collect();
+    fn to_map(&self) -> BTreeMap<String, String> {
+        let mut m = self.extra.clone();
         let mut put = |k: &str, v: Option<String>| {
             if let Some(v) = v {
                 m.insert(k.to_string(), v);
@@ -149,14 +148,19 @@ impl Gallery {
         let c = le_bytes(&self.camids, i64::to_le_bytes);
         let tensors = vec![
             (
-                "features",
+                "features".to_string(),
                 TensorView::new(Dtype::F32, vec![n, self.dim], &f).map_err(st)?,
             ),
-            ("pids", TensorView::new(Dtype::I64, vec![n], &p).map_err(st)?),
-            ("camids", TensorView::new(Dtype::I64, vec![n], &c).map_err(st)?),
+            (
+                "pids".to_string(),
+                TensorView::new(Dtype::I64, vec![n], &p).map_err(st)?,
+            ),
+            (
+                "camids".to_string(),
+                TensorView::new(Dtype::I64, vec![n], &c).map_err(st)?,
+            ),
         ];
-        let bytes = safetensors::serialize(tensors, Some(self.meta.to_map())).map_err(st)?;
-        write_atomically(path, |file| file.write_all(&bytes).map_err(|e| DataError::io(path, e)))
+        crate::tensor_file::write(path, tensors, &self.meta.to_map())
     }
 
     /// Reads a gallery file; `features` may be f32, f16-free f64 is converted.
@@ -177,10 +181,16 @@ impl Gallery {
                 )
             })
         };
+        check_version(path, meta.format_version.as_deref())?;
         let features = get("features")?;
         let (n, dim) = match features.shape() {
-            [n, d] => (*n, *d),
-            s => return Err(DataError::invalid(path, format!("features must be [N, D], got {s:?}"))),
+            [n, d] if *d > 0 => (*n, *d),
+            s => {
+                return Err(DataError::invalid(
+                    path,
+                    format!("features must be [N, D] with D > 0, got {s:?}"),
+                ))
+            }
         };
         let features: Vec<f32> = match features.dtype() {
             Dtype::F32 => features
@@ -227,6 +237,7 @@ impl Gallery {
                 }
             })
         };
+        check_finite(path, &features, dim)?;
         let pids = ints("pids")?;
         let camids = ints("camids")?;
         if let Some(p) = &meta.paths {
@@ -244,6 +255,35 @@ impl Gallery {
             camids,
             meta,
         })
+    }
+}
+
+/// Refuses a gallery written by a newer `reid` (or with a version that is no number).
+fn check_version(path: &Path, version: Option<&str>) -> Result<()> {
+    let Some(v) = version else { return Ok(()) };
+    let ours: u32 = GALLERY_FORMAT_VERSION.parse().expect("a number");
+    match v.parse::<u32>() {
+        Ok(theirs) if theirs <= ours => Ok(()),
+        _ => Err(DataError::invalid(
+            path,
+            format!("gallery format version {v}; this build reads versions up to {ours}: upgrade reid, or re-extract with this one"),
+        )),
+    }
+}
+
+/// Refuses features holding NaN or infinity, naming the first such row.
+fn check_finite(path: &Path, features: &[f32], dim: usize) -> Result<()> {
+    match features.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(DataError::invalid(
+            path,
+            format!(
+                "row {} of features holds {} (column {}); the model that made them diverged or the file is damaged: re-extract with a finite checkpoint",
+                i / dim,
+                features[i],
+                i % dim
+            ),
+        )),
     }
 }
 
@@ -312,6 +352,62 @@ mod tests {
         fs::write(&path, safetensors::serialize([("features", t)], None).unwrap()).unwrap();
         let err = Gallery::read(&path).unwrap_err().to_string();
         assert!(err.contains("bad.safetensors") && err.contains("pids"), "{err}");
+    }
+
+    fn bare(features: Vec<f32>, dim: usize) -> Gallery {
+        let n = features.len() / dim.max(1);
+        Gallery {
+            features,
+            dim,
+            pids: vec![1; n],
+            camids: vec![0; n],
+            meta: GalleryMeta::default(),
+        }
+    }
+
+    #[test]
+    fn non_finite_features_a_zero_dimension_and_a_newer_version_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.safetensors");
+        for bad in [f32::NAN, f32::INFINITY] {
+            bare(vec![0.5, 1.0, 2.0, bad], 2).write(&path).unwrap();
+            let err = Gallery::read(&path).unwrap_err().to_string();
+            assert!(err.contains("g.safetensors") && err.contains("row 1"), "{err}");
+        }
+        bare(vec![], 0).write(&path).unwrap();
+        let err = Gallery::read(&path).unwrap_err().to_string();
+        assert!(err.contains("D > 0"), "{err}");
+        bare(vec![1.0, 2.0], 2).write(&path).unwrap();
+        assert!(Gallery::read(&path).is_ok());
+        // The writer stamps its own version; a newer file's header is written by hand.
+        let data = [0u8; 8];
+        let p = 1i64.to_le_bytes();
+        let tensors = vec![
+            (
+                "features".to_string(),
+                TensorView::new(Dtype::F32, vec![1, 2], &data).unwrap(),
+            ),
+            ("pids".to_string(), TensorView::new(Dtype::I64, vec![1], &p).unwrap()),
+            ("camids".to_string(), TensorView::new(Dtype::I64, vec![1], &p).unwrap()),
+        ];
+        let meta = BTreeMap::from([("format_version".to_string(), "2".to_string())]);
+        crate::tensor_file::write(&path, tensors, &meta).unwrap();
+        let err = Gallery::read(&path).unwrap_err().to_string();
+        assert!(err.contains("format version 2") && err.contains("upgrade"), "{err}");
+    }
+
+    #[test]
+    fn identical_galleries_are_identical_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = bare(vec![1.0, 2.0, 3.0, 4.0], 2);
+        g.meta.split = Some("query".into());
+        g.meta.arch = Some("x".into());
+        g.meta.flip = Some(true);
+        g.meta.paths = Some(vec!["a".into(), "b".into()]);
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        g.write(&a).unwrap();
+        g.write(&b).unwrap();
+        assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
     }
 
     #[test]

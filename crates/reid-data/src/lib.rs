@@ -9,6 +9,7 @@ pub mod manifest;
 pub mod names;
 pub mod seed;
 pub mod synth;
+pub mod tensor_file;
 
 pub use error::{DataError, Result};
 pub use layout::{DatasetKind, DatasetLayout, IndexOptions, IndexReport};

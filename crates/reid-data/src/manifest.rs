@@ -252,12 +252,49 @@ impl Manifest {
                 frame: frames.get(i),
             });
         }
+        check_records(&records)
+            .map_err(|m| DataError::invalid(path, format!("{m}; re-create it with `reid index`")))?;
         Ok(Manifest {
             dataset: metadata.get("reid.dataset").cloned().unwrap_or_default(),
             root: PathBuf::from(metadata.get("reid.root").cloned().unwrap_or_default()),
             records,
         })
     }
+}
+
+/// What every manifest must satisfy: pid >= -1, camid >= 0, and labels that are
+/// null outside the train split and, on it, one per identity, contiguous 0..K-1.
+fn check_records(records: &[ManifestRecord]) -> std::result::Result<(), String> {
+    let mut label_of_pid: BTreeMap<i64, i64> = BTreeMap::new();
+    for (i, r) in records.iter().enumerate() {
+        if r.pid < -1 {
+            return Err(format!(
+                "row {i} ({}): pid {} (expected -1 junk, 0 distractor or an identity)",
+                r.path, r.pid
+            ));
+        }
+        if r.camid < 0 {
+            return Err(format!("row {i} ({}): camid {} (cameras are 0-based)", r.path, r.camid));
+        }
+        match (r.split, r.label) {
+            (Split::Train, None) => return Err(format!("row {i} ({}): a train row without a label", r.path)),
+            (Split::Train, Some(l)) => {
+                if *label_of_pid.entry(r.pid).or_insert(l) != l {
+                    return Err(format!("row {i} ({}): pid {} has two labels", r.path, r.pid));
+                }
+            }
+            (_, Some(l)) => return Err(format!("row {i} ({}): label {l} outside the train split", r.path)),
+            (_, None) => {}
+        }
+    }
+    let mut labels: Vec<i64> = label_of_pid.into_values().collect();
+    labels.sort_unstable();
+    if let Some((k, l)) = labels.iter().enumerate().find(|(k, l)| **l != *k as i64) {
+        return Err(format!(
+            "train labels are not contiguous 0..K-1: label {k} is missing (found {l})"
+        ));
+    }
+    Ok(())
 }
 
 /// Gives train records contiguous labels 0..K-1 in pid order; other splits get none.
@@ -354,6 +391,34 @@ mod tests {
             .unwrap();
         let err = Manifest::read_parquet(&path).unwrap_err().to_string();
         assert!(err.contains("other.parquet") && err.contains("reid index"), "{err}");
+    }
+
+    #[test]
+    fn bad_labels_pids_and_cameras_are_refused_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.parquet");
+        type Spoil = fn(&mut Manifest);
+        let cases: [(Spoil, &str); 6] = [
+            (|m| m.records[1].label = Some(-1), "not contiguous"),
+            (
+                |m| {
+                    m.records[0].label = Some(5);
+                    m.records[2].label = Some(5);
+                },
+                "label 1 is missing",
+            ),
+            (|m| m.records[0].label = Some(0), "two labels"),
+            (|m| m.records[3].label = Some(0), "outside the train split"),
+            (|m| m.records[4].pid = -2, "pid -2"),
+            (|m| m.records[5].camid = -1, "camid -1"),
+        ];
+        for (spoil, want) in cases {
+            let mut m = sample();
+            spoil(&mut m);
+            m.write_parquet(&path).unwrap();
+            let err = Manifest::read_parquet(&path).unwrap_err().to_string();
+            assert!(err.contains("m.parquet") && err.contains(want), "{want}: {err}");
+        }
     }
 
     #[test]

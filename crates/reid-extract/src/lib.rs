@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use reid_data::gallery::{sha256_file, Gallery, GalleryMeta, GALLERY_FORMAT_VERSION};
 use reid_data::{Manifest, Split};
-use reid_model::{LoadScope, ReidModel};
+use reid_model::ReidModel;
 use reid_sampling::{load_normalized, Chw};
 
 /// Why extraction failed.
@@ -56,9 +56,7 @@ pub struct Extractor {
 impl Extractor {
     /// Loads a checkpoint written by `reid train` onto `device`.
     pub fn load(checkpoint: &Path, device: &Device) -> Result<Self, ExtractError> {
-        let info = reid_train::read_info(checkpoint)?;
-        let model = ReidModel::new(info.model, DType::F32, device)?;
-        model.load_weights(checkpoint, LoadScope::Full)?;
+        let (model, info) = reid_model::checkpoint::load(checkpoint, device)?;
         Ok(Extractor {
             model,
             image_size: info.image_size,
@@ -137,6 +135,45 @@ pub fn embed_files(
     Ok(features)
 }
 
+/// The features of one split of `manifest`, as a gallery (identities, cameras
+/// and image paths included; the cache hashes are left to the caller).
+/// `progress` gets (done, total).
+pub fn split_features(
+    model: &ReidModel,
+    image_size: (usize, usize),
+    manifest: &Manifest,
+    split: Split,
+    options: &ExtractOptions,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Gallery, ExtractError> {
+    let records: Vec<_> = manifest.split(split).collect();
+    if records.is_empty() {
+        return Err(ExtractError::Invalid(format!(
+            "the {split} split of the manifest has no images"
+        )));
+    }
+    let paths: Vec<PathBuf> = records.iter().map(|r| manifest.image_path(r)).collect();
+    let total = paths.len();
+    let features = embed_files(model, image_size, &paths, options, &|done| progress(done, total))?;
+    let meta = GalleryMeta {
+        split: Some(split.as_str().into()),
+        arch: Some(model.config.arch.name.to_string()),
+        image_size: Some((image_size.0 as u32, image_size.1 as u32)),
+        normalized: Some(options.normalize),
+        flip: Some(options.flip),
+        paths: Some(records.iter().map(|r| r.path.clone()).collect()),
+        data_root: Some(manifest.root.to_string_lossy().into_owned()),
+        ..GalleryMeta::default()
+    };
+    Ok(Gallery {
+        dim: features.len() / total,
+        features,
+        pids: records.iter().map(|r| r.pid).collect(),
+        camids: records.iter().map(|r| r.camid).collect(),
+        meta,
+    })
+}
+
 /// What `extract_split` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extracted {
@@ -197,50 +234,35 @@ pub fn extract_split(
     device: &Device,
     progress: &dyn Fn(usize, usize),
 ) -> Result<Extracted, ExtractError> {
-    let SplitJob {
-        checkpoint,
-        manifest: manifest_path,
-        split,
-        options,
-        out,
-        force,
-    } = job;
-    let (split, options, force) = (*split, options, *force);
-    let checkpoint_sha = sha256_file(checkpoint)?;
-    let manifest_sha = sha256_file(manifest_path)?;
-    let info = reid_train::read_info(checkpoint)?;
-    let mut meta = expected_meta(&checkpoint_sha, &manifest_sha, split, info.image_size, options);
-    if !force && out.exists() {
-        if let Ok(existing) = Gallery::read(out) {
-            if same_settings(&existing.meta, &meta) {
+    let checkpoint_sha = sha256_file(&job.checkpoint)?;
+    let manifest_sha = sha256_file(&job.manifest)?;
+    let info = reid_model::checkpoint::read_info(&job.checkpoint)?;
+    let wanted = expected_meta(&checkpoint_sha, &manifest_sha, job.split, info.image_size, &job.options);
+    if !job.force && job.out.exists() {
+        if let Ok(existing) = Gallery::read(&job.out) {
+            if same_settings(&existing.meta, &wanted) {
                 return Ok(Extracted::Cached);
             }
         }
     }
-    let manifest = Manifest::read_parquet(manifest_path)?;
-    let records: Vec<_> = manifest.split(split).collect();
-    if records.is_empty() {
-        return Err(ExtractError::Invalid(format!(
-            "{}: the {split} split has no images",
-            manifest_path.display()
-        )));
-    }
-    let extractor = Extractor::load(checkpoint, device)?;
-    let paths: Vec<PathBuf> = records.iter().map(|r| manifest.image_path(r)).collect();
-    let total = paths.len();
-    let features = extractor.embed_files(&paths, options, &|done| progress(done, total))?;
-    meta.arch = Some(info.model.arch.name.to_string());
-    meta.paths = Some(records.iter().map(|r| r.path.clone()).collect());
-    meta.data_root = Some(manifest.root.to_string_lossy().into_owned());
-    let gallery = Gallery {
-        dim: features.len() / total,
-        features,
-        pids: records.iter().map(|r| r.pid).collect(),
-        camids: records.iter().map(|r| r.camid).collect(),
-        meta,
-    };
-    gallery.write(out)?;
-    Ok(Extracted::Written { images: total })
+    let manifest = Manifest::read_parquet(&job.manifest)?;
+    let extractor = Extractor::load(&job.checkpoint, device)?;
+    let mut gallery = split_features(
+        &extractor.model,
+        extractor.image_size,
+        &manifest,
+        job.split,
+        &job.options,
+        progress,
+    )
+    .map_err(|e| match e {
+        ExtractError::Invalid(m) => ExtractError::Invalid(format!("{}: {m}", job.manifest.display())),
+        other => other,
+    })?;
+    gallery.meta.checkpoint_sha256 = wanted.checkpoint_sha256;
+    gallery.meta.manifest_sha256 = wanted.manifest_sha256;
+    gallery.write(&job.out)?;
+    Ok(Extracted::Written { images: gallery.len() })
 }
 
 /// The `top` gallery entries nearest to `query` (cosine distance on L2-normalised

@@ -9,7 +9,6 @@ use reid_data::synth::{generate, SynthConfig};
 use reid_data::{DatasetKind, IndexOptions, Split};
 use reid_extract::{extract_split, ExtractOptions, Extracted, Extractor, SplitJob};
 use reid_model::{Arch, ModelConfig, ReidModel};
-use reid_train::checkpoint::{save_model, Position};
 
 fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     let cfg = SynthConfig {
@@ -50,7 +49,7 @@ fn checkpoint(dir: &Path, name: &str, seed: u64) -> PathBuf {
     .unwrap();
     model.initialize(seed).unwrap();
     let path = dir.join(name);
-    save_model(&model, (64, 32), Position::default(), &path).unwrap();
+    reid_model::checkpoint::save(&model, (64, 32), &Default::default(), &path).unwrap();
     path
 }
 

@@ -109,7 +109,8 @@ impl ReidModel {
                     let fan_out = dims[0] * dims[2..].iter().product::<usize>();
                     (2.0 / fan_out as f64).sqrt()
                 };
-                let mut rng = ChaCha8Rng::seed_from_u64(crate::seed_for(seed, i as u64));
+                let mut rng =
+                    ChaCha8Rng::seed_from_u64(reid_data::seed::mix(seed.wrapping_add(INIT_STREAM), i as u64, 0));
                 let values: Vec<f64> = (0..n).map(|_| stdev * standard_normal(&mut rng)).collect();
                 Tensor::from_vec(values, dims, &self.device)?.to_dtype(self.dtype)?
             };
@@ -160,6 +161,10 @@ impl ReidModel {
             .collect()
     }
 }
+
+/// Offsets the run seed for the initialisation draws (variable i draws from
+/// `mix(seed + INIT_STREAM, i, 0)`).
+const INIT_STREAM: u64 = 0x6A09_E667_F3BC_C909;
 
 /// A standard normal draw by Box-Muller.
 fn standard_normal<R: Rng>(rng: &mut R) -> f64 {

@@ -1,7 +1,7 @@
 //! Loading and saving weights: local safetensors files and the Hugging Face hub
 //! cache, with names and shapes checked before anything is set.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -54,6 +54,10 @@ impl fmt::Display for WeightSource {
 pub enum WeightError {
     #[error("{path}: {message}")]
     Read { path: PathBuf, message: String },
+    #[error("{path}: cannot write: {message}")]
+    Write { path: PathBuf, message: String },
+    #[error("{path}: refusing to write a non-finite checkpoint: tensor '{tensor}' holds {value}; nothing was written")]
+    NonFinite { path: PathBuf, tensor: String, value: f64 },
     #[error("{path}: the weights do not fit the model:\n{mismatch}")]
     Mismatch { path: PathBuf, mismatch: Mismatch },
     #[error("hf:{repo}/{file} is not in the hub cache ({cache}) and {why}; download it where there is network (e.g. `huggingface-cli download {repo} {file}`) or pass a local .safetensors path")]
@@ -218,47 +222,62 @@ impl ReidModel {
 
     /// Writes every variable as f32 under timm's names (heads as `id_classifier.*`,
     /// `verif_classifier.*`), atomically, with `metadata` in the header.
-    pub fn save_weights(&self, path: &Path, metadata: Option<HashMap<String, String>>) -> Result<(), WeightError> {
+    pub fn save_weights(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<(), WeightError> {
         write_safetensors(path, &self.state_dict()?, metadata)
     }
 }
 
+/// The little-endian bytes of a tensor (f64 kept as f64, anything else as f32);
+/// an error naming `name` when a value is NaN or infinite.
+fn finite_bytes(name: &str, t: &Tensor, path: &Path) -> Result<(Vec<u8>, safetensors::Dtype), WeightError> {
+    let non_finite = |v: f64| WeightError::NonFinite {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        value: v,
+    };
+    if t.dtype() == candle_core::DType::F64 {
+        let v: Vec<f64> = t.flatten_all()?.to_vec1()?;
+        if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+            return Err(non_finite(*bad));
+        }
+        Ok((
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            safetensors::Dtype::F64,
+        ))
+    } else {
+        let v: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+            return Err(non_finite(*bad as f64));
+        }
+        Ok((
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            safetensors::Dtype::F32,
+        ))
+    }
+}
+
 /// Writes `tensors` (f64 kept as f64, anything else as f32) to a safetensors file,
-/// atomically (a temporary sibling renamed into place), with `metadata` in the header.
+/// atomically and byte for byte reproducibly, with `metadata` in the header.
+/// Refuses, writing nothing, when any value is not finite.
 pub fn write_safetensors(
     path: &Path,
     tensors: &HashMap<String, Tensor>,
-    metadata: Option<HashMap<String, String>>,
+    metadata: &BTreeMap<String, String>,
 ) -> Result<(), WeightError> {
-    let write_err = |e: String| WeightError::Read {
+    let write_err = |e: String| WeightError::Write {
         path: path.to_path_buf(),
         message: e,
     };
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
-    let data: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = names
+    let data = names
         .iter()
         .map(|n| {
             let t = &tensors[*n];
-            let (bytes, dtype) = match t.dtype() {
-                candle_core::DType::F64 => {
-                    let v: Vec<f64> = t.flatten_all()?.to_vec1()?;
-                    (
-                        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                        safetensors::Dtype::F64,
-                    )
-                }
-                _ => {
-                    let v: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-                    (
-                        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                        safetensors::Dtype::F32,
-                    )
-                }
-            };
+            let (bytes, dtype) = finite_bytes(n, t, path)?;
             Ok(((*n).clone(), bytes, t.dims().to_vec(), dtype))
         })
-        .collect::<candle_core::Result<_>>()?;
+        .collect::<Result<Vec<_>, WeightError>>()?;
     let views = data
         .iter()
         .map(|(n, bytes, shape, dtype)| {
@@ -267,17 +286,7 @@ pub fn write_safetensors(
                 .map_err(|e| write_err(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| write_err(e.to_string()))?;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| write_err(e.to_string()))?;
-    }
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            write_err(e.to_string())
-        })
+    reid_data::tensor_file::write(path, views, metadata).map_err(|e| write_err(e.to_string()))
 }
 
 #[cfg(test)]

@@ -133,7 +133,7 @@ fn hub_cache_mismatches_and_round_trips() {
 
     // Our own checkpoint: saved under timm names, loaded in full.
     let own = home.path().join("own.safetensors");
-    target.save_weights(&own, None).unwrap();
+    target.save_weights(&own, &Default::default()).unwrap();
     let names: Vec<String> = reid_model::weights::read_safetensors(&own)
         .unwrap()
         .into_keys()

@@ -5,6 +5,6 @@ pub mod loader;
 pub mod pairs;
 pub mod transform;
 
-pub use loader::{LoaderConfig, PairBatch, PairLoader};
+pub use loader::{LoadError, LoaderConfig, PairBatch, PairLoader};
 pub use pairs::{Pair, PairSampler};
 pub use transform::{load_normalized, Augment, Chw, DecodeError, EraseFill};

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use reid_data::seed::mix;
 
 use crate::pairs::{Pair, PairSampler};
-use crate::transform::{load_normalized, Augment, Chw, DecodeError};
+use crate::transform::{guarded, load_normalized, Augment, Chw, DecodeError};
 
 /// Loader settings.
 #[derive(Debug, Clone)]
@@ -62,11 +62,21 @@ impl PairBatch {
     }
 }
 
+/// Why the loader stopped: an image it could not read, or a failure of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("the batch loader failed: {0}")]
+    Worker(String),
+}
+
 /// Random stream for augmentation draws.
 const AUGMENT_STREAM: u64 = 21;
 
 /// Loads image `path` with the training transform, its draws seeded by
-/// (seed, epoch, pair index, which image of the pair).
+/// (seed, epoch, pair index, which image of the pair). A panic while decoding or
+/// augmenting becomes an error naming the image.
 pub fn load_augmented(
     path: &std::path::Path,
     cfg: &LoaderConfig,
@@ -76,7 +86,7 @@ pub fn load_augmented(
 ) -> Result<Chw, DecodeError> {
     let mut img = load_normalized(path, cfg.height, cfg.width)?;
     let mut rng = ChaCha8Rng::seed_from_u64(mix(mix(cfg.seed, AUGMENT_STREAM, epoch), pair as u64, which));
-    cfg.augment.apply(&mut img, &mut rng);
+    guarded(path, "augmenting", || cfg.augment.apply(&mut img, &mut rng))?;
     Ok(img)
 }
 
@@ -139,9 +149,10 @@ fn build_batch(
     Ok(batch)
 }
 
-/// Yields the batches of one epoch, decoded in the background.
+/// Yields the batches of one epoch, decoded in the background. It ends after the
+/// last batch; any failure (an unreadable image, a panic) is an error item.
 pub struct PairLoader {
-    receiver: Receiver<Result<PairBatch, DecodeError>>,
+    receiver: Receiver<Result<PairBatch, LoadError>>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -157,17 +168,21 @@ impl PairLoader {
     ) -> Self {
         let (sender, receiver) = sync_channel(cfg.prefetch.max(1));
         let worker = std::thread::spawn(move || {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(cfg.threads)
-                .build()
-                .expect("decoding thread pool");
+            let pool = match rayon::ThreadPoolBuilder::new().num_threads(cfg.threads).build() {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = sender.send(Err(LoadError::Worker(format!("no decoding threads: {e}"))));
+                    return;
+                }
+            };
             let pairs = sampler.epoch(epoch);
             let total = batches_per_epoch(pairs.len(), &cfg);
             for index in start_batch..total {
                 let start = index * cfg.batch_size;
                 let end = (start + cfg.batch_size).min(pairs.len());
-                let batch =
-                    pool.install(|| build_batch(&paths, &sampler, &pairs[start..end], start, epoch, index, &cfg));
+                let batch = pool
+                    .install(|| build_batch(&paths, &sampler, &pairs[start..end], start, epoch, index, &cfg))
+                    .map_err(LoadError::from);
                 let failed = batch.is_err();
                 if sender.send(batch).is_err() || failed {
                     return;
@@ -182,16 +197,15 @@ impl PairLoader {
 }
 
 impl Iterator for PairLoader {
-    type Item = Result<PairBatch, DecodeError>;
+    type Item = Result<PairBatch, LoadError>;
     fn next(&mut self) -> Option<Self::Item> {
         match self.receiver.recv() {
             Ok(b) => Some(b),
-            Err(_) => {
-                if let Some(w) = self.worker.take() {
-                    let _ = w.join();
-                }
-                None
-            }
+            // The channel closes when the worker returns or dies: a death is an error.
+            Err(_) => match self.worker.take()?.join() {
+                Ok(()) => None,
+                Err(panic) => Some(Err(LoadError::Worker(crate::transform::panic_message(&panic)))),
+            },
         }
     }
 }
@@ -251,6 +265,23 @@ mod tests {
                 assert_eq!(b.same[i] == 0, b.y1[i] == b.y2[i]);
             }
         }
+    }
+
+    #[test]
+    fn a_panic_while_augmenting_is_an_error_naming_the_image_not_an_early_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, labels) = dataset(dir.path());
+        let sampler = Arc::new(PairSampler::new(labels, 0.5, 4));
+        let mut cfg = config(2);
+        // An empty range, which validated configs refuse: gen_range panics on it.
+        cfg.augment.erase = 1.0;
+        cfg.augment.erase_area = [0.5, 0.1];
+        let results: Vec<_> = PairLoader::start(paths, sampler, cfg, 0, 0).collect();
+        let err = results.last().unwrap().as_ref().unwrap_err().to_string();
+        assert!(
+            err.contains(".png") && err.contains("panicked while augmenting"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -37,10 +37,27 @@ impl Chw {
 
 /// Why an image could not be loaded.
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: cannot decode image: {message}")]
+#[error("{path}: {message}")]
 pub struct DecodeError {
     pub path: std::path::PathBuf,
     pub message: String,
+}
+
+/// The message a panic carried.
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Runs `f` on image `path`, turning a panic into an error that names the image.
+pub fn guarded<T>(path: &Path, doing: &str, f: impl FnOnce() -> T) -> Result<T, DecodeError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| DecodeError {
+        path: path.to_path_buf(),
+        message: format!("panicked while {doing}: {}", panic_message(&panic)),
+    })
 }
 
 /// Decodes `path`, resizes it bilinearly to `height` x `width` and normalises it
@@ -48,11 +65,11 @@ pub struct DecodeError {
 pub fn load_normalized(path: &Path, height: usize, width: usize) -> Result<Chw, DecodeError> {
     let bytes = std::fs::read(path).map_err(|e| DecodeError {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message: format!("cannot read image: {e}"),
     })?;
-    let img = image::load_from_memory(&bytes).map_err(|e| DecodeError {
+    let img = guarded(path, "decoding", || image::load_from_memory(&bytes))?.map_err(|e| DecodeError {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message: format!("cannot decode image: {e}"),
     })?;
     let rgb = img.to_rgb8();
     let rgb = if rgb.dimensions() == (width as u32, height as u32) {

@@ -1,16 +1,22 @@
 //! Training the siamese re-ID network: SGD as PyTorch computes it, learning-rate
-//! schedules, the training loop with logs, checkpoints and exact resume.
+//! schedules, the training loop with logs, checkpoints, validation and exact
+//! resume, and the checks that stop a run that went wrong.
 
-pub mod checkpoint;
 pub mod config;
+pub mod finite;
+pub mod launch;
+pub mod log;
 pub mod optim;
 pub mod schedule;
+pub mod state;
 pub mod step;
 pub mod trainer;
+pub mod validation;
 
-pub use checkpoint::{read_info, CheckpointInfo, Position, RunPaths};
 pub use config::TrainConfig;
+pub use launch::{Launch, Prepared};
 pub use optim::{Sgd, SgdConfig};
 pub use schedule::{Decay, ScheduleConfig};
-pub use step::{train_step, BatchTensors, StepStats};
-pub use trainer::{parse_device, Event, Outcome, TrainData, TrainError, Trainer};
+pub use state::{Best, Position, RunPaths, TrainerState};
+pub use step::{train_step, BatchTensors, StepError, StepStats};
+pub use trainer::{Event, Outcome, TrainData, TrainError, Trainer};

@@ -48,7 +48,7 @@ impl ScheduleConfig {
         match self.decay {
             Decay::Step => self.gamma.powi((epoch / self.step_size.max(1)) as i32),
             Decay::Cosine => {
-                let span = (self.epochs - self.warmup_epochs).max(1) as f64;
+                let span = self.epochs.saturating_sub(self.warmup_epochs).max(1) as f64;
                 let t = (epoch - self.warmup_epochs) as f64 / span;
                 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
             }

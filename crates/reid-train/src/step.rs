@@ -44,7 +44,18 @@ impl BatchTensors {
     }
 }
 
-/// Runs one step at learning rate `lr`; dropout masks come from `rng`.
+/// Why a step did not update the model.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The forward gave a NaN or infinite loss; nothing was updated.
+    #[error("the loss is {} (id1 {}, id2 {}, verif {})", .0.loss, .0.loss_id1, .0.loss_id2, .0.loss_verif)]
+    NonFiniteLoss(StepStats),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Runs one step at learning rate `lr`; dropout masks come from `rng`. A
+/// non-finite loss stops the step before the update.
 pub fn train_step<R: Rng>(
     model: &ReidModel,
     optimizer: &mut Sgd,
@@ -53,7 +64,7 @@ pub fn train_step<R: Rng>(
     dropout: f64,
     lr: f64,
     rng: &mut R,
-) -> Result<StepStats> {
+) -> std::result::Result<StepStats, StepError> {
     let loss = model.pair_loss(&batch.x1, &batch.x2, &batch.targets, weights, dropout, rng)?;
     let scalar = |t: &Tensor| t.to_dtype(DType::F64)?.to_scalar::<f64>();
     let stats = StepStats {
@@ -65,15 +76,47 @@ pub fn train_step<R: Rng>(
         verif_accuracy: loss.verif_accuracy,
     };
     if !stats.loss.is_finite() {
-        candle_core::bail!(
-            "the loss is {} (id1 {}, id2 {}, verif {})",
-            stats.loss,
-            stats.loss_id1,
-            stats.loss_id2,
-            stats.loss_verif
-        );
+        return Err(StepError::NonFiniteLoss(stats));
     }
     let grads = loss.total.backward()?;
     optimizer.step(&grads, lr)?;
     Ok(stats)
+}
+
+impl Default for StepStats {
+    fn default() -> Self {
+        StepStats {
+            loss: 0.0,
+            loss_id1: 0.0,
+            loss_id2: 0.0,
+            loss_verif: 0.0,
+            id_accuracy: 0.0,
+            verif_accuracy: 0.0,
+        }
+    }
+}
+
+impl StepStats {
+    /// Adds `o` term by term (for means over steps).
+    pub fn add(&mut self, o: &StepStats) {
+        self.loss += o.loss;
+        self.loss_id1 += o.loss_id1;
+        self.loss_id2 += o.loss_id2;
+        self.loss_verif += o.loss_verif;
+        self.id_accuracy += o.id_accuracy;
+        self.verif_accuracy += o.verif_accuracy;
+    }
+
+    /// These sums divided by `n` steps.
+    pub fn mean(&self, n: usize) -> StepStats {
+        let n = n.max(1) as f64;
+        StepStats {
+            loss: self.loss / n,
+            loss_id1: self.loss_id1 / n,
+            loss_id2: self.loss_id2 / n,
+            loss_verif: self.loss_verif / n,
+            id_accuracy: self.id_accuracy / n,
+            verif_accuracy: self.verif_accuracy / n,
+        }
+    }
 }

@@ -1,25 +1,27 @@
 //! The training loop: pair batches, one step each, logs, checkpoints, validation,
-//! interruption and exact resume.
+//! interruption and exact resume. A run that diverges, loses its loader or sees an
+//! empty epoch stops with an error and keeps its last good checkpoint.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use reid_data::seed::mix;
 use reid_data::{Manifest, Split};
 use reid_model::weights::{resolve, WeightSource};
 use reid_model::{LoadScope, ModelConfig, ReidModel, WeightError};
-use reid_sampling::{LoaderConfig, PairLoader, PairSampler};
+use reid_sampling::{LoaderConfig, PairBatch, PairLoader, PairSampler};
 
-use crate::checkpoint::{load_state, save_model, save_state, Position, RunPaths};
 use crate::config::{ConfigError, TrainConfig};
+use crate::finite::first_non_finite;
+use crate::log::MetricsLog;
 use crate::optim::Sgd;
-use crate::step::{train_step, BatchTensors, StepStats};
+use crate::state::{load_momentum, read_step, save_model, Best, Position, RunPaths, TrainerState};
+use crate::step::{train_step, BatchTensors, StepError, StepStats};
 
 /// Why training stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +33,7 @@ pub enum TrainError {
     #[error(transparent)]
     Data(#[from] reid_data::DataError),
     #[error(transparent)]
-    Decode(#[from] reid_sampling::DecodeError),
+    Load(#[from] reid_sampling::LoadError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("epoch {epoch}, step {step}: {message}; the last good checkpoint is kept in {run}")]
@@ -40,6 +42,16 @@ pub enum TrainError {
         step: u64,
         message: String,
         run: PathBuf,
+    },
+    #[error("epoch {epoch}, step {step}: the run diverged: {what}. Lower optim.lr (now {lr}) or raise schedule.warmup_epochs (now {warmup}). Nothing non-finite was saved: {run}/checkpoints/last.safetensors holds the last good state (epoch {kept_epoch}), and `reid train --resume {run}` continues from it")]
+    Diverged {
+        epoch: usize,
+        step: u64,
+        what: String,
+        lr: f64,
+        warmup: usize,
+        run: String,
+        kept_epoch: usize,
     },
     #[error("{0}")]
     Invalid(String),
@@ -53,22 +65,31 @@ pub struct TrainData {
     pub paths: Arc<Vec<PathBuf>>,
     pub labels: Vec<usize>,
     pub num_classes: usize,
+    /// sha256 of the manifest file: a resumed run must train on the same one.
+    pub manifest_sha256: String,
 }
 
 impl TrainData {
-    pub fn from_manifest(manifest: &Manifest) -> Result<Self, TrainError> {
+    /// The training split of `manifest`, read from a file with this `sha256`.
+    pub fn from_manifest(manifest: &Manifest, sha256: String) -> Result<Self, TrainError> {
         let records: Vec<_> = manifest.split(Split::Train).collect();
         if records.is_empty() {
             return Err(TrainError::Invalid("the manifest has no training images".into()));
         }
         Ok(TrainData {
             paths: Arc::new(records.iter().map(|r| manifest.image_path(r)).collect()),
-            labels: records
-                .iter()
-                .map(|r| r.label.expect("train rows have labels") as usize)
-                .collect(),
+            // Manifests are validated on read: every train row has a label >= 0.
+            labels: records.iter().map(|r| r.label.unwrap_or(0) as usize).collect(),
             num_classes: manifest.num_classes(),
+            manifest_sha256: sha256,
         })
+    }
+
+    /// Reads a manifest file and its training split.
+    pub fn load(path: &Path) -> Result<(Self, Manifest), TrainError> {
+        let manifest = Manifest::read_parquet(path)?;
+        let sha = reid_data::gallery::sha256_file(path)?;
+        Ok((Self::from_manifest(&manifest, sha)?, manifest))
     }
 }
 
@@ -94,6 +115,7 @@ pub enum Event {
         epoch: usize,
         rank1: f64,
         map: f64,
+        best: bool,
     },
     Saved {
         path: PathBuf,
@@ -118,29 +140,21 @@ pub struct Trainer {
     pub model: ReidModel,
     pub optimizer: Sgd,
     pub position: Position,
+    /// The best validation so far (what `checkpoints/best` holds).
+    pub best: Option<Best>,
     data: TrainData,
     stop: Arc<AtomicBool>,
     /// Stop (as if interrupted) once this many steps have been taken in all.
     pub max_steps: Option<u64>,
-    best_rank1: f64,
-}
-
-/// Parses `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(name: &str) -> Result<Device, TrainError> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0)?),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Ok(Device::new_cuda(n)?),
-            None => Err(TrainError::Invalid(format!(
-                "unknown device '{other}' (expected cpu, cuda or cuda:N)"
-            ))),
-        },
-    }
 }
 
 const DROPOUT_STREAM: u64 = 31;
-const CSV_HEADER: &str = "kind,epoch,step,lr,loss_id1,loss_id2,loss_verif,loss,id_acc,verif_acc,images_per_s,rank1,mAP";
+
+/// How one epoch ended.
+enum EpochEnd {
+    Done { mean: StepStats, images_per_s: f64 },
+    Interrupted,
+}
 
 impl Trainer {
     /// Starts a new run in `run_dir` (which must not hold a run already).
@@ -157,13 +171,11 @@ impl Trainer {
                 run_dir.display()
             )));
         }
-        let device = parse_device(&config.run.device)?;
-        let model = build_model(&config, data.num_classes, &device)?;
+        let model = build_model(&config, data.num_classes)?;
         model.initialize(config.run.seed)?;
         if let Some(source) = &config.model.pretrained {
             let source: WeightSource = source.parse().map_err(TrainError::Invalid)?;
-            let path = resolve(&source)?;
-            model.load_weights(&path, LoadScope::Backbone)?;
+            model.load_weights(&resolve(&source)?, LoadScope::Backbone)?;
             tracing::info!("backbone weights from {source}");
         }
         std::fs::create_dir_all(paths.checkpoints()).map_err(|e| TrainError::Io {
@@ -178,16 +190,22 @@ impl Trainer {
             model,
             optimizer,
             position: Position::default(),
+            best: None,
             data,
             stop,
             max_steps: None,
-            best_rank1: f64::NEG_INFINITY,
         })
     }
 
-    /// Continues the run in `run_dir` from its `last` checkpoint and trainer state,
-    /// with the configuration saved there.
-    pub fn resume(run_dir: &Path, data: TrainData, stop: Arc<AtomicBool>) -> Result<Self, TrainError> {
+    /// Continues the run in `run_dir` from its `last` checkpoint and trainer state.
+    /// `config` is the run's saved configuration, or one that changes only what
+    /// [`TrainConfig::resume_changes`] allows; it is saved as the run's.
+    pub fn resume(
+        run_dir: &Path,
+        config: TrainConfig,
+        data: TrainData,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, TrainError> {
         let paths = RunPaths::new(run_dir);
         if !paths.state().exists() {
             return Err(TrainError::Invalid(format!(
@@ -195,36 +213,43 @@ impl Trainer {
                 paths.state().display()
             )));
         }
-        let config = TrainConfig::load(Some(&paths.config()), &[])?;
-        let device = parse_device(&config.run.device)?;
-        let model = build_model(&config, data.num_classes, &device)?;
+        for stale in reid_data::atomic::remove_stale_temporaries(&paths.checkpoints())? {
+            tracing::info!("removed {}, left by a run killed while saving", stale.display());
+        }
+        let state = TrainerState::read(&paths.state())?;
+        if state.manifest_sha256 != data.manifest_sha256 {
+            return Err(TrainError::Invalid(format!(
+                "{}: the manifest is not the one the run started with (sha256 {:.12}… then, {:.12}… now); train on it in a new run",
+                run_dir.display(),
+                state.manifest_sha256,
+                data.manifest_sha256
+            )));
+        }
+        let model = build_model(&config, data.num_classes)?;
         model.load_weights(&paths.checkpoint("last"), LoadScope::Full)?;
         let mut optimizer = Sgd::new(model.trainable_vars(), config.optim.clone());
-        let position = load_state(&mut optimizer, &paths.state())?;
-        let weights_step = crate::checkpoint::read_step(&paths.checkpoint("last"))?;
-        if weights_step != position.step {
+        load_momentum(&mut optimizer, &paths.state())?;
+        let weights_step = read_step(&paths.checkpoint("last"))?;
+        if weights_step != state.position.step {
             return Err(TrainError::Invalid(format!(
                 "{}: weights of step {weights_step} but trainer state of step {}; the run was cut off while saving",
                 paths.checkpoints().display(),
-                position.step
+                state.position.step
             )));
         }
-        tracing::info!(
-            "resuming at epoch {}, batch {} (step {})",
-            position.epoch,
-            position.batch,
-            position.step
-        );
+        reid_data::atomic::write_bytes_atomically(&paths.config(), config.to_toml().as_bytes())?;
+        let p = state.position;
+        tracing::info!("resuming at epoch {}, batch {} (step {})", p.epoch, p.batch, p.step);
         Ok(Trainer {
             config,
             paths,
             model,
             optimizer,
-            position,
+            position: p,
+            best: state.best,
             data,
             stop,
             max_steps: None,
-            best_rank1: f64::NEG_INFINITY,
         })
     }
 
@@ -243,41 +268,60 @@ impl Trainer {
         }
     }
 
+    fn image_size(&self) -> (usize, usize) {
+        (self.config.data.height, self.config.data.width)
+    }
+
+    /// Writes `last` and the trainer state at position `next`.
     fn save_last(&self, next: Position) -> Result<(), TrainError> {
-        let size = (self.config.data.height, self.config.data.width);
         // Both files record the step; `resume` refuses a pair that disagrees (a
         // crash between the two writes).
-        save_model(&self.model, size, next, &self.paths.checkpoint("last"))?;
-        save_state(&self.optimizer, next, &self.config.to_toml(), &self.paths.state())?;
+        save_model(&self.model, self.image_size(), next, &self.paths.checkpoint("last"))?;
+        let state = TrainerState {
+            position: next,
+            best: self.best,
+            manifest_sha256: self.data.manifest_sha256.clone(),
+            config_toml: self.config.to_toml(),
+        };
+        state.save(&self.optimizer, &self.paths.state())?;
         Ok(())
     }
 
-    fn csv_row(
-        &self,
-        file: &mut std::fs::File,
-        kind: &str,
-        epoch: usize,
-        stats: Option<(&StepStats, f64, f64)>,
-        val: Option<(f64, f64)>,
-    ) -> Result<(), TrainError> {
-        let mut row = format!("{kind},{epoch},{}", self.position.step);
-        match stats {
-            Some((s, lr, ips)) => row.push_str(&format!(
-                ",{lr:.6e},{:.6},{:.6},{:.6},{:.6},{:.4},{:.4},{ips:.1}",
-                s.loss_id1, s.loss_id2, s.loss_verif, s.loss, s.id_accuracy, s.verif_accuracy
-            )),
-            None => row.push_str(",,,,,,,,"),
-        }
-        match val {
-            Some((r1, map)) => row.push_str(&format!(",{r1:.4},{map:.4}")),
-            None => row.push_str(",,"),
-        }
-        writeln!(file, "{row}")
-            .and_then(|_| file.flush())
-            .map_err(|e| TrainError::Io {
-                path: self.paths.metrics(),
-                source: e,
+    /// Stops the run when a parameter, a batch-norm statistic or a momentum buffer
+    /// is no longer finite.
+    fn check_finite(&self, epoch: usize) -> Result<(), TrainError> {
+        let vars = self.model.named_vars();
+        let momentum: Vec<(String, &candle_core::Tensor)> = self
+            .optimizer
+            .params
+            .iter()
+            .filter_map(|p| {
+                p.momentum_buffer
+                    .as_ref()
+                    .map(|b| (format!("momentum of {}", p.name), b))
             })
+            .collect();
+        let all = vars
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_tensor()))
+            .chain(momentum.iter().map(|(n, b)| (n.as_str(), *b)));
+        match first_non_finite(all)? {
+            None => Ok(()),
+            Some((name, value)) => Err(self.diverged(epoch, format!("'{name}' holds {value} after the update"))),
+        }
+    }
+
+    fn diverged(&self, epoch: usize, what: String) -> TrainError {
+        let kept = crate::state::TrainerState::read(&self.paths.state()).map_or(0, |s| s.position.epoch);
+        TrainError::Diverged {
+            epoch: epoch + 1,
+            step: self.position.step + 1,
+            what,
+            lr: self.config.optim.lr,
+            warmup: self.config.schedule.warmup_epochs,
+            run: self.paths.root.display().to_string(),
+            kept_epoch: kept,
+        }
     }
 
     /// Trains until the last epoch, an interruption (`stop` set, or `max_steps`),
@@ -287,194 +331,212 @@ impl Trainer {
         on_event: &mut dyn FnMut(Event),
         mut validate: Option<&mut Validate>,
     ) -> Result<Outcome, TrainError> {
-        let metrics = self.paths.metrics();
-        let fresh = !metrics.exists();
-        let mut csv = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics)
-            .map_err(|e| TrainError::Io {
-                path: metrics.clone(),
-                source: e,
-            })?;
-        if fresh {
-            writeln!(csv, "{CSV_HEADER}").map_err(|e| TrainError::Io {
-                path: metrics.clone(),
-                source: e,
-            })?;
-        }
+        let mut log = MetricsLog::open(&self.paths.metrics(), self.position.step)?;
         let sampler = Arc::new(PairSampler::new(
             self.data.labels.clone(),
             self.config.data.pos_fraction,
             self.config.run.seed,
         ));
-        let loader_cfg = self.loader_config();
-        let batches = reid_sampling::loader::batches_per_epoch(sampler.len(), &loader_cfg);
+        let batches = reid_sampling::loader::batches_per_epoch(sampler.len(), &self.loader_config());
         if batches == 0 {
             return Err(TrainError::Invalid(format!(
                 "{} training images make no full batch of {} pairs; lower data.batch_size",
                 sampler.len(),
-                loader_cfg.batch_size
+                self.config.data.batch_size
             )));
         }
-        let (h, w) = (self.config.data.height, self.config.data.width);
-        let log_every = self.config.run.log_every.max(1) as u64;
         for epoch in self.position.epoch..self.config.schedule.epochs {
             let lr = self.config.optim.lr * self.config.schedule.factor(epoch);
             on_event(Event::EpochStart { epoch, batches, lr });
-            let loader = PairLoader::start(
-                self.data.paths.clone(),
-                sampler.clone(),
-                loader_cfg.clone(),
-                epoch as u64,
-                self.position.batch,
-            );
-            let (mut window, mut window_n, mut window_images, mut window_start) =
-                (StepStats::default(), 0usize, 0usize, Instant::now());
-            let (mut total, mut total_n, mut total_images, epoch_start) =
-                (StepStats::default(), 0usize, 0usize, Instant::now());
-            for batch in loader {
-                let batch = batch?;
-                if batch.is_empty() {
-                    continue;
-                }
-                let tensors = BatchTensors::new(&batch, h, w, self.model.dtype, &self.model.device)?;
-                let mut rng = ChaCha8Rng::seed_from_u64(mix(
-                    mix(self.config.run.seed, DROPOUT_STREAM, epoch as u64),
-                    batch.index as u64,
-                    0,
-                ));
-                let stats = train_step(
-                    &self.model,
-                    &mut self.optimizer,
-                    &tensors,
-                    self.config.loss,
-                    self.config.model.dropout,
-                    lr,
-                    &mut rng,
-                )
-                .map_err(|e| TrainError::Step {
-                    epoch,
-                    step: self.position.step,
-                    message: e.to_string(),
-                    run: self.paths.root.clone(),
-                })?;
-                self.position = Position {
-                    epoch,
-                    batch: batch.index + 1,
-                    step: self.position.step + 1,
-                };
-                window.add(&stats);
-                total.add(&stats);
-                window_n += 1;
-                total_n += 1;
-                window_images += 2 * batch.len();
-                total_images += 2 * batch.len();
-                on_event(Event::Step {
-                    position: self.position,
-                    stats,
-                    lr,
-                });
-                if self.position.step.is_multiple_of(log_every) {
-                    let ips = window_images as f64 / window_start.elapsed().as_secs_f64();
-                    self.csv_row(&mut csv, "step", epoch, Some((&window.mean(window_n), lr, ips)), None)?;
-                    (window, window_n, window_images, window_start) = (StepStats::default(), 0, 0, Instant::now());
-                }
-                let interrupted =
-                    self.stop.load(Ordering::SeqCst) || self.max_steps.is_some_and(|m| self.position.step >= m);
-                if interrupted {
-                    self.save_last(self.position)?;
-                    on_event(Event::Saved {
-                        path: self.paths.checkpoint("last"),
-                    });
-                    return Ok(Outcome::Interrupted);
-                }
-            }
-            let ips = total_images as f64 / epoch_start.elapsed().as_secs_f64();
-            let mean = total.mean(total_n.max(1));
+            let (mean, images_per_s) = match self.train_epoch(epoch, lr, batches, &sampler, &mut log, on_event)? {
+                EpochEnd::Interrupted => return Ok(Outcome::Interrupted),
+                EpochEnd::Done { mean, images_per_s } => (mean, images_per_s),
+            };
             self.position = Position {
                 epoch: epoch + 1,
                 batch: 0,
                 step: self.position.step,
             };
-            let mut val = None;
-            let every = self.config.run.eval_every;
-            if let Some(v) = validate
-                .as_mut()
-                .filter(|_| every > 0 && ((epoch + 1) % every == 0 || epoch + 1 == self.config.schedule.epochs))
-            {
-                let (rank1, map) = v(&self.model).map_err(TrainError::Invalid)?;
-                on_event(Event::Validation { epoch, rank1, map });
-                val = Some((rank1, map));
-                if rank1 > self.best_rank1 {
-                    self.best_rank1 = rank1;
-                    save_model(&self.model, (h, w), self.position, &self.paths.checkpoint("best"))?;
-                }
-            }
-            self.csv_row(&mut csv, "epoch", epoch, Some((&mean, lr, ips)), val)?;
+            let val = self.validate_epoch(epoch, validate.as_deref_mut(), on_event)?;
+            log.epoch(epoch, self.position.step, &mean, lr, images_per_s, val)?;
             on_event(Event::EpochEnd {
                 epoch,
                 mean,
-                images_per_s: ips,
+                images_per_s,
             });
-            self.save_last(self.position)?;
-            let keep = self.config.run.checkpoint_every;
-            if keep > 0 && (epoch + 1) % keep == 0 {
-                let numbered = self.paths.checkpoint(&format!("epoch-{:04}", epoch + 1));
-                save_model(&self.model, (h, w), self.position, &numbered)?;
-                on_event(Event::Saved { path: numbered });
-            }
+            self.save_epoch(epoch, on_event)?;
             if self.stop.load(Ordering::SeqCst) {
                 return Ok(Outcome::Interrupted);
             }
         }
         Ok(Outcome::Finished)
     }
+
+    /// Runs the batches of `epoch` from the current position.
+    fn train_epoch(
+        &mut self,
+        epoch: usize,
+        lr: f64,
+        batches: usize,
+        sampler: &Arc<PairSampler>,
+        log: &mut MetricsLog,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<EpochEnd, TrainError> {
+        let first = self.position.batch;
+        let loader = PairLoader::start(
+            self.data.paths.clone(),
+            sampler.clone(),
+            self.loader_config(),
+            epoch as u64,
+            first,
+        );
+        let (mut total, mut steps, mut images, mut seen) = (StepStats::default(), 0usize, 0usize, 0usize);
+        let started = Instant::now();
+        for batch in loader {
+            let batch = batch?;
+            seen += 1;
+            if batch.is_empty() {
+                continue;
+            }
+            let stats = self.step(epoch, lr, &batch)?;
+            total.add(&stats);
+            steps += 1;
+            images += 2 * batch.len();
+            on_event(Event::Step {
+                position: self.position,
+                stats,
+                lr,
+            });
+            log.step(
+                epoch,
+                self.position.step,
+                &stats,
+                lr,
+                2 * batch.len(),
+                self.config.run.log_every,
+            )?;
+            if self.stop.load(Ordering::SeqCst) || self.max_steps.is_some_and(|m| self.position.step >= m) {
+                self.save_last(self.position)?;
+                on_event(Event::Saved {
+                    path: self.paths.checkpoint("last"),
+                });
+                return Ok(EpochEnd::Interrupted);
+            }
+        }
+        if seen != batches - first {
+            return Err(TrainError::Invalid(format!(
+                "epoch {}: the loader ended after {seen} of {} batches",
+                epoch + 1,
+                batches - first
+            )));
+        }
+        if steps == 0 {
+            return Err(TrainError::Invalid(format!(
+                "epoch {}: no batch held a readable pair (all were skipped); the epoch is not counted",
+                epoch + 1
+            )));
+        }
+        Ok(EpochEnd::Done {
+            mean: total.mean(steps),
+            images_per_s: images as f64 / started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// One training step on `batch`, with the checks that keep a run honest.
+    fn step(&mut self, epoch: usize, lr: f64, batch: &PairBatch) -> Result<StepStats, TrainError> {
+        let (h, w) = self.image_size();
+        let tensors = BatchTensors::new(batch, h, w, self.model.dtype, &self.model.device)?;
+        let seed = mix(
+            mix(self.config.run.seed, DROPOUT_STREAM, epoch as u64),
+            batch.index as u64,
+            0,
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let c = &self.config;
+        let stats = match train_step(
+            &self.model,
+            &mut self.optimizer,
+            &tensors,
+            c.loss,
+            c.model.dropout,
+            lr,
+            &mut rng,
+        ) {
+            Ok(stats) => stats,
+            Err(StepError::NonFiniteLoss(s)) => return Err(self.diverged(epoch, format!("the loss is {}", s.loss))),
+            Err(StepError::Candle(e)) => {
+                return Err(TrainError::Step {
+                    epoch: epoch + 1,
+                    step: self.position.step + 1,
+                    message: e.to_string(),
+                    run: self.paths.root.clone(),
+                })
+            }
+        };
+        self.check_finite(epoch)?;
+        self.position = Position {
+            epoch,
+            batch: batch.index + 1,
+            step: self.position.step + 1,
+        };
+        Ok(stats)
+    }
+
+    /// Validates after `epoch` when it is due; keeps `best` on a better rank-1.
+    fn validate_epoch(
+        &mut self,
+        epoch: usize,
+        validate: Option<&mut Validate>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Option<(f64, f64)>, TrainError> {
+        let every = self.config.run.eval_every;
+        let due = every > 0 && ((epoch + 1).is_multiple_of(every) || epoch + 1 == self.config.schedule.epochs);
+        let Some(v) = validate.filter(|_| due) else {
+            return Ok(None);
+        };
+        let (rank1, map) = v(&self.model).map_err(TrainError::Invalid)?;
+        let better = self.best.is_none_or(|b| rank1 > b.rank1);
+        if better {
+            save_model(
+                &self.model,
+                self.image_size(),
+                self.position,
+                &self.paths.checkpoint("best"),
+            )?;
+            self.best = Some(Best {
+                rank1,
+                map,
+                epoch: epoch + 1,
+            });
+        }
+        on_event(Event::Validation {
+            epoch,
+            rank1,
+            map,
+            best: better,
+        });
+        Ok(Some((rank1, map)))
+    }
+
+    /// Saves `last` (and a numbered checkpoint when one is due) at an epoch's end.
+    fn save_epoch(&self, epoch: usize, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        self.save_last(self.position)?;
+        let keep = self.config.run.checkpoint_every;
+        if keep > 0 && (epoch + 1).is_multiple_of(keep) {
+            let numbered = self.paths.checkpoint(&format!("epoch-{:04}", epoch + 1));
+            save_model(&self.model, self.image_size(), self.position, &numbered)?;
+            on_event(Event::Saved { path: numbered });
+        }
+        Ok(())
+    }
 }
 
-fn build_model(config: &TrainConfig, num_classes: usize, device: &Device) -> Result<ReidModel, TrainError> {
-    let arch = config.model.arch.parse().map_err(TrainError::Invalid)?;
+fn build_model(config: &TrainConfig, num_classes: usize) -> Result<ReidModel, TrainError> {
     let model_config = ModelConfig {
-        arch,
+        arch: config.model.arch,
         last_stride: config.model.last_stride,
         num_classes,
         bnneck: config.model.bnneck,
     };
-    Ok(ReidModel::new(model_config, DType::F32, device)?)
-}
-
-impl Default for StepStats {
-    fn default() -> Self {
-        StepStats {
-            loss: 0.0,
-            loss_id1: 0.0,
-            loss_id2: 0.0,
-            loss_verif: 0.0,
-            id_accuracy: 0.0,
-            verif_accuracy: 0.0,
-        }
-    }
-}
-
-impl StepStats {
-    fn add(&mut self, o: &StepStats) {
-        self.loss += o.loss;
-        self.loss_id1 += o.loss_id1;
-        self.loss_id2 += o.loss_id2;
-        self.loss_verif += o.loss_verif;
-        self.id_accuracy += o.id_accuracy;
-        self.verif_accuracy += o.verif_accuracy;
-    }
-
-    fn mean(&self, n: usize) -> StepStats {
-        let n = n.max(1) as f64;
-        StepStats {
-            loss: self.loss / n,
-            loss_id1: self.loss_id1 / n,
-            loss_id2: self.loss_id2 / n,
-            loss_verif: self.loss_verif / n,
-            id_accuracy: self.id_accuracy / n,
-            verif_accuracy: self.verif_accuracy / n,
-        }
-    }
+    Ok(ReidModel::new(model_config, DType::F32, &config.run.device.open()?)?)
 }

@@ -28,7 +28,7 @@ fn data(dir: &Path) -> TrainData {
         .layout()
         .index(&dir.join("syn"), &IndexOptions::default())
         .unwrap();
-    TrainData::from_manifest(&report.manifest).unwrap()
+    TrainData::from_manifest(&report.manifest, "manifest-sha".into()).unwrap()
 }
 
 fn config() -> TrainConfig {
@@ -90,10 +90,10 @@ fn interrupted_and_resumed_equals_uninterrupted() {
         Trainer::new(config(), &cut, data.clone(), stop.clone()).is_err(),
         "a run folder is not reused"
     );
-    let mut t = Trainer::resume(&cut, data.clone(), stop.clone()).unwrap();
+    let mut t = Trainer::resume(&cut, config(), data.clone(), stop.clone()).unwrap();
     t.max_steps = Some(9);
     assert_eq!(t.run(&mut |_| {}, None).unwrap(), Outcome::Interrupted);
-    let mut t = Trainer::resume(&cut, data, stop).unwrap();
+    let mut t = Trainer::resume(&cut, config(), data.clone(), stop.clone()).unwrap();
     assert_eq!(t.position.step, 9);
     assert_eq!(t.run(&mut |_| {}, None).unwrap(), Outcome::Finished);
 
@@ -105,6 +105,49 @@ fn interrupted_and_resumed_equals_uninterrupted() {
     let csv = std::fs::read_to_string(straight.join("metrics.csv")).unwrap();
     assert!(csv.starts_with("kind,epoch,step,lr,"));
     assert_eq!(csv.lines().filter(|l| l.starts_with("epoch,")).count(), 2);
-    let info = reid_train::read_info(&straight.join("checkpoints/last.safetensors")).unwrap();
+    let info = reid_model::checkpoint::read_info(&straight.join("checkpoints/last.safetensors")).unwrap();
     assert_eq!((info.model.num_classes, info.image_size), (4, (64, 32)));
+    // The resumed run's log has each row once, as the uninterrupted one.
+    let resumed = std::fs::read_to_string(cut.join("metrics.csv")).unwrap();
+    let steps = |csv: &str| {
+        csv.lines()
+            .map(|l| l.split(',').take(3).collect::<Vec<_>>().join(","))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(steps(&resumed), steps(&csv));
+    // Identical runs give identical bytes.
+    let bytes = |run: &Path| std::fs::read(run.join("checkpoints/last.safetensors")).unwrap();
+    assert_eq!(bytes(&straight), bytes(&cut));
+
+    // Another manifest is refused on resume.
+    let mut other = data;
+    other.manifest_sha256 = "another".into();
+    let err = Trainer::resume(&cut, config(), other, stop).err().unwrap().to_string();
+    assert!(err.contains("manifest is not the one"), "{err}");
+}
+
+#[test]
+fn the_best_validation_survives_a_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut cfg = config();
+    cfg.run.eval_every = 1;
+    cfg.schedule.epochs = 3;
+    let run = dir.path().join("run");
+    // Validation scores fall after the first epoch: `best` must stay at epoch 1.
+    let scores = std::cell::RefCell::new(vec![0.5, 0.4, 0.3].into_iter());
+    let mut validate = |_: &reid_model::ReidModel| Ok((scores.borrow_mut().next().unwrap(), 0.1));
+    let mut t = Trainer::new(cfg.clone(), &run, data.clone(), stop.clone()).unwrap();
+    t.max_steps = Some(7);
+    assert_eq!(t.run(&mut |_| {}, Some(&mut validate)).unwrap(), Outcome::Interrupted);
+    let best_bytes = std::fs::read(run.join("checkpoints/best.safetensors")).unwrap();
+    let mut t = Trainer::resume(&run, cfg, data, stop).unwrap();
+    assert_eq!(t.best.unwrap().epoch, 1);
+    assert_eq!(t.run(&mut |_| {}, Some(&mut validate)).unwrap(), Outcome::Finished);
+    assert_eq!(t.best.unwrap().rank1, 0.5);
+    assert_eq!(
+        std::fs::read(run.join("checkpoints/best.safetensors")).unwrap(),
+        best_bytes
+    );
 }
