@@ -39,6 +39,32 @@ fn ensure_font() {
     });
 }
 
+/// The drawing area of a picture being rendered in memory.
+type Canvas<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+/// Renders a `size` picture with `draw` in memory and writes it to `path` as PNG,
+/// atomically: a crash never leaves a half-drawn file.
+fn render_png(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&Canvas) -> Result<(), ReportError>,
+) -> Result<(), ReportError> {
+    let mut pixels = vec![255u8; size.0 as usize * size.1 as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, size).into_drawing_area();
+        draw(&root)?;
+        root.present().map_err(|e| draw_err(path, e))?;
+    }
+    let img = image::RgbImage::from_raw(size.0, size.1, pixels).ok_or_else(|| draw_err(path, "bad pixel buffer"))?;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| draw_err(path, e))?;
+    reid_data::atomic::write_bytes_atomically(path, &png).map_err(|e| ReportError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 /// One CMC curve with its headline figures.
 #[derive(Debug, Clone)]
 pub struct CurveSeries {
@@ -61,51 +87,52 @@ const PALETTE: [RGBColor; 6] = [
 /// Draws CMC curves (rank 1..N against matching rate) into a PNG.
 pub fn draw_cmc(path: &Path, series: &[CurveSeries]) -> Result<(), ReportError> {
     ensure_font();
-    let root = BitMapBackend::new(path, (800, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
-    let max_rank = series.iter().map(|s| s.cmc.len()).max().unwrap_or(1).max(2);
-    let low = series
-        .iter()
-        .flat_map(|s| s.cmc.first().copied())
-        .fold(1.0f64, f64::min);
-    let y0 = ((low * 10.0).floor() / 10.0 - 0.05).clamp(0.0, 0.9);
-    let mut chart = ChartBuilder::on(&root)
-        .caption("CMC", (FONT_NAME, 26))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(56)
-        .build_cartesian_2d(1f64..max_rank as f64, y0 * 100.0..100.5)
-        .map_err(|e| draw_err(path, e))?;
-    chart
-        .configure_mesh()
-        .x_desc("rank")
-        .y_desc("matching rate (%)")
-        .label_style((FONT_NAME, 15))
-        .draw()
-        .map_err(|e| draw_err(path, e))?;
-    for (i, s) in series.iter().enumerate() {
-        let colour = PALETTE[i % PALETTE.len()];
-        let points = s.cmc.iter().enumerate().map(|(r, v)| ((r + 1) as f64, 100.0 * v));
+    render_png(path, (800, 560), |root| {
+        root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
+        let max_rank = series.iter().map(|s| s.cmc.len()).max().unwrap_or(1).max(2);
+        let low = series
+            .iter()
+            .flat_map(|s| s.cmc.first().copied())
+            .fold(1.0f64, f64::min);
+        let y0 = ((low * 10.0).floor() / 10.0 - 0.05).clamp(0.0, 0.9);
+        let mut chart = ChartBuilder::on(root)
+            .caption("CMC", (FONT_NAME, 26))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(56)
+            .build_cartesian_2d(1f64..max_rank as f64, y0 * 100.0..100.5)
+            .map_err(|e| draw_err(path, e))?;
         chart
-            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
-            .map_err(|e| draw_err(path, e))?
-            .label(format!(
-                "{}: rank-1 {:.2}%, mAP {:.2}%",
-                s.label,
-                100.0 * s.rank1,
-                100.0 * s.map
-            ))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3)));
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font((FONT_NAME, 16))
-        .draw()
-        .map_err(|e| draw_err(path, e))?;
-    root.present().map_err(|e| draw_err(path, e))
+            .configure_mesh()
+            .x_desc("rank")
+            .y_desc("matching rate (%)")
+            .label_style((FONT_NAME, 15))
+            .draw()
+            .map_err(|e| draw_err(path, e))?;
+        for (i, s) in series.iter().enumerate() {
+            let colour = PALETTE[i % PALETTE.len()];
+            let points = s.cmc.iter().enumerate().map(|(r, v)| ((r + 1) as f64, 100.0 * v));
+            chart
+                .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+                .map_err(|e| draw_err(path, e))?
+                .label(format!(
+                    "{}: rank-1 {:.2}%, mAP {:.2}%",
+                    s.label,
+                    100.0 * s.rank1,
+                    100.0 * s.map
+                ))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .label_font((FONT_NAME, 16))
+            .draw()
+            .map_err(|e| draw_err(path, e))?;
+        Ok(())
+    })
 }
 
 /// One row of a ranked-list picture: a query and its best matches.
@@ -139,35 +166,36 @@ pub fn draw_ranked(path: &Path, rows: &[RankedRow]) -> Result<(), ReportError> {
     let step = CELL.0 + 2 * FRAME + GAP;
     let row_h = CELL.1 + 2 * FRAME + GAP + 18;
     let size = (GAP + columns * step + GAP, GAP + rows.len().max(1) as u32 * row_h);
-    let root = BitMapBackend::new(path, size).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
-    for (r, row) in rows.iter().enumerate() {
-        let y = (GAP + r as u32 * row_h + 18) as i32;
-        let mut cells = vec![(row.query.clone(), None)];
-        cells.extend(row.matches.iter().map(|(p, ok)| (p.clone(), Some(*ok))));
-        for (c, (img, correct)) in cells.iter().enumerate() {
-            let x = (GAP + c as u32 * step + if c > 0 { GAP } else { 0 }) as i32;
-            let label = if c == 0 { "query".to_string() } else { format!("#{c}") };
-            root.draw(&Text::new(label, (x + FRAME as i32, y - 16), (FONT_NAME, 13)))
-                .map_err(|e| draw_err(path, e))?;
-            let colour = match correct {
-                None => RGBColor(60, 60, 60),
-                Some(true) => RGBColor(20, 170, 40),
-                Some(false) => RGBColor(220, 30, 30),
-            };
-            let frame = [
-                (x, y),
-                (x + (CELL.0 + 2 * FRAME) as i32, y + (CELL.1 + 2 * FRAME) as i32),
-            ];
-            root.draw(&Rectangle::new(frame, colour.filled()))
-                .map_err(|e| draw_err(path, e))?;
-            let pixels = load_cell(img)?;
-            let element = BitMapElement::with_owned_buffer((x + FRAME as i32, y + FRAME as i32), CELL, pixels)
-                .ok_or_else(|| draw_err(path, "bad image buffer"))?;
-            root.draw(&element).map_err(|e| draw_err(path, e))?;
+    render_png(path, size, |root| {
+        root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
+        for (r, row) in rows.iter().enumerate() {
+            let y = (GAP + r as u32 * row_h + 18) as i32;
+            let mut cells = vec![(row.query.clone(), None)];
+            cells.extend(row.matches.iter().map(|(p, ok)| (p.clone(), Some(*ok))));
+            for (c, (img, correct)) in cells.iter().enumerate() {
+                let x = (GAP + c as u32 * step + if c > 0 { GAP } else { 0 }) as i32;
+                let label = if c == 0 { "query".to_string() } else { format!("#{c}") };
+                root.draw(&Text::new(label, (x + FRAME as i32, y - 16), (FONT_NAME, 13)))
+                    .map_err(|e| draw_err(path, e))?;
+                let colour = match correct {
+                    None => RGBColor(60, 60, 60),
+                    Some(true) => RGBColor(20, 170, 40),
+                    Some(false) => RGBColor(220, 30, 30),
+                };
+                let frame = [
+                    (x, y),
+                    (x + (CELL.0 + 2 * FRAME) as i32, y + (CELL.1 + 2 * FRAME) as i32),
+                ];
+                root.draw(&Rectangle::new(frame, colour.filled()))
+                    .map_err(|e| draw_err(path, e))?;
+                let pixels = load_cell(img)?;
+                let element = BitMapElement::with_owned_buffer((x + FRAME as i32, y + FRAME as i32), CELL, pixels)
+                    .ok_or_else(|| draw_err(path, "bad image buffer"))?;
+                root.draw(&element).map_err(|e| draw_err(path, e))?;
+            }
         }
-    }
-    root.present().map_err(|e| draw_err(path, e))
+        Ok(())
+    })
 }
 
 /// One row of a run's `metrics.csv`.
@@ -292,37 +320,38 @@ pub fn draw_training_curves(path: &Path, log: &[LogRow]) -> Result<(), ReportErr
     ensure_font();
     let steps: Vec<&LogRow> = log.iter().filter(|r| r.kind == "step").collect();
     let rows = if steps.is_empty() { log.iter().collect() } else { steps };
-    let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
-    let (left, right) = root.split_horizontally(500);
-    let max_step = rows.iter().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
-    let max_loss = rows.iter().map(|r| r.loss.max(r.loss_id)).fold(0.1, f64::max) * 1.05;
-    let losses: [(&str, LogField); 3] = [
-        ("total", |r| r.loss),
-        ("identification", |r| r.loss_id),
-        ("verification", |r| r.loss_verif),
-    ];
-    let panel = Panel {
-        caption: "losses",
-        max_step,
-        y_max: max_loss,
-        first_colour: 0,
-        legend: SeriesLabelPosition::UpperRight,
-    };
-    draw_panel(path, &left, &panel, &rows, &losses)?;
-    let accuracies: [(&str, LogField); 2] = [
-        ("identification", |r| 100.0 * r.id_acc),
-        ("verification", |r| 100.0 * r.verif_acc),
-    ];
-    let panel = Panel {
-        caption: "accuracy (%)",
-        max_step,
-        y_max: 100.5,
-        first_colour: 1,
-        legend: SeriesLabelPosition::LowerRight,
-    };
-    draw_panel(path, &right, &panel, &rows, &accuracies)?;
-    root.present().map_err(|e| draw_err(path, e))
+    render_png(path, (1000, 420), |root| {
+        root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
+        let (left, right) = root.split_horizontally(500);
+        let max_step = rows.iter().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
+        let max_loss = rows.iter().map(|r| r.loss.max(r.loss_id)).fold(0.1, f64::max) * 1.05;
+        let losses: [(&str, LogField); 3] = [
+            ("total", |r| r.loss),
+            ("identification", |r| r.loss_id),
+            ("verification", |r| r.loss_verif),
+        ];
+        let panel = Panel {
+            caption: "losses",
+            max_step,
+            y_max: max_loss,
+            first_colour: 0,
+            legend: SeriesLabelPosition::UpperRight,
+        };
+        draw_panel(path, &left, &panel, &rows, &losses)?;
+        let accuracies: [(&str, LogField); 2] = [
+            ("identification", |r| 100.0 * r.id_acc),
+            ("verification", |r| 100.0 * r.verif_acc),
+        ];
+        let panel = Panel {
+            caption: "accuracy (%)",
+            max_step,
+            y_max: 100.5,
+            first_colour: 1,
+            legend: SeriesLabelPosition::LowerRight,
+        };
+        draw_panel(path, &right, &panel, &rows, &accuracies)?;
+        Ok(())
+    })
 }
 
 fn escape(s: &str) -> String {

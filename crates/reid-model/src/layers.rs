@@ -7,6 +7,7 @@ use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use crate::ops::batch_norm::{BatchNormTrain, BatchStats, ChannelAffine};
+use crate::ops::{generic, Kernels};
 
 /// A bias-free 2-D convolution (`<name>.weight`, [out, in, k, k]).
 #[derive(Debug, Clone)]
@@ -41,14 +42,14 @@ impl Module for Conv {
 /// Batch norm with PyTorch's settings (eps 1e-5, momentum 0.1, affine) and timm's
 /// names (`weight`, `bias`, `running_mean`, `running_var`). On the CPU it runs as
 /// the fused ops of [`crate::ops::batch_norm`], ReLU included when asked; on other
-/// devices through candle's own batch norm.
+/// devices (and under `REID_OPS=generic`) through candle's own batch norm.
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
     weight: Tensor,
     bias: Tensor,
     running_mean: Var,
     running_var: Var,
-    fallback: candle_nn::BatchNorm,
+    generic: candle_nn::BatchNorm,
 }
 
 const BN_EPS: f64 = 1e-5;
@@ -60,7 +61,7 @@ impl BatchNorm {
         let running_var = vb.get_with_hints(channels, "running_var", candle_nn::Init::Const(1.0))?;
         let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
         let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
-        let fallback = candle_nn::BatchNorm::new_with_momentum(
+        let generic = candle_nn::BatchNorm::new_with_momentum(
             channels,
             running_mean.clone(),
             running_var.clone(),
@@ -74,7 +75,7 @@ impl BatchNorm {
             bias,
             running_mean: Var::from_tensor(&running_mean)?,
             running_var: Var::from_tensor(&running_var)?,
-            fallback,
+            generic,
         })
     }
 
@@ -82,34 +83,55 @@ impl BatchNorm {
     /// running ones) when `train`, else with the running statistics; then ReLU if
     /// `relu`.
     pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        if !x.device().is_cpu() {
-            let y = self.fallback.forward_t(x, train)?;
-            return if relu { y.relu() } else { Ok(y) };
+        self.forward_with(Kernels::for_tensor(x), x, train, relu)
+    }
+
+    /// [`BatchNorm::forward_t`] with the given kernels.
+    pub fn forward_with(&self, kernels: Kernels, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        match (kernels, train) {
+            (Kernels::Generic, _) => {
+                let y = self.generic.forward_t(x, train)?;
+                if relu {
+                    generic::relu(&y)
+                } else {
+                    Ok(y)
+                }
+            }
+            (Kernels::Fused, true) => self.train_fused(&x.contiguous()?, relu),
+            (Kernels::Fused, false) => {
+                let scale = (&self.weight / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
+                let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
+                x.contiguous()?
+                    .apply_op3_no_bwd(&scale, &shift, &ChannelAffine { relu })
+            }
         }
-        let x = x.contiguous()?;
-        if train {
-            let stats = Arc::new(Mutex::new(None));
-            let op = BatchNormTrain {
-                eps: BN_EPS,
-                relu,
-                stats: stats.clone(),
-            };
-            let y = x.apply_op3(&self.weight, &self.bias, op)?;
-            let BatchStats { mean, var, count } = stats.lock().expect("stats lock").clone().expect("forward ran");
-            let unbiased = count as f64 / (count as f64 - 1.0).max(1.0);
-            let (dtype, device) = (x.dtype(), x.device());
-            let mean = Tensor::from_vec(mean, self.weight.dims(), device)?.to_dtype(dtype)?;
-            let var = (Tensor::from_vec(var, self.weight.dims(), device)?.to_dtype(dtype)? * unbiased)?;
-            let rm = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
-            let rv = ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (var * BN_MOMENTUM)?)?;
-            self.running_mean.set(&rm)?;
-            self.running_var.set(&rv)?;
-            Ok(y)
-        } else {
-            let scale = (&self.weight / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
-            let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
-            x.apply_op3_no_bwd(&scale, &shift, &ChannelAffine { relu })
-        }
+    }
+
+    /// The fused train-mode op, then the running-statistics update from the batch
+    /// statistics it computed (unbiased variance, as PyTorch).
+    fn train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let stats = Arc::new(Mutex::new(None));
+        let op = BatchNormTrain {
+            eps: BN_EPS,
+            relu,
+            stats: stats.clone(),
+        };
+        let y = x.apply_op3(&self.weight, &self.bias, op)?;
+        let BatchStats { mean, var, count } = stats.lock().expect("stats lock").clone().expect("forward ran");
+        let unbiased = count as f64 / (count as f64 - 1.0).max(1.0);
+        let (dtype, device) = (x.dtype(), x.device());
+        let mean = Tensor::from_vec(mean, self.weight.dims(), device)?.to_dtype(dtype)?;
+        let var = (Tensor::from_vec(var, self.weight.dims(), device)?.to_dtype(dtype)? * unbiased)?;
+        let rm = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
+        let rv = ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (var * BN_MOMENTUM)?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)?;
+        Ok(y)
+    }
+
+    /// The running mean and variance.
+    pub fn running_stats(&self) -> (&Tensor, &Tensor) {
+        (self.running_mean.as_tensor(), self.running_var.as_tensor())
     }
 }
 

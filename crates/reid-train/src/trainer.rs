@@ -43,15 +43,15 @@ pub enum TrainError {
         message: String,
         run: PathBuf,
     },
-    #[error("epoch {epoch}, step {step}: the run diverged: {what}. Lower optim.lr (now {lr}) or raise schedule.warmup_epochs (now {warmup}). Nothing non-finite was saved: {run}/checkpoints/last.safetensors holds the last good state (epoch {kept_epoch}), and `reid train --resume {run}` continues from it")]
+    #[error("epoch {epoch}, step {step}: the run diverged: {what}. Lower optim.lr (now {lr}) or raise schedule.warmup_epochs (now {warmup}). Nothing non-finite was saved: {kept}")]
     Diverged {
         epoch: usize,
         step: u64,
         what: String,
         lr: f64,
         warmup: usize,
-        run: String,
-        kept_epoch: usize,
+        /// What the run folder still holds.
+        kept: String,
     },
     #[error("{0}")]
     Invalid(String),
@@ -312,15 +312,21 @@ impl Trainer {
     }
 
     fn diverged(&self, epoch: usize, what: String) -> TrainError {
-        let kept = crate::state::TrainerState::read(&self.paths.state()).map_or(0, |s| s.position.epoch);
+        let run = self.paths.root.display();
+        let kept = match TrainerState::read(&self.paths.state()) {
+            Ok(s) => format!(
+                "{run}/checkpoints/last.safetensors holds the last good state (step {}), and `reid train --resume {run}` continues from it",
+                s.position.step
+            ),
+            Err(_) => format!("{run} holds no checkpoint yet; start a new run"),
+        };
         TrainError::Diverged {
             epoch: epoch + 1,
             step: self.position.step + 1,
             what,
             lr: self.config.optim.lr,
             warmup: self.config.schedule.warmup_epochs,
-            run: self.paths.root.display().to_string(),
-            kept_epoch: kept,
+            kept,
         }
     }
 

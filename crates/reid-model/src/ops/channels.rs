@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
-use super::{contiguous, dims4, filled_in_chunks};
+use super::{contiguous, dims4, filled_in_chunks, Kernels};
 
 /// Copies channels `start..start + len` of each image (`channels` in all) from
 /// `src` (images of `src_c` channels) into images of `dst_c` channels at
@@ -102,13 +102,12 @@ impl CustomOp1 for ChannelPad {
     }
 }
 
-/// Channels `start..start + len` of `x` [N, C, H, W]: a contiguous copy on the CPU,
-/// candle's `narrow` elsewhere.
+/// Channels `start..start + len` of `x` [N, C, H, W]: one copy by the fused op
+/// on the CPU, the generic `narrow` elsewhere.
 pub fn channel_slice(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(ChannelSlice { start, len })
-    } else {
-        x.narrow(1, start, len)
+    match Kernels::for_tensor(x) {
+        Kernels::Fused => x.contiguous()?.apply_op1(ChannelSlice { start, len }),
+        Kernels::Generic => super::generic::channel_slice(x, start, len),
     }
 }
 

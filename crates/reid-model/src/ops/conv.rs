@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::filled_in_chunks;
+use super::{filled_in_chunks, Kernels};
 
 /// Geometry of one convolution call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,52 +396,15 @@ impl CustomOp2 for Conv2dBackwardWeight {
     }
 }
 
-/// Convolution without bias: [`Conv2d`] on the CPU; on other devices
-/// [`conv2d_by_matmul`], whose backward is matrix products and copies (cuBLAS on
-/// CUDA) rather than candle's `conv_transpose2d`, a naive kernel there.
+/// Convolution without bias: the fused [`Conv2d`] on the CPU, the generic
+/// [`super::generic::conv2d`] elsewhere (or under `REID_OPS=generic`).
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        x.contiguous()?
-            .apply_op2(&weight.contiguous()?, Conv2d { stride, padding })
-    } else {
-        conv2d_by_matmul(x, weight, stride, padding)
+    match Kernels::for_tensor(x) {
+        Kernels::Fused => x
+            .contiguous()?
+            .apply_op2(&weight.contiguous()?, Conv2d { stride, padding }),
+        Kernels::Generic => super::generic::conv2d(x, weight, stride, padding),
     }
-}
-
-/// Convolution from candle's own ops on any device: im2col by zero padding and
-/// `k * k` shifted (and, for stride 2, subsampled) views stacked into columns,
-/// then one batched matrix product with the weight. Autograd differentiates it
-/// through the same ops: the input gradient is a matrix product plus the copies
-/// that undo the stacking (col2im), the weight gradient a matrix product.
-pub fn conv2d_by_matmul(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let g = Geometry::new(x.dims(), weight.dims(), stride, padding)?;
-    let w = weight.reshape((g.o, g.ckk()))?.unsqueeze(0)?.repeat((g.n, 1, 1))?;
-    let cols = if g.direct() {
-        x.reshape((g.n, g.c, g.p()))?
-    } else {
-        // Pad so that every shifted view of `stride * out` rows and columns exists.
-        let (s, p) = (g.stride, g.padding);
-        let extra_h = (g.k + s * g.oh).saturating_sub(g.h + 2 * p);
-        let extra_w = (g.k + s * g.ow).saturating_sub(g.w + 2 * p);
-        let padded = x.pad_with_zeros(2, p, p + extra_h)?.pad_with_zeros(3, p, p + extra_w)?;
-        let mut views = Vec::with_capacity(g.k * g.k);
-        for ky in 0..g.k {
-            for kx in 0..g.k {
-                let v = padded.narrow(2, ky, s * g.oh)?.narrow(3, kx, s * g.ow)?;
-                let v = if s == 1 {
-                    v
-                } else {
-                    v.reshape((g.n, g.c, g.oh, s, g.ow, s))?
-                        .narrow(5, 0, 1)?
-                        .narrow(3, 0, 1)?
-                        .reshape((g.n, g.c, g.oh, g.ow))?
-                };
-                views.push(v);
-            }
-        }
-        Tensor::stack(&views, 2)?.reshape((g.n, g.ckk(), g.p()))?
-    };
-    w.matmul(&cols.contiguous()?)?.reshape((g.n, g.o, g.oh, g.ow))
 }
 
 #[cfg(test)]
@@ -502,7 +465,7 @@ mod tests {
             let x = Var::from_tensor(&random(&[n, c, h, w], 11 + i as u64)).unwrap();
             let wt = Var::from_tensor(&random(&[o, c, k, k], 111 + i as u64)).unwrap();
             let ours = conv2d(x.as_tensor(), wt.as_tensor(), s, p).unwrap();
-            let generic = conv2d_by_matmul(x.as_tensor(), wt.as_tensor(), s, p).unwrap();
+            let generic = crate::ops::generic::conv2d(x.as_tensor(), wt.as_tensor(), s, p).unwrap();
             assert_eq!(ours.dims(), generic.dims(), "case {i}");
             assert!(max_diff(&values(&ours), &values(&generic)) < 1e-12, "forward, case {i}");
             let g = random(ours.dims(), 17);

@@ -59,8 +59,42 @@ macro_rules! two_floats {
 pub mod batch_norm;
 pub mod channels;
 pub mod conv;
+pub mod generic;
 pub mod pool;
 pub mod residual;
+
+/// Which implementation the ops run: the fused kernels of this crate, or the
+/// device-generic compositions of [`generic`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    Fused,
+    Generic,
+}
+
+impl Kernels {
+    /// The kernels for an op on `x`: fused on the CPU unless `REID_OPS=generic`
+    /// is set (which runs the GPU code path on the CPU), generic elsewhere.
+    pub fn for_tensor(x: &candle_core::Tensor) -> Kernels {
+        if x.device().is_cpu() && !generic_forced() {
+            Kernels::Fused
+        } else {
+            Kernels::Generic
+        }
+    }
+}
+
+/// Whether `REID_OPS=generic` asks for the generic ops everywhere (read once).
+pub fn generic_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| match std::env::var("REID_OPS").as_deref() {
+        Ok("generic") => true,
+        Ok("fused") | Err(_) => false,
+        Ok(other) => {
+            tracing::warn!("REID_OPS={other} is neither `fused` nor `generic`; using the fused ops");
+            false
+        }
+    })
+}
 
 pub use channels::channel_slice;
 pub use conv::conv2d;
@@ -86,6 +120,9 @@ pub(crate) unsafe fn filled_in_chunks<T: Send>(
     unsafe { out.set_len(len) };
     out
 }
+
+#[cfg(test)]
+mod nonfinite_tests;
 
 /// Deterministic random tensors for the ops' tests.
 #[cfg(test)]

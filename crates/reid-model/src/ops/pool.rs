@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::{contiguous, dims4};
+use super::{contiguous, dims4, Kernels};
 
 /// Window geometry shared by both pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,15 +36,18 @@ impl Window {
     }
 }
 
-/// Index of the maximum of one window: the first maximum in row-major order, NaN
-/// winning, as PyTorch picks it.
+/// Index of the maximum of one window: the first maximum in row-major order, as
+/// PyTorch picks it; a NaN wins (the first one, where PyTorch takes the last).
 fn window_argmax<T: Float>(plane: &[T], w: usize, ys: (usize, usize), xs: (usize, usize)) -> usize {
     let mut best = T::neg_infinity();
     let mut at = ys.0 * w + xs.0;
     for y in ys.0..ys.1 {
         for x in xs.0..xs.1 {
             let v = plane[y * w + x];
-            if v > best || v.is_nan() {
+            if v.is_nan() {
+                return y * w + x;
+            }
+            if v > best {
                 best = v;
                 at = y * w + x;
             }
@@ -258,10 +261,9 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
         stride,
         padding,
     };
-    if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(MaxPool2d::new(window))
-    } else {
-        composed_pool(x, window, true)
+    match Kernels::for_tensor(x) {
+        Kernels::Fused => x.contiguous()?.apply_op1(MaxPool2d::new(window)),
+        Kernels::Generic => super::generic::max_pool2d(x, window),
     }
 }
 
@@ -272,59 +274,9 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
         stride,
         padding,
     };
-    if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(AvgPool2d(window))
-    } else {
-        composed_pool(x, window, false)
-    }
-}
-
-/// Every `stride`-th element of dimension `dim`, starting at 0, `count` of them.
-fn subsample(x: &Tensor, dim: usize, stride: usize, count: usize) -> Result<Tensor> {
-    if stride == 1 {
-        return x.narrow(dim, 0, count);
-    }
-    let need = count * stride;
-    let have = x.dim(dim)?;
-    let x = if have < need {
-        x.pad_with_zeros(dim, 0, need - have)?
-    } else {
-        x.narrow(dim, 0, need)?
-    };
-    let mut shape = x.dims().to_vec();
-    shape[dim] = count;
-    shape.insert(dim + 1, stride);
-    x.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
-}
-
-/// Pooling from candle's own operations (zero padding, shifted views, maximum or
-/// sum, subsampling), for devices without the CPU kernels. Zero padding equals
-/// PyTorch's -inf padding for max pooling of non-negative inputs (post-ReLU, as in
-/// the stem); average pooling counts the padding, as `count_include_pad`.
-fn composed_pool(x: &Tensor, w: Window, max: bool) -> Result<Tensor> {
-    let (_, _, h, wd) = x.dims4()?;
-    let (oh, ow) = (w.out_len(h), w.out_len(wd));
-    let xp = x
-        .pad_with_zeros(2, w.padding, w.padding)?
-        .pad_with_zeros(3, w.padding, w.padding)?;
-    let (sh, sw) = (h + 2 * w.padding - w.kernel + 1, wd + 2 * w.padding - w.kernel + 1);
-    let mut acc: Option<Tensor> = None;
-    for dy in 0..w.kernel {
-        for dx in 0..w.kernel {
-            let view = xp.narrow(2, dy, sh)?.narrow(3, dx, sw)?;
-            acc = Some(match acc {
-                None => view,
-                Some(a) if max => a.maximum(&view)?,
-                Some(a) => (a + view)?,
-            });
-        }
-    }
-    let acc = acc.expect("kernel is at least 1");
-    let pooled = subsample(&subsample(&acc, 2, w.stride, oh)?, 3, w.stride, ow)?;
-    if max {
-        Ok(pooled)
-    } else {
-        pooled / (w.kernel * w.kernel) as f64
+    match Kernels::for_tensor(x) {
+        Kernels::Fused => x.contiguous()?.apply_op1(AvgPool2d(window)),
+        Kernels::Generic => super::generic::avg_pool2d(x, window),
     }
 }
 
@@ -413,9 +365,9 @@ mod tests {
     }
 
     #[test]
-    fn the_composed_fallback_matches_the_kernels_on_non_negative_input() {
+    fn the_generic_pools_match_the_kernels_on_signed_input() {
         for (shape, stride) in [([2, 3, 7, 6], 2), ([1, 2, 8, 5], 1), ([1, 1, 6, 6], 2)] {
-            let x = random(&shape, 5).abs().unwrap();
+            let x = (random(&shape, 5) - 0.5).unwrap();
             let v = Var::from_tensor(&x).unwrap();
             for max in [true, false] {
                 let w = Window {
@@ -429,7 +381,12 @@ mod tests {
                     avg_pool2d(v.as_tensor(), 3, stride, 1)
                 }
                 .unwrap();
-                let composed = composed_pool(v.as_tensor(), w, max).unwrap();
+                let composed = if max {
+                    crate::ops::generic::max_pool2d(v.as_tensor(), w)
+                } else {
+                    crate::ops::generic::avg_pool2d(v.as_tensor(), w)
+                }
+                .unwrap();
                 assert_eq!(ours.dims(), composed.dims());
                 let d = (&ours - &composed)
                     .unwrap()

@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
-use super::filled_in_chunks;
+use super::{filled_in_chunks, Kernels};
 
 /// Elements per parallel task: large enough to amortise scheduling.
 const CHUNK: usize = 1 << 14;
@@ -33,20 +33,23 @@ macro_rules! binary {
     }};
 }
 
+/// `max(a + b, 0)`, NaN kept (as PyTorch's ReLU; `f32::max` would drop it).
 fn relu_of_sum<T: Float>(a: T, b: T) -> T {
     let s = a + b;
-    if s > T::zero() {
-        s
-    } else {
+    if s <= T::zero() {
         T::zero()
+    } else {
+        s
     }
 }
 
+/// The gradient wherever the output was not clamped to 0 (NaN outputs pass it,
+/// as PyTorch's `threshold_backward` does).
 fn pass_where_positive<T: Float>(g: T, out: T) -> T {
-    if out > T::zero() {
-        g
-    } else {
+    if out <= T::zero() {
         T::zero()
+    } else {
+        g
     }
 }
 
@@ -84,13 +87,12 @@ impl CustomOp2 for ReluMask {
     }
 }
 
-/// `relu(a + b)` for tensors of one shape: one fused op on the CPU, candle's add and
-/// ReLU elsewhere.
+/// `relu(a + b)` for tensors of one shape: one fused op on the CPU, the generic
+/// composition elsewhere.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.device().is_cpu() {
-        a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
-    } else {
-        (a + b)?.relu()
+    match Kernels::for_tensor(a) {
+        Kernels::Fused => a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu),
+        Kernels::Generic => super::generic::add_relu(a, b),
     }
 }
 
