@@ -187,3 +187,37 @@ fn a_corrupt_training_image_names_the_file_or_is_skipped() {
     let skipped = train(&["--set", "data.skip_unreadable=true"], "run-b");
     ok(&skipped);
 }
+
+#[test]
+fn the_demo_retrains_when_its_recipe_changes_and_reuses_an_identical_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = |lr: &str| {
+        let args = [
+            "demo",
+            "--size",
+            "tiny",
+            "--no-flip",
+            "--set",
+            "schedule.epochs=1",
+            "--set",
+            "data.batch_size=8",
+            "--set",
+            lr,
+        ];
+        ok(&reid(&args, dir.path()))
+    };
+    let first = demo("optim.lr=0.04");
+    assert!(first.contains("[train] trained 1 epochs"), "{first}");
+    let changed = demo("optim.lr=0.03");
+    assert!(
+        changed.contains("the recipe changed (optim.lr: 0.04 -> 0.03)") && changed.contains("[train] trained"),
+        "{changed}"
+    );
+    // New weights: the galleries are extracted again.
+    assert!(!changed.contains("cached (same checkpoint"), "{changed}");
+    let same = demo("optim.lr=0.03");
+    assert!(
+        same.contains("[train] cached") && same.contains("cached (same checkpoint"),
+        "{same}"
+    );
+}

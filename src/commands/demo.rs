@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use reid_data::{DatasetKind, IndexOptions, Manifest, SynthConfig};
 use reid_model::DeviceSpec;
-use reid_train::{Outcome, Prepared, RunPaths, TrainConfig, TrainerState};
+use reid_train::{Outcome, Prepared, RunPaths, TrainConfig};
 
 use crate::commands::{evaluate, extract, synth, train};
 
@@ -80,7 +80,7 @@ enum RunCache {
 /// Compares the run in `run_dir` with the recipe and the manifest asked for.
 fn run_cache(run_dir: &Path, config: &TrainConfig, manifest: &Path) -> Result<RunCache> {
     let paths = RunPaths::new(run_dir);
-    let Ok(state) = TrainerState::read(&paths.state()) else {
+    let Ok(state) = reid_train::recover_state(&paths) else {
         return Ok(RunCache::Stale(
             run_dir.exists().then(|| "it holds no finished epoch".into()),
         ));

@@ -17,6 +17,6 @@ pub use config::TrainConfig;
 pub use launch::{Launch, Prepared};
 pub use optim::{Sgd, SgdConfig};
 pub use schedule::{Decay, ScheduleConfig};
-pub use state::{Best, Position, RunPaths, TrainerState};
+pub use state::{recover_state, Best, Position, RunPaths, TrainerState};
 pub use step::{train_step, BatchTensors, StepError, StepStats};
 pub use trainer::{Event, Outcome, TrainData, TrainError, Trainer};

@@ -81,6 +81,11 @@ impl RunPaths {
     pub fn state(&self) -> PathBuf {
         self.checkpoints().join("last.state.safetensors")
     }
+    /// The state of the `last` being written: promoted to [`RunPaths::state`] once
+    /// `last` is in place (see [`save_last`]).
+    pub fn state_next(&self) -> PathBuf {
+        self.checkpoints().join("last.state.next.safetensors")
+    }
     /// The checkpoint a trained run is used through: `best` when validation kept
     /// one, else `last`.
     pub fn chosen_checkpoint(&self) -> PathBuf {
@@ -175,6 +180,53 @@ impl TrainerState {
     }
 }
 
+/// Writes `last` and its trainer state so that a crash at any point leaves a
+/// matching pair: the state goes to [`RunPaths::state_next`] first, then the
+/// weights replace `last`, then the state is renamed into place.
+/// [`recover_state`] finishes an interrupted save.
+pub fn save_last(
+    paths: &RunPaths,
+    model: &ReidModel,
+    image_size: (usize, usize),
+    state: &TrainerState,
+    optimizer: &Sgd,
+) -> Result<(), WeightError> {
+    state.save(optimizer, &paths.state_next())?;
+    save_model(model, image_size, state.position, &paths.checkpoint("last"))?;
+    let io = |e: std::io::Error| WeightError::Write {
+        path: paths.state(),
+        message: e.to_string(),
+    };
+    std::fs::rename(paths.state_next(), paths.state()).map_err(io)?;
+    std::fs::File::open(paths.checkpoints())
+        .and_then(|d| d.sync_all())
+        .map_err(io)
+}
+
+/// The trainer state that matches `last`, finishing a save that a crash cut
+/// off (promoting the pending state, or dropping a stale one).
+pub fn recover_state(paths: &RunPaths) -> Result<TrainerState, WeightError> {
+    let weights_step = read_step(&paths.checkpoint("last"))?;
+    let current = TrainerState::read(&paths.state());
+    if current.as_ref().is_ok_and(|s| s.position.step == weights_step) {
+        let _ = std::fs::remove_file(paths.state_next());
+        return current;
+    }
+    match TrainerState::read(&paths.state_next()) {
+        Ok(next) if next.position.step == weights_step => {
+            std::fs::rename(paths.state_next(), paths.state()).map_err(|e| WeightError::Write {
+                path: paths.state(),
+                message: e.to_string(),
+            })?;
+            Ok(next)
+        }
+        _ => Err(WeightError::Read {
+            path: paths.checkpoints(),
+            message: format!("no trainer state of step {weights_step}, the step of last.safetensors; the run cannot continue exactly"),
+        }),
+    }
+}
+
 /// Restores the momentum buffers of `optimizer` from a state file.
 pub fn load_momentum(optimizer: &mut Sgd, path: &Path) -> Result<(), WeightError> {
     let tensors = reid_model::weights::read_safetensors(path)?;
@@ -190,6 +242,48 @@ pub fn load_momentum(optimizer: &mut Sgd, path: &Path) -> Result<(), WeightError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state_at(step: u64) -> TrainerState {
+        TrainerState {
+            position: Position {
+                epoch: 1,
+                batch: 0,
+                step,
+            },
+            best: None,
+            manifest_sha256: "m".into(),
+            config_toml: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_save_cut_off_at_any_point_leaves_a_pair_that_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = RunPaths::new(dir.path());
+        std::fs::create_dir_all(paths.checkpoints()).unwrap();
+        let config = reid_model::ModelConfig {
+            arch: "res2net_tiny".parse().unwrap(),
+            last_stride: 2,
+            num_classes: 3,
+            bnneck: false,
+        };
+        let model = ReidModel::new(config, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let sgd = Sgd::new(Vec::new(), crate::SgdConfig::default());
+        save_last(&paths, &model, (64, 32), &state_at(5), &sgd).unwrap();
+        assert_eq!(recover_state(&paths).unwrap().position.step, 5);
+        // Cut off after the pending state was written: it is stale and dropped.
+        state_at(6).save(&sgd, &paths.state_next()).unwrap();
+        assert_eq!(recover_state(&paths).unwrap().position.step, 5);
+        assert!(!paths.state_next().exists());
+        // Cut off after the weights were replaced: the pending state is promoted.
+        state_at(6).save(&sgd, &paths.state_next()).unwrap();
+        save_model(&model, (64, 32), state_at(6).position, &paths.checkpoint("last")).unwrap();
+        assert_eq!(recover_state(&paths).unwrap().position.step, 6);
+        assert_eq!(TrainerState::read(&paths.state()).unwrap().position.step, 6);
+        // Weights with no state of their step cannot continue.
+        save_model(&model, (64, 32), state_at(7).position, &paths.checkpoint("last")).unwrap();
+        assert!(recover_state(&paths).unwrap_err().to_string().contains("step 7"));
+    }
 
     #[test]
     fn the_state_header_round_trips_with_and_without_a_best() {

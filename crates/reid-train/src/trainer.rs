@@ -20,7 +20,7 @@ use crate::config::{ConfigError, TrainConfig};
 use crate::finite::first_non_finite;
 use crate::log::MetricsLog;
 use crate::optim::Sgd;
-use crate::state::{load_momentum, read_step, save_model, Best, Position, RunPaths, TrainerState};
+use crate::state::{load_momentum, recover_state, save_model, Best, Position, RunPaths, TrainerState};
 use crate::step::{train_step, BatchTensors, StepError, StepStats};
 
 /// Why training stopped early.
@@ -165,7 +165,7 @@ impl Trainer {
         stop: Arc<AtomicBool>,
     ) -> Result<Self, TrainError> {
         let paths = RunPaths::new(run_dir);
-        if paths.state().exists() {
+        if paths.state().exists() || paths.checkpoint("last").exists() {
             return Err(TrainError::Invalid(format!(
                 "{} already holds a run; continue it with --resume {0} or choose another --out",
                 run_dir.display()
@@ -207,16 +207,16 @@ impl Trainer {
         stop: Arc<AtomicBool>,
     ) -> Result<Self, TrainError> {
         let paths = RunPaths::new(run_dir);
-        if !paths.state().exists() {
+        if !paths.checkpoint("last").exists() {
             return Err(TrainError::Invalid(format!(
-                "{}: no trainer state to resume from",
-                paths.state().display()
+                "{}: no checkpoint to resume from (the run did not finish an epoch); start it anew",
+                paths.checkpoint("last").display()
             )));
         }
         for stale in reid_data::atomic::remove_stale_temporaries(&paths.checkpoints())? {
             tracing::info!("removed {}, left by a run killed while saving", stale.display());
         }
-        let state = TrainerState::read(&paths.state())?;
+        let state = recover_state(&paths)?;
         if state.manifest_sha256 != data.manifest_sha256 {
             return Err(TrainError::Invalid(format!(
                 "{}: the manifest is not the one the run started with (sha256 {:.12}… then, {:.12}… now); train on it in a new run",
@@ -229,14 +229,6 @@ impl Trainer {
         model.load_weights(&paths.checkpoint("last"), LoadScope::Full)?;
         let mut optimizer = Sgd::new(model.trainable_vars(), config.optim.clone());
         load_momentum(&mut optimizer, &paths.state())?;
-        let weights_step = read_step(&paths.checkpoint("last"))?;
-        if weights_step != state.position.step {
-            return Err(TrainError::Invalid(format!(
-                "{}: weights of step {weights_step} but trainer state of step {}; the run was cut off while saving",
-                paths.checkpoints().display(),
-                state.position.step
-            )));
-        }
         reid_data::atomic::write_bytes_atomically(&paths.config(), config.to_toml().as_bytes())?;
         let p = state.position;
         tracing::info!("resuming at epoch {}, batch {} (step {})", p.epoch, p.batch, p.step);
@@ -274,16 +266,13 @@ impl Trainer {
 
     /// Writes `last` and the trainer state at position `next`.
     fn save_last(&self, next: Position) -> Result<(), TrainError> {
-        // Both files record the step; `resume` refuses a pair that disagrees (a
-        // crash between the two writes).
-        save_model(&self.model, self.image_size(), next, &self.paths.checkpoint("last"))?;
         let state = TrainerState {
             position: next,
             best: self.best,
             manifest_sha256: self.data.manifest_sha256.clone(),
             config_toml: self.config.to_toml(),
         };
-        state.save(&self.optimizer, &self.paths.state())?;
+        crate::state::save_last(&self.paths, &self.model, self.image_size(), &state, &self.optimizer)?;
         Ok(())
     }
 
@@ -371,11 +360,16 @@ impl Trainer {
                 images_per_s,
             });
             self.save_epoch(epoch, on_event)?;
-            if self.stop.load(Ordering::SeqCst) {
+            if self.should_stop() && epoch + 1 < self.config.schedule.epochs {
                 return Ok(Outcome::Interrupted);
             }
         }
         Ok(Outcome::Finished)
+    }
+
+    /// Whether to stop now: Ctrl-C, or `max_steps` reached.
+    fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) || self.max_steps.is_some_and(|m| self.position.step >= m)
     }
 
     /// Runs the batches of `epoch` from the current position.
@@ -421,7 +415,9 @@ impl Trainer {
                 2 * batch.len(),
                 self.config.run.log_every,
             )?;
-            if self.stop.load(Ordering::SeqCst) || self.max_steps.is_some_and(|m| self.position.step >= m) {
+            // At an epoch's last batch the epoch ends first (its row, validation,
+            // checkpoints); `run` stops right after.
+            if batch.index + 1 < batches && self.should_stop() {
                 self.save_last(self.position)?;
                 on_event(Event::Saved {
                     path: self.paths.checkpoint("last"),
@@ -524,16 +520,16 @@ impl Trainer {
         Ok(Some((rank1, map)))
     }
 
-    /// Saves `last` (and a numbered checkpoint when one is due) at an epoch's end.
+    /// Saves a numbered checkpoint when one is due, then `last`, at an epoch's end:
+    /// in this order, so that a run killed in between redoes the numbered one.
     fn save_epoch(&self, epoch: usize, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
-        self.save_last(self.position)?;
         let keep = self.config.run.checkpoint_every;
         if keep > 0 && (epoch + 1).is_multiple_of(keep) {
             let numbered = self.paths.checkpoint(&format!("epoch-{:04}", epoch + 1));
             save_model(&self.model, self.image_size(), self.position, &numbered)?;
             on_event(Event::Saved { path: numbered });
         }
-        Ok(())
+        self.save_last(self.position)
     }
 }
 

@@ -127,6 +127,22 @@ fn interrupted_and_resumed_equals_uninterrupted() {
 }
 
 #[test]
+fn a_stop_at_an_epochs_last_batch_ends_the_epoch_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let stop = Arc::new(AtomicBool::new(false));
+    let run = dir.path().join("run");
+    let mut t = Trainer::new(config(), &run, data.clone(), stop.clone()).unwrap();
+    t.max_steps = Some(6);
+    assert_eq!(t.run(&mut |_| {}, None).unwrap(), Outcome::Interrupted);
+    assert_eq!((t.position.epoch, t.position.batch), (1, 0));
+    let mut t = Trainer::resume(&run, config(), data, stop).unwrap();
+    assert_eq!(t.run(&mut |_| {}, None).unwrap(), Outcome::Finished);
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().filter(|l| l.starts_with("epoch,")).count(), 2);
+}
+
+#[test]
 fn the_best_validation_survives_a_resume() {
     let dir = tempfile::tempdir().unwrap();
     let data = data(dir.path());
