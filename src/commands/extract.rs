@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Args;
 use reid_data::Split;
-use reid_extract::{extract_split, ExtractOptions, Extracted, SplitJob};
+use reid_extract::{extract_split, ExtractOptions, Extracted};
 use reid_model::DeviceSpec;
-use reid_train::TrainConfig;
+use reid_pipeline::extract::ExtractRequest;
 
 use crate::progress;
 
@@ -24,7 +24,7 @@ pub struct ExtractArgs {
     pub manifest: Option<PathBuf>,
     /// Splits to extract.
     #[arg(long, value_delimiter = ',', default_value = "query,gallery")]
-    pub split: Vec<String>,
+    pub split: Vec<Split>,
     /// Average each image's features with its mirror image's.
     #[arg(long)]
     pub flip: bool,
@@ -44,60 +44,26 @@ pub struct ExtractArgs {
     pub force: bool,
 }
 
-/// Extracts as `args` ask; returns the gallery files written or reused.
-pub fn extract(args: &ExtractArgs) -> Result<Vec<PathBuf>> {
-    let (checkpoint, run_name, run_manifest) = match (&args.run, &args.checkpoint) {
-        (Some(run), _) => {
-            let config = TrainConfig::load(Some(&run.join("config.toml")), &[])
-                .with_context(|| format!("reading the run's config in {}", run.display()))?;
-            let name = run
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            (
-                reid_train::RunPaths::new(run).chosen_checkpoint(),
-                name,
-                config.data.manifest,
-            )
-        }
-        (None, Some(c)) => {
-            let name = c
-                .file_stem()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            (c.clone(), name, None)
-        }
-        (None, None) => bail!("pass --run RUN or --checkpoint FILE"),
-    };
-    if !checkpoint.is_file() {
-        bail!("{}: no checkpoint; train first (reid train)", checkpoint.display());
+pub fn run(args: ExtractArgs) -> Result<()> {
+    let jobs = ExtractRequest {
+        run: args.run,
+        checkpoint: args.checkpoint,
+        manifest: args.manifest,
+        splits: args.split,
+        options: ExtractOptions {
+            batch_size: args.batch.max(1),
+            flip: args.flip,
+            normalize: !args.no_normalize,
+        },
+        out: args.out,
+        force: args.force,
     }
-    let Some(manifest) = args.manifest.clone().or(run_manifest) else {
-        bail!("no manifest: pass --manifest (made by `reid index`)");
-    };
-    let out_dir = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("artifacts/features").join(&run_name));
+    .jobs()?;
     let device = args.device.open()?;
-    let mut written = Vec::new();
-    for split in &args.split {
-        let split: Split = split.parse().map_err(anyhow::Error::msg)?;
-        let job = SplitJob {
-            checkpoint: checkpoint.clone(),
-            manifest: manifest.clone(),
-            split,
-            options: ExtractOptions {
-                batch_size: args.batch,
-                flip: args.flip,
-                normalize: !args.no_normalize,
-            },
-            out: out_dir.join(format!("{split}.safetensors")),
-            force: args.force,
-        };
+    for job in &jobs {
         let started = std::time::Instant::now();
-        let bar = progress::bar(0, split.as_str());
-        let outcome = extract_split(&job, &device, &|done, total| {
+        let bar = progress::bar(0, job.split.as_str());
+        let outcome = extract_split(job, &device, &|done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         })?;
@@ -106,18 +72,10 @@ pub fn extract(args: &ExtractArgs) -> Result<Vec<PathBuf>> {
             Extracted::Cached => println!("{}: cached (same checkpoint, manifest and settings)", job.out.display()),
             Extracted::Written { images } => {
                 let secs = started.elapsed().as_secs_f64();
-                println!(
-                    "{}: {images} images in {secs:.1}s ({:.0} img/s)",
-                    job.out.display(),
-                    images as f64 / secs
-                );
+                let rate = images as f64 / secs;
+                println!("{}: {images} images in {secs:.1}s ({rate:.0} img/s)", job.out.display());
             }
         }
-        written.push(job.out);
     }
-    Ok(written)
-}
-
-pub fn run(args: ExtractArgs) -> Result<()> {
-    extract(&args).map(|_| ())
+    Ok(())
 }

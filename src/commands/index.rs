@@ -9,8 +9,8 @@ use reid_data::{DatasetKind, IndexOptions};
 #[derive(Args)]
 pub struct IndexArgs {
     /// Dataset layout: market1501, dukemtmc-reid or csv.
-    #[arg(long, value_parser = clap::value_parser!(String))]
-    pub dataset: String,
+    #[arg(long)]
+    pub dataset: DatasetKind,
     /// The dataset folder or its parent (for csv: the CSV file, or a folder holding dataset.csv).
     #[arg(long)]
     pub root: PathBuf,
@@ -23,7 +23,7 @@ pub struct IndexArgs {
 }
 
 pub fn run(args: IndexArgs) -> Result<()> {
-    let kind: DatasetKind = args.dataset.parse().map_err(anyhow::Error::msg)?;
+    let kind = args.dataset;
     let out = args
         .out
         .unwrap_or_else(|| PathBuf::from(format!("artifacts/manifests/{}.parquet", kind.as_str())));

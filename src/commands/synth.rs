@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
-use reid_data::synth::{generate, read_synth_record};
+use reid_data::synth::ensure;
 use reid_data::SynthConfig;
 
 use crate::progress;
@@ -74,32 +74,13 @@ impl SynthArgs {
     }
 }
 
-/// Generates the dataset unless `out` already holds one made with `cfg`.
-/// Returns whether anything was generated.
-pub fn ensure(cfg: &SynthConfig, out: &std::path::Path) -> Result<bool> {
-    if out.exists() {
-        return match read_synth_record(out) {
-            Some(existing) if &existing == cfg => Ok(false),
-            Some(_) => bail!(
-                "{} holds a synthetic dataset made with other settings; remove it or choose another --out",
-                out.display()
-            ),
-            None => bail!(
-                "{} already exists and is not a synthetic dataset; choose another --out",
-                out.display()
-            ),
-        };
-    }
-    let bar = progress::bar(cfg.total_images() as u64, "rendering");
-    generate(cfg, out, &|n| bar.set_position(n as u64))?;
-    bar.finish_and_clear();
-    Ok(true)
-}
-
 pub fn run(args: SynthArgs) -> Result<()> {
     let cfg = args.config();
     let started = std::time::Instant::now();
-    if ensure(&cfg, &args.out)? {
+    let bar = progress::bar(cfg.total_images() as u64, "rendering");
+    let generated = ensure(&cfg, &args.out, &|n| bar.set_position(n as u64))?;
+    bar.finish_and_clear();
+    if generated {
         println!(
             "wrote {} images ({} train ids, {} test ids, {} cameras) to {} in {:.1?}",
             cfg.total_images(),

@@ -258,6 +258,26 @@ impl Gallery {
     }
 }
 
+impl Gallery {
+    /// Refuses features (read from `path`) that were extracted with another
+    /// checkpoint than the one of sha256 `checkpoint` (named `other` in the error),
+    /// when both are known: distances between two models' features mean nothing.
+    pub fn check_checkpoint(&self, path: &Path, checkpoint: Option<&str>, other: &Path) -> Result<()> {
+        match (&self.meta.checkpoint_sha256, checkpoint) {
+            (Some(a), Some(b)) if a != b => Err(DataError::invalid(
+                path,
+                format!(
+                    "extracted with another checkpoint (sha256 {:.12}…) than {} (sha256 {:.12}…); extract both with the same one",
+                    a,
+                    other.display(),
+                    b
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Refuses a gallery written by a newer `reid` (or with a version that is no number).
 fn check_version(path: &Path, version: Option<&str>) -> Result<()> {
     let Some(v) = version else { return Ok(()) };

@@ -761,6 +761,26 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &(dyn Fn(usize) + Sync)
     result.map(|_| specs.len())
 }
 
+/// Generates the dataset unless `out` already holds one made with `cfg`; returns
+/// whether anything was generated. A folder of other settings, or not a
+/// synthetic dataset, is an error.
+pub fn ensure(cfg: &SynthConfig, out: &Path, progress: &(dyn Fn(usize) + Sync)) -> Result<bool> {
+    if !out.exists() {
+        return generate(cfg, out, progress).map(|_| true);
+    }
+    match read_synth_record(out) {
+        Some(existing) if &existing == cfg => Ok(false),
+        Some(_) => Err(DataError::invalid(
+            out,
+            "holds a synthetic dataset made with other settings; remove it or choose another --out",
+        )),
+        None => Err(DataError::invalid(
+            out,
+            "already exists and is not a synthetic dataset; choose another --out",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,6 +60,13 @@ pub struct Metrics {
     pub rerank: Option<RerankParams>,
 }
 
+impl Metrics {
+    /// The headline figures, fractions: rank-1, rank-5, rank-10, mAP, mINP.
+    pub fn headline(&self) -> [f64; 5] {
+        [self.rank1, self.rank5, self.rank10, self.map, self.minp]
+    }
+}
+
 /// Metrics plus each query's outcome (`None` for queries without a valid match).
 #[derive(Debug, Clone)]
 pub struct Evaluation {

@@ -3,6 +3,7 @@
 
 pub mod distance;
 pub mod evaluate;
+pub mod files;
 pub mod protocol;
 pub mod report;
 pub mod rerank;

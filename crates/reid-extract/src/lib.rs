@@ -281,3 +281,41 @@ pub fn nearest(gallery: &Gallery, query: &[f32], top: usize) -> Vec<(usize, f32)
     scored.truncate(top);
     scored
 }
+
+/// The nearest gallery entries of each query image.
+pub struct SearchResult {
+    pub gallery: Gallery,
+    /// Per query image: (gallery row, distance), nearest first.
+    pub matches: Vec<Vec<(usize, f32)>>,
+}
+
+/// Embeds `images` with `checkpoint` (which must be the one the gallery file was
+/// extracted with) and finds each one's `top` nearest gallery entries.
+pub fn search(
+    gallery_path: &Path,
+    checkpoint: &Path,
+    images: &[PathBuf],
+    top: usize,
+    device: &Device,
+) -> Result<SearchResult, ExtractError> {
+    let gallery = Gallery::read(gallery_path)?;
+    gallery.check_checkpoint(gallery_path, Some(&sha256_file(checkpoint)?), checkpoint)?;
+    let extractor = Extractor::load(checkpoint, device)?;
+    let options = ExtractOptions {
+        batch_size: 32,
+        flip: gallery.meta.flip.unwrap_or(false),
+        normalize: true,
+    };
+    let features = extractor.embed_files(images, &options, &|_| {})?;
+    let dim = gallery.dim;
+    if features.len() != images.len() * dim {
+        return Err(ExtractError::Invalid(format!(
+            "{}: the gallery holds {dim}-d features but {} gives {}-d ones",
+            gallery_path.display(),
+            checkpoint.display(),
+            features.len() / images.len().max(1)
+        )));
+    }
+    let matches = features.chunks_exact(dim).map(|q| nearest(&gallery, q, top)).collect();
+    Ok(SearchResult { gallery, matches })
+}

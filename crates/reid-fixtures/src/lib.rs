@@ -1,22 +1,22 @@
 //! Test support for the reference fixtures made with PyTorch, timm and torchreid
-//! (`../shared/fixtures`, or the folder named by `REID_FIXTURES`).
+//! (`tests/fixtures` of the repository, or the folder named by `REID_FIXTURES`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors};
 
-/// The fixture root: `$REID_FIXTURES`, else `shared/fixtures` beside the repository.
+/// The fixture root: `$REID_FIXTURES`, else the repository's `tests/fixtures`.
 /// Panics (failing the test) when the folder does not exist: a missing fixture is a
 /// failure, never a skip.
 pub fn root() -> PathBuf {
     let root = match std::env::var_os("REID_FIXTURES") {
         Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"),
     };
     assert!(
         root.is_dir(),
-        "fixture folder {} not found; set REID_FIXTURES or check out shared/ beside the repository",
+        "fixture folder {} not found; set REID_FIXTURES to a folder of fixtures (see tests/fixtures/README.md)",
         root.display()
     );
     root

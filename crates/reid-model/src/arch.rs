@@ -35,7 +35,7 @@ const fn res2net(name: &'static str, layers: [usize; 4], base_width: usize, scal
 }
 
 /// Every architecture `reid` builds.
-pub const ARCHS: [Arch; 9] = [
+pub const ARCHS: [Arch; 10] = [
     res2net("res2net50_26w_4s", [3, 4, 6, 3], 26, 4),
     res2net("res2net50_14w_8s", [3, 4, 6, 3], 14, 8),
     res2net("res2net50_26w_6s", [3, 4, 6, 3], 26, 6),
@@ -54,7 +54,7 @@ pub const ARCHS: [Arch; 9] = [
         layers: [3, 4, 23, 3],
         planes: STAGES,
     },
-    // res2net50_26w_4s in miniature (../shared/fixtures/res2net_tiny): 2 blocks per
+    // res2net50_26w_4s in miniature (tests/fixtures/res2net_tiny): 2 blocks per
     // stage, stage widths 8, 16, 32, 64.
     Arch {
         name: "res2net_tiny",
@@ -62,6 +62,13 @@ pub const ARCHS: [Arch; 9] = [
             scale: 4,
             base_width: 26,
         },
+        layers: [2, 2, 2, 2],
+        planes: [8, 16, 32, 64],
+    },
+    // resnet50 in miniature (tests/fixtures/resnet_tiny), as res2net_tiny.
+    Arch {
+        name: "resnet_tiny",
+        block: BlockKind::ResNet,
         layers: [2, 2, 2, 2],
         planes: [8, 16, 32, 64],
     },

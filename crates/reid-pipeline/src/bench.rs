@@ -1,0 +1,266 @@
+//! The benchmarks behind `reid bench`: medians of timed iterations after warm-up,
+//! as `bench/torch_baseline.py` times PyTorch on the same shapes, returned as one
+//! JSON object. The training step is `reid_train::train_step` itself.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use reid_model::{Arch, DeviceSpec, LossWeights, ModelConfig, PairTargets, ReidModel};
+use reid_train::{train_step, BatchTensors, Sgd, SgdConfig};
+use serde_json::{json, Value};
+
+use crate::{PipelineError, Result};
+
+/// The median of `v` (upper median for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Seconds of each of `iters` runs of `f` after `warmup` untimed ones.
+pub fn timed(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    (0..iters.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f()?;
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .collect()
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// A model benchmark: eval-mode forward, or a full siamese training step.
+#[derive(Debug, Clone)]
+pub struct ModelBench {
+    pub arch: Arch,
+    /// Images per iteration (a training step takes them as batch / 2 pairs).
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+    pub classes: usize,
+    pub iters: usize,
+    pub warmup: usize,
+    pub train: bool,
+    pub device: DeviceSpec,
+}
+
+fn uniform(shape: (usize, usize, usize, usize), seed: u64, device: &Device) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+/// A pair batch of random images; every other pair shows one identity.
+fn pair_batch(b: &ModelBench, device: &Device) -> Result<BatchTensors> {
+    let pairs = b.batch / 2;
+    let k = b.classes as i64;
+    let y1: Vec<i64> = (0..pairs as i64).map(|i| i % k).collect();
+    let y2: Vec<i64> = y1
+        .iter()
+        .enumerate()
+        .map(|(i, &y)| if i % 2 == 0 { y } else { (y + 1) % k })
+        .collect();
+    let same: Vec<i64> = y1.iter().zip(&y2).map(|(a, b)| i64::from(a != b)).collect();
+    let labels = |v: Vec<i64>| Tensor::from_vec(v, pairs, device);
+    let shape = (pairs, 3, b.height, b.width);
+    Ok(BatchTensors {
+        x1: uniform(shape, 1, device)?,
+        x2: uniform(shape, 2, device)?,
+        targets: PairTargets {
+            y1: labels(y1)?,
+            y2: labels(y2)?,
+            same: labels(same)?,
+        },
+    })
+}
+
+impl ModelBench {
+    /// Runs the benchmark: images/s of the median and best iteration.
+    pub fn run(&self) -> Result<Value> {
+        if self.train && (self.batch < 2 || self.batch % 2 == 1) {
+            return Err(PipelineError::Invalid(format!(
+                "--batch {} must be an even number of images (a training step takes pairs)",
+                self.batch
+            )));
+        }
+        let device = self.device.open()?;
+        let config = ModelConfig {
+            arch: self.arch,
+            last_stride: 2,
+            num_classes: self.classes,
+            bnneck: false,
+        };
+        let model = ReidModel::new(config, DType::F32, &device)?;
+        model.initialize(0)?;
+        let times = if self.train {
+            let batch = pair_batch(self, &device)?;
+            let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default());
+            let mut rng = ChaCha8Rng::seed_from_u64(0);
+            timed(self.warmup, self.iters, || {
+                train_step(&model, &mut sgd, &batch, LossWeights::default(), 0.5, 0.01, &mut rng)
+                    .map_err(|e| PipelineError::Invalid(e.to_string()))?;
+                device.synchronize()?;
+                Ok(())
+            })?
+        } else {
+            let x = uniform((self.batch, 3, self.height, self.width), 1, &device)?;
+            timed(self.warmup, self.iters, || {
+                model.features(&x, false)?;
+                device.synchronize()?;
+                Ok(())
+            })?
+        };
+        let best = times.iter().copied().fold(f64::MAX, f64::min);
+        let med = median(times);
+        Ok(json!({
+            "cmd": if self.train { "train" } else { "infer" },
+            "arch": self.arch.name,
+            "device": self.device.to_string(),
+            "batch": self.batch,
+            "height": self.height,
+            "width": self.width,
+            "sec_per_iter_median": med,
+            "images_per_s_median": self.batch as f64 / med,
+            "images_per_s_best": self.batch as f64 / best,
+        }))
+    }
+}
+
+/// A loader benchmark: pair batches decoded (and augmented) from a manifest.
+#[derive(Debug, Clone)]
+pub struct LoaderBench {
+    pub manifest: std::path::PathBuf,
+    /// Pairs per batch.
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+    pub batches: usize,
+    pub augment: bool,
+}
+
+impl LoaderBench {
+    /// Images/s of three passes over `batches` batches (median).
+    pub fn run(&self) -> Result<Value> {
+        let (data, _) = reid_train::TrainData::load(&self.manifest)?;
+        let sampler = std::sync::Arc::new(reid_sampling::PairSampler::new(data.labels.clone(), 0.5, 0));
+        let cfg = reid_sampling::LoaderConfig {
+            batch_size: self.batch,
+            height: self.height,
+            width: self.width,
+            augment: if self.augment {
+                reid_sampling::Augment::default()
+            } else {
+                reid_sampling::Augment::none()
+            },
+            prefetch: 4,
+            threads: 0,
+            skip_unreadable: false,
+            drop_last: true,
+            seed: 0,
+        };
+        let mut rates = Vec::new();
+        for pass in 0..3u64 {
+            let t = Instant::now();
+            let mut images = 0;
+            let loader = reid_sampling::PairLoader::start(data.paths.clone(), sampler.clone(), cfg.clone(), pass, 0);
+            for batch in loader.take(self.batches) {
+                images += 2 * batch?.len();
+            }
+            rates.push(images as f64 / t.elapsed().as_secs_f64());
+        }
+        Ok(json!({
+            "cmd": "loader",
+            "augment": self.augment,
+            "pairs_per_batch": self.batch,
+            "batches": self.batches,
+            "height": self.height,
+            "width": self.width,
+            "images_per_s_median": median(rates),
+        }))
+    }
+}
+
+/// An evaluation benchmark on a random Market-like case: Q queries, G gallery
+/// entries of D dimensions, 751 identities and 6 cameras.
+#[derive(Debug, Clone)]
+pub struct EvalBench {
+    pub queries: usize,
+    pub gallery: usize,
+    pub dim: usize,
+    pub iters: usize,
+    pub rerank: bool,
+}
+
+/// Features around identity centres, with identities and cameras.
+struct Case {
+    features: Vec<f32>,
+    pids: Vec<i64>,
+    camids: Vec<i64>,
+}
+
+fn random_case(n: usize, dim: usize, centers: &[f32], rng: &mut ChaCha8Rng) -> Case {
+    let ids = centers.len() / dim;
+    let pids: Vec<i64> = (0..n).map(|_| rng.gen_range(0..ids as i64)).collect();
+    let camids: Vec<i64> = (0..n).map(|_| rng.gen_range(0..6)).collect();
+    let mut features = Vec::with_capacity(n * dim);
+    for &p in &pids {
+        for k in 0..dim {
+            features.push(centers[p as usize * dim + k] + 1.5 * rng.gen_range(-1.0f32..1.0));
+        }
+    }
+    Case { features, pids, camids }
+}
+
+impl Case {
+    fn set(&self, dim: usize) -> reid_eval::FeatureSet<'_> {
+        reid_eval::FeatureSet {
+            features: &self.features,
+            dim,
+            pids: &self.pids,
+            camids: &self.camids,
+        }
+    }
+}
+
+impl EvalBench {
+    /// Seconds per evaluation (distances, ranking, metrics), median and best.
+    pub fn run(&self) -> Result<Value> {
+        let d = self.dim;
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let centers: Vec<f32> = (0..751 * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let q = random_case(self.queries, d, &centers, &mut rng);
+        let g = random_case(self.gallery, d, &centers, &mut rng);
+        let rerank = self.rerank.then(reid_eval::RerankParams::default);
+        let mut metrics = None;
+        let times = timed(0, self.iters, || {
+            metrics = Some(reid_eval::evaluate(q.set(d), g.set(d), reid_eval::Metric::Cosine, rerank, 50)?.metrics);
+            Ok(())
+        })?;
+        let m = metrics.expect("ran");
+        let best = times.iter().copied().fold(f64::MAX, f64::min);
+        Ok(json!({
+            "cmd": "eval",
+            "rerank": self.rerank,
+            "Q": self.queries,
+            "G": self.gallery,
+            "D": d,
+            "total_s_median": median(times),
+            "total_s_best": best,
+            "rank1": m.rank1,
+            "mAP": m.map,
+        }))
+    }
+}
