@@ -40,6 +40,8 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// Benchmark the model (infer, train) or the evaluator (eval).
     Bench(commands::bench::BenchArgs),
+    /// Check that this build computes what PyTorch does, on a device.
+    Selftest(commands::selftest::SelftestArgs),
 }
 
 /// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e` of the
@@ -87,6 +89,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => commands::bench::run(args),
         Command::Demo(args) => commands::demo::run(args),
         Command::Search(args) => commands::search::run(args),
+        Command::Selftest(args) => commands::selftest::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,5 +7,6 @@ pub mod evaluate;
 pub mod extract;
 pub mod index;
 pub mod search;
+pub mod selftest;
 pub mod synth;
 pub mod train;

@@ -163,7 +163,8 @@ impl Gallery {
         crate::tensor_file::write(path, tensors, &self.meta.to_map())
     }
 
-    /// Reads a gallery file; `features` may be f32, f16-free f64 is converted.
+    /// Reads a gallery file: features f32 (or f64, converted), pids and camids
+    /// i64 (or i32), all checked (shapes, finite features, format version).
     pub fn read(path: &Path) -> Result<Gallery> {
         let bytes = fs::read(path).map_err(|e| DataError::io(path, e))?;
         let st = |e: safetensors::SafeTensorError| DataError::Safetensors {
@@ -172,81 +173,20 @@ impl Gallery {
         };
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(st)?;
         let meta = GalleryMeta::from_map(path, header.metadata().clone().unwrap_or_default())?;
-        let tensors = SafeTensors::deserialize(&bytes).map_err(st)?;
-        let get = |name: &str| {
-            tensors.tensor(name).map_err(|_| {
-                DataError::invalid(
-                    path,
-                    format!("no '{name}' tensor; a gallery holds features [N, D], pids [N] and camids [N]"),
-                )
-            })
-        };
         check_version(path, meta.format_version.as_deref())?;
-        let features = get("features")?;
-        let (n, dim) = match features.shape() {
-            [n, d] if *d > 0 => (*n, *d),
-            s => {
-                return Err(DataError::invalid(
-                    path,
-                    format!("features must be [N, D] with D > 0, got {s:?}"),
-                ))
-            }
-        };
-        let features: Vec<f32> = match features.dtype() {
-            Dtype::F32 => features
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect(),
-            Dtype::F64 => features
-                .data()
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
-                .collect(),
-            d => {
-                return Err(DataError::invalid(
-                    path,
-                    format!("features must be F32 or F64, got {d:?}"),
-                ))
-            }
-        };
-        let ints = |name: &str| -> Result<Vec<i64>> {
-            let t = get(name)?;
-            if t.shape() != [n] {
-                return Err(DataError::invalid(
-                    path,
-                    format!("{name} must be [{n}], got {:?}", t.shape()),
-                ));
-            }
-            Ok(match t.dtype() {
-                Dtype::I64 => t
-                    .data()
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-                    .collect(),
-                Dtype::I32 => t
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
-                    .collect(),
-                d => {
-                    return Err(DataError::invalid(
-                        path,
-                        format!("{name} must be I64 or I32, got {d:?}"),
-                    ))
-                }
-            })
-        };
+        let tensors = SafeTensors::deserialize(&bytes).map_err(st)?;
+        let (features, dim) = read_features(path, &tensors)?;
         check_finite(path, &features, dim)?;
-        let pids = ints("pids")?;
-        let camids = ints("camids")?;
-        if let Some(p) = &meta.paths {
-            if p.len() != n {
-                return Err(DataError::invalid(
-                    path,
-                    format!("{} paths recorded for {n} rows", p.len()),
-                ));
-            }
+        let n = features.len() / dim;
+        let (pids, camids) = (
+            read_ints(path, &tensors, "pids", n)?,
+            read_ints(path, &tensors, "camids", n)?,
+        );
+        if let Some(p) = meta.paths.as_ref().filter(|p| p.len() != n) {
+            return Err(DataError::invalid(
+                path,
+                format!("{} paths recorded for {n} rows", p.len()),
+            ));
         }
         Ok(Gallery {
             features,
@@ -255,6 +195,73 @@ impl Gallery {
             camids,
             meta,
         })
+    }
+}
+
+/// A tensor of a gallery file, or an error saying what a gallery holds.
+fn tensor<'a>(path: &Path, tensors: &'a SafeTensors, name: &str) -> Result<TensorView<'a>> {
+    tensors.tensor(name).map_err(|_| {
+        DataError::invalid(
+            path,
+            format!("no '{name}' tensor; a gallery holds features [N, D], pids [N] and camids [N]"),
+        )
+    })
+}
+
+/// Little-endian values of `T` from bytes, `N` bytes each.
+fn decode<T, const N: usize>(data: &[u8], from: fn([u8; N]) -> T) -> Vec<T> {
+    data.chunks_exact(N)
+        .map(|b| from(b.try_into().expect("N bytes")))
+        .collect()
+}
+
+/// `features` [N, D] as f32, and D.
+fn read_features(path: &Path, tensors: &SafeTensors) -> Result<(Vec<f32>, usize)> {
+    let t = tensor(path, tensors, "features")?;
+    let dim = match t.shape() {
+        [_, d] if *d > 0 => *d,
+        s => {
+            return Err(DataError::invalid(
+                path,
+                format!("features must be [N, D] with D > 0, got {s:?}"),
+            ))
+        }
+    };
+    let values = match t.dtype() {
+        Dtype::F32 => decode(t.data(), f32::from_le_bytes),
+        Dtype::F64 => decode(t.data(), f64::from_le_bytes)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect(),
+        d => {
+            return Err(DataError::invalid(
+                path,
+                format!("features must be F32 or F64, got {d:?}"),
+            ))
+        }
+    };
+    Ok((values, dim))
+}
+
+/// An integer tensor `name` of shape [n] as i64.
+fn read_ints(path: &Path, tensors: &SafeTensors, name: &str, n: usize) -> Result<Vec<i64>> {
+    let t = tensor(path, tensors, name)?;
+    if t.shape() != [n] {
+        return Err(DataError::invalid(
+            path,
+            format!("{name} must be [{n}], got {:?}", t.shape()),
+        ));
+    }
+    match t.dtype() {
+        Dtype::I64 => Ok(decode(t.data(), i64::from_le_bytes)),
+        Dtype::I32 => Ok(decode(t.data(), i32::from_le_bytes)
+            .into_iter()
+            .map(i64::from)
+            .collect()),
+        d => Err(DataError::invalid(
+            path,
+            format!("{name} must be I64 or I32, got {d:?}"),
+        )),
     }
 }
 

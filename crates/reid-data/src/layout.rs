@@ -278,108 +278,120 @@ pub struct CsvLayout;
 /// The CSV file name looked for when `--root` is a folder.
 pub const CSV_DEFAULT_NAME: &str = "dataset.csv";
 
+/// The CSV file `root` names: the file itself, or `dataset.csv` in a folder.
+fn csv_file(root: &Path) -> Result<PathBuf> {
+    let path = if root.is_dir() {
+        root.join(CSV_DEFAULT_NAME)
+    } else {
+        root.to_path_buf()
+    };
+    if !path.is_file() {
+        return Err(DataError::invalid(
+            &path,
+            "no such CSV file; pass the CSV (header path,pid,camid,split) or a folder holding dataset.csv",
+        ));
+    }
+    Ok(path)
+}
+
+/// Positions of the four columns of a dataset CSV.
+struct CsvColumns {
+    path: usize,
+    pid: usize,
+    camid: usize,
+    split: usize,
+}
+
+impl CsvColumns {
+    fn find(headers: &csv::StringRecord, file: &Path) -> Result<Self> {
+        let column = |name: &str| {
+            headers.iter().position(|h| h == name).ok_or_else(|| {
+                DataError::invalid(
+                    file,
+                    format!("missing column '{name}'; expected the header path,pid,camid,split"),
+                )
+            })
+        };
+        Ok(CsvColumns {
+            path: column("path")?,
+            pid: column("pid")?,
+            camid: column("camid")?,
+            split: column("split")?,
+        })
+    }
+
+    /// The record of one row whose path is `rel`, or why it is refused.
+    fn record(&self, row: &csv::StringRecord, rel: String) -> std::result::Result<ManifestRecord, String> {
+        let field = |c: usize| row.get(c).unwrap_or("");
+        let pid = match field(self.pid).parse::<i64>() {
+            Ok(p) if p >= -1 => p,
+            _ => return Err("pid must be an integer >= -1".into()),
+        };
+        let camid = match field(self.camid).parse::<i64>() {
+            Ok(c) if c >= 0 => c,
+            _ => return Err("camid out of range: must be an integer >= 0 (0-based)".into()),
+        };
+        let split = field(self.split).parse::<Split>()?;
+        if split == Split::Train && pid < 0 {
+            return Err("junk image (-1) in the train split".into());
+        }
+        Ok(ManifestRecord {
+            path: rel,
+            split,
+            pid,
+            label: None,
+            camid,
+            frame: None,
+        })
+    }
+}
+
 impl DatasetLayout for CsvLayout {
     fn name(&self) -> &'static str {
         "csv"
     }
 
     fn index(&self, root: &Path, options: &IndexOptions) -> Result<IndexReport> {
-        let csv_path = if root.is_dir() {
-            root.join(CSV_DEFAULT_NAME)
-        } else {
-            root.to_path_buf()
-        };
-        if !csv_path.is_file() {
-            return Err(DataError::invalid(
-                &csv_path,
-                "no such CSV file; pass the CSV (header path,pid,camid,split) or a folder holding dataset.csv",
-            ));
-        }
+        let csv_path = csv_file(root)?;
         let base = csv_path
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let bad = |e: csv::Error| DataError::invalid(&csv_path, e.to_string());
         let mut reader = csv::ReaderBuilder::new()
             .trim(csv::Trim::All)
             .from_path(&csv_path)
-            .map_err(|e| DataError::invalid(&csv_path, e.to_string()))?;
-        let headers = reader
-            .headers()
-            .map_err(|e| DataError::invalid(&csv_path, e.to_string()))?
-            .clone();
-        let column = |name: &str| {
-            headers.iter().position(|h| h == name).ok_or_else(|| {
-                DataError::invalid(
-                    &csv_path,
-                    format!("missing column '{name}'; expected the header path,pid,camid,split"),
-                )
-            })
-        };
-        let (c_path, c_pid, c_cam, c_split) = (column("path")?, column("pid")?, column("camid")?, column("split")?);
-
+            .map_err(bad)?;
+        let columns = CsvColumns::find(&reader.headers().map_err(bad)?.clone(), &csv_path)?;
         let mut rejections = Rejections {
             skip: options.skip_invalid,
             messages: Vec::new(),
         };
-        let mut skipped_non_images = 0;
-        let mut seen = HashSet::new();
-        let mut records = Vec::new();
+        let (mut skipped_non_images, mut seen, mut records) = (0, HashSet::new(), Vec::new());
         for (i, row) in reader.records().enumerate() {
             let line = i + 2;
             let row = row.map_err(|e| DataError::invalid(&csv_path, format!("line {line}: {e}")))?;
-            let field = |c: usize| row.get(c).unwrap_or("");
-            let rel = field(c_path).replace('\\', "/");
-            let at = |m: &str| format!("line {line} ({rel}): {m}");
+            let rel = row.get(columns.path).unwrap_or("").replace('\\', "/");
             if !is_image_path(Path::new(&rel)) {
                 skipped_non_images += 1;
                 continue;
             }
-            let pid = match field(c_pid).parse::<i64>() {
-                Ok(p) if p >= -1 => p,
-                _ => {
-                    rejections.reject(&csv_path, at("pid must be an integer >= -1"))?;
-                    continue;
+            let record = columns.record(&row, rel.clone()).and_then(|r| {
+                if !seen.insert(rel.clone()) {
+                    Err("duplicate path".to_string())
+                } else if !base.join(&rel).is_file() {
+                    Err("image file not found".to_string())
+                } else {
+                    Ok(r)
                 }
-            };
-            let camid = match field(c_cam).parse::<i64>() {
-                Ok(c) if c >= 0 => c,
-                _ => {
-                    rejections.reject(&csv_path, at("camid out of range: must be an integer >= 0 (0-based)"))?;
-                    continue;
-                }
-            };
-            let split = match field(c_split).parse::<Split>() {
-                Ok(s) => s,
-                Err(e) => {
-                    rejections.reject(&csv_path, at(&e))?;
-                    continue;
-                }
-            };
-            if split == Split::Train && pid < 0 {
-                rejections.reject(&csv_path, at("junk image (-1) in the train split"))?;
-                continue;
-            }
-            if !seen.insert(rel.clone()) {
-                rejections.reject(&csv_path, at("duplicate path"))?;
-                continue;
-            }
-            if !base.join(&rel).is_file() {
-                rejections.reject(&csv_path, at("image file not found"))?;
-                continue;
-            }
-            records.push(ManifestRecord {
-                path: rel,
-                split,
-                pid,
-                label: None,
-                camid,
-                frame: None,
             });
-        }
-        for split in Split::ALL {
-            if !records.iter().any(|r| r.split == split) {
-                return Err(DataError::invalid(&csv_path, format!("split '{split}' has no images")));
+            match record {
+                Ok(r) => records.push(r),
+                Err(m) => rejections.reject(&csv_path, format!("line {line} ({rel}): {m}"))?,
             }
+        }
+        if let Some(split) = Split::ALL.into_iter().find(|s| !records.iter().any(|r| r.split == *s)) {
+            return Err(DataError::invalid(&csv_path, format!("split '{split}' has no images")));
         }
         Ok(IndexReport {
             manifest: Manifest::new("csv", base, records),

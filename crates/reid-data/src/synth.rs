@@ -378,143 +378,166 @@ fn draw_background<R: Rng>(canvas: &mut Canvas, cam: &Camera, rng: &mut R) {
     }
 }
 
-/// Draws a person; `view` 0 front, 1 back, 2 side.
-fn draw_person<R: Rng>(canvas: &mut Canvas, p: &Person, rng: &mut R) {
-    let (w, h) = (canvas.w as f32, canvas.h as f32);
-    let view = rng.gen_range(0..3u8);
-    let scale = p.height * rng.gen_range(0.9..1.04);
-    let ph = h * 0.93 * scale;
-    let cx = w / 2.0 + rng.gen_range(-0.08..0.08) * w;
-    let top = h - ph - rng.gen_range(0.0..0.05) * h;
-    let unit = ph; // lengths are fractions of the person's height
-    let torso_w = if view == 2 { p.build * 0.65 } else { p.build } * unit * 0.5;
-    let head_r = 0.065 * unit;
-    let shoulder = top + 2.0 * head_r + 0.01 * unit;
-    let hip = top + 0.52 * unit;
-    let foot = top + unit;
-    let stride = rng.gen_range(-1.0..1.0f32) * torso_w * 0.35;
+/// Where a person stands in the picture: view (0 front, 1 back, 2 side) and the
+/// lengths of the body, fractions of the person's height `unit`.
+struct Figure<'a> {
+    p: &'a Person,
+    view: u8,
+    cx: f32,
+    top: f32,
+    unit: f32,
+    torso_w: f32,
+    head_r: f32,
+    shoulder: f32,
+    hip: f32,
+    foot: f32,
+    stride: f32,
+}
 
-    // Backpack seen from behind sits over the torso; from the side it sticks out.
-    let draw_bag = |canvas: &mut Canvas, behind: bool| {
-        let bag = p.bag_colour;
-        match (p.bag, view, behind) {
+impl<'a> Figure<'a> {
+    /// Places person `p` in `canvas` with random view, size, position and stride.
+    fn place<R: Rng>(canvas: &Canvas, p: &'a Person, rng: &mut R) -> Self {
+        let (w, h) = (canvas.w as f32, canvas.h as f32);
+        let view = rng.gen_range(0..3u8);
+        let scale = p.height * rng.gen_range(0.9..1.04);
+        let unit = h * 0.93 * scale;
+        let cx = w / 2.0 + rng.gen_range(-0.08..0.08) * w;
+        let top = h - unit - rng.gen_range(0.0..0.05) * h;
+        let torso_w = if view == 2 { p.build * 0.65 } else { p.build } * unit * 0.5;
+        let head_r = 0.065 * unit;
+        let stride = rng.gen_range(-1.0..1.0f32) * torso_w * 0.35;
+        Figure {
+            p,
+            view,
+            cx,
+            top,
+            unit,
+            torso_w,
+            head_r,
+            shoulder: top + 2.0 * head_r + 0.01 * unit,
+            hip: top + 0.52 * unit,
+            foot: top + unit,
+            stride,
+        }
+    }
+
+    /// A backpack seen from behind sits over the torso (`behind` false); from the
+    /// side it sticks out, from the front only its straps show (`behind` true).
+    fn bag(&self, canvas: &mut Canvas, behind: bool) {
+        let (p, cx, u, tw) = (self.p, self.cx, self.unit, self.torso_w);
+        let (bag, side) = (p.bag_colour, if p.bag_left { -1.0 } else { 1.0 });
+        match (p.bag, self.view, behind) {
             (1, 1, false) => canvas.fill_rect(
-                cx - torso_w * 0.8,
-                shoulder + 0.03 * unit,
-                cx + torso_w * 0.8,
-                hip - 0.04 * unit,
+                cx - tw * 0.8,
+                self.shoulder + 0.03 * u,
+                cx + tw * 0.8,
+                self.hip - 0.04 * u,
                 |_, _| bag,
             ),
             (1, 2, true) => {
-                let side = if p.bag_left { -1.0 } else { 1.0 };
-                let x0 = cx + side * torso_w;
-                canvas.fill_rect(
-                    x0.min(x0 + side * 0.09 * unit),
-                    shoulder + 0.03 * unit,
-                    x0.max(x0 + side * 0.09 * unit),
-                    hip - 0.06 * unit,
-                    |_, _| bag,
-                )
+                let x0 = cx + side * tw;
+                let (a, b) = (x0.min(x0 + side * 0.09 * u), x0.max(x0 + side * 0.09 * u));
+                canvas.fill_rect(a, self.shoulder + 0.03 * u, b, self.hip - 0.06 * u, |_, _| bag)
             }
             (1, 0, true) => {
-                // straps only
                 let c = [bag[0] * 0.8, bag[1] * 0.8, bag[2] * 0.8];
                 for s in [-1.0, 1.0] {
-                    let x = cx + s * torso_w * 0.55;
-                    canvas.fill_rect(x - 1.0, shoulder, x + 1.0, hip - 0.1 * unit, |_, _| c);
+                    let x = cx + s * tw * 0.55;
+                    canvas.fill_rect(x - 1.0, self.shoulder, x + 1.0, self.hip - 0.1 * u, |_, _| c);
                 }
             }
             (2, _, false) => {
-                let side = if p.bag_left { -1.0 } else { 1.0 };
-                let x = cx + side * (torso_w + 0.03 * unit);
+                let x = cx + side * (tw + 0.03 * u);
                 canvas.fill_rect(
-                    x - 0.06 * unit,
-                    hip - 0.02 * unit,
-                    x + 0.06 * unit,
-                    hip + 0.1 * unit,
+                    x - 0.06 * u,
+                    self.hip - 0.02 * u,
+                    x + 0.06 * u,
+                    self.hip + 0.1 * u,
                     |_, _| bag,
                 )
             }
             _ => {}
         }
-    };
+    }
 
-    draw_bag(canvas, true);
-    // Legs.
-    let leg_w = torso_w * 0.42;
-    let lower = p.lower;
-    let skin = p.skin;
-    let knee = hip + 0.22 * unit;
-    for (i, dx) in [(-1.0f32, -stride), (1.0, stride)] {
-        let x = cx + i * torso_w * 0.45 + dx * 0.5;
-        let legs_until = if p.shorts { knee } else { foot - 0.04 * unit };
-        canvas.fill_rect(x - leg_w / 2.0, hip, x + leg_w / 2.0, legs_until, |_, _| lower);
-        if p.shorts {
-            canvas.fill_rect(x - leg_w / 2.5, knee, x + leg_w / 2.5, foot - 0.04 * unit, |_, _| skin);
+    /// Legs in trousers (or shorts and skin) and shoes, apart by the stride.
+    fn legs(&self, canvas: &mut Canvas) {
+        let (p, u) = (self.p, self.unit);
+        let leg_w = self.torso_w * 0.42;
+        let (lower, skin, shoes) = (p.lower, p.skin, p.shoes);
+        let knee = self.hip + 0.22 * u;
+        let ankle = self.foot - 0.04 * u;
+        for (i, dx) in [(-1.0f32, -self.stride), (1.0, self.stride)] {
+            let x = self.cx + i * self.torso_w * 0.45 + dx * 0.5;
+            let legs_until = if p.shorts { knee } else { ankle };
+            canvas.fill_rect(x - leg_w / 2.0, self.hip, x + leg_w / 2.0, legs_until, |_, _| lower);
+            if p.shorts {
+                canvas.fill_rect(x - leg_w / 2.5, knee, x + leg_w / 2.5, ankle, |_, _| skin);
+            }
+            canvas.fill_rect(x - leg_w / 2.0, ankle, x + leg_w / 1.6, self.foot, |_, _| shoes);
         }
-        let shoes = p.shoes;
-        canvas.fill_rect(x - leg_w / 2.0, foot - 0.04 * unit, x + leg_w / 1.6, foot, |_, _| shoes);
     }
-    // Arms.
-    let arm_w = torso_w * 0.3;
-    let sleeve = if p.long_sleeves { p.upper } else { p.skin };
-    let swing = rng.gen_range(-1.0..1.0f32) * 0.03 * unit;
-    for (i, sw) in [(-1.0f32, swing), (1.0, -swing)] {
-        let x = cx + i * (torso_w + arm_w * 0.5);
-        let upper = p.upper;
-        canvas.fill_rect(
-            x - arm_w / 2.0 + sw,
-            shoulder,
-            x + arm_w / 2.0 + sw,
-            shoulder + 0.12 * unit,
-            |_, _| upper,
-        );
-        canvas.fill_rect(
-            x - arm_w / 2.0 + sw,
-            shoulder + 0.12 * unit,
-            x + arm_w / 2.0 + sw,
-            hip + 0.02 * unit,
-            |_, _| sleeve,
-        );
+
+    /// Arms swinging by a random amount, sleeved short or long.
+    fn arms<R: Rng>(&self, canvas: &mut Canvas, rng: &mut R) {
+        let (p, u) = (self.p, self.unit);
+        let arm_w = self.torso_w * 0.3;
+        let (upper, sleeve) = (p.upper, if p.long_sleeves { p.upper } else { p.skin });
+        let swing = rng.gen_range(-1.0..1.0f32) * 0.03 * u;
+        let elbow = self.shoulder + 0.12 * u;
+        for (i, sw) in [(-1.0f32, swing), (1.0, -swing)] {
+            let x = self.cx + i * (self.torso_w + arm_w * 0.5) + sw;
+            canvas.fill_rect(x - arm_w / 2.0, self.shoulder, x + arm_w / 2.0, elbow, |_, _| upper);
+            canvas.fill_rect(x - arm_w / 2.0, elbow, x + arm_w / 2.0, self.hip + 0.02 * u, |_, _| {
+                sleeve
+            });
+        }
     }
-    // Torso with its pattern; the front logo is not seen from the back.
-    let (a, b) = (p.upper, p.upper_second);
-    let pattern = if view == 1 && p.upper_pattern == 4 {
-        0
-    } else {
-        p.upper_pattern
-    };
-    let period = (0.05 * unit).max(2.0) as usize;
-    let (tx0, tx1) = (cx - torso_w, cx + torso_w);
-    let mid = (shoulder + hip) / 2.0;
-    canvas.fill_rect(tx0, shoulder, tx1, hip, |x, y| match pattern {
-        1 if (y / period).is_multiple_of(2) => b,
-        2 if (x / period).is_multiple_of(2) => b,
-        3 if (y as f32) > mid => b,
-        4 if (x as f32 - cx).abs() < torso_w * 0.4 && ((y as f32) - mid).abs() < 0.05 * unit => b,
-        _ => a,
-    });
-    draw_bag(canvas, false);
-    // Head and hair.
-    let head_cy = top + head_r;
-    canvas.fill_ellipse(cx, head_cy, head_r * 0.85, head_r, |_, _| skin);
-    let hair = p.hair;
-    if p.hat {
-        let hat = p.upper_second;
-        canvas.fill_rect(
-            cx - head_r,
-            top - 0.01 * unit,
-            cx + head_r,
-            head_cy - head_r * 0.2,
-            |_, _| hat,
-        );
-    } else {
-        let hair_to = if view == 1 {
-            head_cy + head_r * 0.6
+
+    /// The torso with its pattern; the front logo is not seen from the back.
+    fn torso(&self, canvas: &mut Canvas) {
+        let p = self.p;
+        let (a, b) = (p.upper, p.upper_second);
+        let pattern = if self.view == 1 && p.upper_pattern == 4 {
+            0
         } else {
-            head_cy - head_r * 0.3
+            p.upper_pattern
         };
-        canvas.fill_ellipse(cx, head_cy - head_r * 0.25, head_r * 0.9, head_r * 0.8, |_, y| {
+        let period = (0.05 * self.unit).max(2.0) as usize;
+        let (cx, tw, u) = (self.cx, self.torso_w, self.unit);
+        let mid = (self.shoulder + self.hip) / 2.0;
+        canvas.fill_rect(cx - tw, self.shoulder, cx + tw, self.hip, |x, y| match pattern {
+            1 if (y / period).is_multiple_of(2) => b,
+            2 if (x / period).is_multiple_of(2) => b,
+            3 if (y as f32) > mid => b,
+            4 if (x as f32 - cx).abs() < tw * 0.4 && ((y as f32) - mid).abs() < 0.05 * u => b,
+            _ => a,
+        });
+    }
+
+    /// The head with hair (more of it seen from the back) or a hat.
+    fn head(&self, canvas: &mut Canvas) {
+        let (p, cx, r) = (self.p, self.cx, self.head_r);
+        let (skin, hair) = (p.skin, p.hair);
+        let head_cy = self.top + r;
+        canvas.fill_ellipse(cx, head_cy, r * 0.85, r, |_, _| skin);
+        if p.hat {
+            let hat = p.upper_second;
+            canvas.fill_rect(
+                cx - r,
+                self.top - 0.01 * self.unit,
+                cx + r,
+                head_cy - r * 0.2,
+                |_, _| hat,
+            );
+            return;
+        }
+        let hair_to = if self.view == 1 {
+            head_cy + r * 0.6
+        } else {
+            head_cy - r * 0.3
+        };
+        canvas.fill_ellipse(cx, head_cy - r * 0.25, r * 0.9, r * 0.8, |_, y| {
             if (y as f32) < hair_to {
                 hair
             } else {
@@ -522,6 +545,17 @@ fn draw_person<R: Rng>(canvas: &mut Canvas, p: &Person, rng: &mut R) {
             }
         });
     }
+}
+
+/// Draws a person at a random view, size, position and pose.
+fn draw_person<R: Rng>(canvas: &mut Canvas, p: &Person, rng: &mut R) {
+    let figure = Figure::place(canvas, p, rng);
+    figure.bag(canvas, true);
+    figure.legs(canvas);
+    figure.arms(canvas, rng);
+    figure.torso(canvas);
+    figure.bag(canvas, false);
+    figure.head(canvas);
 }
 
 fn render(spec: &ImageSpec, people: &[Person], cameras: &[Camera], cfg: &SynthConfig, index: usize) -> Result<Vec<u8>> {

@@ -105,9 +105,14 @@ impl CustomOp1 for ChannelPad {
 /// Channels `start..start + len` of `x` [N, C, H, W]: one copy by the fused op
 /// on the CPU, the generic `narrow` elsewhere.
 pub fn channel_slice(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-    match Kernels::for_tensor(x) {
-        Kernels::Fused => x.contiguous()?.apply_op1(ChannelSlice { start, len }),
-        Kernels::Generic => super::generic::channel_slice(x, start, len),
+    channel_slice_with(Kernels::for_tensor(x), x, start, len)
+}
+
+/// [`channel_slice`] with the given kernels.
+pub fn channel_slice_with(kernels: Kernels, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+    match kernels {
+        Kernels::Fused if x.device().is_cpu() => x.contiguous()?.apply_op1(ChannelSlice { start, len }),
+        _ => super::generic::channel_slice(x, start, len),
     }
 }
 

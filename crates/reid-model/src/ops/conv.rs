@@ -399,11 +399,19 @@ impl CustomOp2 for Conv2dBackwardWeight {
 /// Convolution without bias: the fused [`Conv2d`] on the CPU, the generic
 /// [`super::generic::conv2d`] elsewhere (or under `REID_OPS=generic`).
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    match Kernels::for_tensor(x) {
-        Kernels::Fused => x
+    conv2d_with(Kernels::choose(x, super::CUDA_CONV_KERNELS), x, weight, stride, padding)
+}
+
+/// [`conv2d`] with the given kernels (fused: this module's on the CPU, cuDNN's on
+/// CUDA when built with `cudnn`).
+pub fn conv2d_with(kernels: Kernels, x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    match kernels {
+        Kernels::Fused if x.device().is_cpu() => x
             .contiguous()?
             .apply_op2(&weight.contiguous()?, Conv2d { stride, padding }),
-        Kernels::Generic => super::generic::conv2d(x, weight, stride, padding),
+        #[cfg(feature = "cudnn")]
+        Kernels::Fused if x.device().is_cuda() => super::cuda::conv2d(x, weight, stride, padding),
+        _ => super::generic::conv2d(x, weight, stride, padding),
     }
 }
 

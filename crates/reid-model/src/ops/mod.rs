@@ -63,6 +63,9 @@ pub mod generic;
 pub mod pool;
 pub mod residual;
 
+/// Whether this build has fused CUDA convolutions (the `cudnn` feature).
+pub const CUDA_CONV_KERNELS: bool = cfg!(feature = "cudnn");
+
 /// Which implementation the ops run: the fused kernels of this crate, or the
 /// device-generic compositions of [`generic`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,10 +75,17 @@ pub enum Kernels {
 }
 
 impl Kernels {
-    /// The kernels for an op on `x`: fused on the CPU unless `REID_OPS=generic`
-    /// is set (which runs the GPU code path on the CPU), generic elsewhere.
+    /// The kernels for an op on `x` that has fused kernels on the CPU only.
     pub fn for_tensor(x: &candle_core::Tensor) -> Kernels {
-        if x.device().is_cpu() && !generic_forced() {
+        Kernels::choose(x, false)
+    }
+
+    /// The kernels for an op on `x`: fused where the op has a kernel for `x`'s
+    /// device (the CPU always; CUDA when `cuda_kernel`), unless `REID_OPS=generic`
+    /// is set (which runs the GPU code path on the CPU); generic otherwise.
+    pub fn choose(x: &candle_core::Tensor, cuda_kernel: bool) -> Kernels {
+        let fused_here = x.device().is_cpu() || (cuda_kernel && x.device().is_cuda());
+        if fused_here && !generic_forced() {
             Kernels::Fused
         } else {
             Kernels::Generic

@@ -7,7 +7,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::pool::Window;
 use super::test_tensors::random;
-use super::{generic, Kernels};
+use super::Kernels;
 use crate::layers::BatchNorm;
 
 /// `random(shape)` with NaN, +inf and -inf planted at three positions.
@@ -59,10 +59,7 @@ fn add_relu_keeps_nan_and_clamps_minus_infinity() {
     let b = random(&[2, 3, 4, 5], 4);
     let y = both(
         &[2, 3, 4, 5],
-        |k, x| match k {
-            Kernels::Fused => super::add_relu(x, &b),
-            Kernels::Generic => generic::add_relu(x, &b),
-        },
+        |k, x| super::residual::add_relu_with(k, x, &b),
         "add_relu",
     );
     let v = values(&y);
@@ -77,39 +74,17 @@ fn pools_convolution_and_channel_slices_propagate_non_finite_values() {
         stride: 2,
         padding: 1,
     };
-    let fused_max = |x: &Tensor| x.apply_op1(super::pool::MaxPool2d::new(w));
-    both(
-        &[2, 3, 7, 6],
-        |k, x| match k {
-            Kernels::Fused => fused_max(x),
-            Kernels::Generic => generic::max_pool2d(x, w),
-        },
-        "max_pool",
-    );
-    both(
-        &[2, 3, 7, 6],
-        |k, x| match k {
-            Kernels::Fused => x.apply_op1(super::pool::AvgPool2d(w)),
-            Kernels::Generic => generic::avg_pool2d(x, w),
-        },
-        "avg_pool",
-    );
+    both(&[2, 3, 7, 6], |k, x| super::pool::max_pool2d_with(k, x, w), "max_pool");
+    both(&[2, 3, 7, 6], |k, x| super::pool::avg_pool2d_with(k, x, w), "avg_pool");
     let weight = random(&[4, 3, 3, 3], 5);
-    let conv = super::conv::Conv2d { stride: 2, padding: 1 };
     both(
         &[2, 3, 7, 6],
-        |k, x| match k {
-            Kernels::Fused => x.apply_op2(&weight, conv),
-            Kernels::Generic => generic::conv2d(x, &weight, 2, 1),
-        },
+        |k, x| super::conv::conv2d_with(k, x, &weight, 2, 1),
         "conv2d",
     );
     both(
         &[2, 5, 4, 3],
-        |k, x| match k {
-            Kernels::Fused => super::channel_slice(x, 0, 5),
-            Kernels::Generic => generic::channel_slice(x, 0, 5),
-        },
+        |k, x| super::channels::channel_slice_with(k, x, 0, 5),
         "channel_slice",
     );
 }

@@ -261,9 +261,14 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
         stride,
         padding,
     };
-    match Kernels::for_tensor(x) {
-        Kernels::Fused => x.contiguous()?.apply_op1(MaxPool2d::new(window)),
-        Kernels::Generic => super::generic::max_pool2d(x, window),
+    max_pool2d_with(Kernels::for_tensor(x), x, window)
+}
+
+/// [`max_pool2d`] with the given kernels.
+pub fn max_pool2d_with(kernels: Kernels, x: &Tensor, window: Window) -> Result<Tensor> {
+    match kernels {
+        Kernels::Fused if x.device().is_cpu() => x.contiguous()?.apply_op1(MaxPool2d::new(window)),
+        _ => super::generic::max_pool2d(x, window),
     }
 }
 
@@ -274,9 +279,14 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
         stride,
         padding,
     };
-    match Kernels::for_tensor(x) {
-        Kernels::Fused => x.contiguous()?.apply_op1(AvgPool2d(window)),
-        Kernels::Generic => super::generic::avg_pool2d(x, window),
+    avg_pool2d_with(Kernels::for_tensor(x), x, window)
+}
+
+/// [`avg_pool2d`] with the given kernels.
+pub fn avg_pool2d_with(kernels: Kernels, x: &Tensor, window: Window) -> Result<Tensor> {
+    match kernels {
+        Kernels::Fused if x.device().is_cpu() => x.contiguous()?.apply_op1(AvgPool2d(window)),
+        _ => super::generic::avg_pool2d(x, window),
     }
 }
 

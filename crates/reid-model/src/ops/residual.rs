@@ -90,9 +90,14 @@ impl CustomOp2 for ReluMask {
 /// `relu(a + b)` for tensors of one shape: one fused op on the CPU, the generic
 /// composition elsewhere.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match Kernels::for_tensor(a) {
-        Kernels::Fused => a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu),
-        Kernels::Generic => super::generic::add_relu(a, b),
+    add_relu_with(Kernels::for_tensor(a), a, b)
+}
+
+/// [`add_relu`] with the given kernels.
+pub fn add_relu_with(kernels: Kernels, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match kernels {
+        Kernels::Fused if a.device().is_cpu() => a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu),
+        _ => super::generic::add_relu(a, b),
     }
 }
 

@@ -1,0 +1,79 @@
+//! Parity with PyTorch and timm on every fixture folder under the fixture root
+//! (tests/fixtures, or $REID_FIXTURES), on the CPU: model folders (eval forward in
+//! f32 and f64; train-mode logits, gradients and batch-norm updates in f64) and
+//! training-step folders (two SGD steps in f64 at the float64 tier). Run with
+//! `REID_OPS=generic` too, CI checks the device-generic ops (the CUDA code path).
+
+use candle_core::{DType, Device};
+use reid_fixtures::folders_with;
+use reid_pipeline::selftest::{model_folder, train_step_folder, Check};
+
+fn assert_all_pass(what: &std::path::Path, checks: &[Check]) {
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| format!("{}: {}", c.name, c.detail))
+        .collect();
+    assert!(failed.is_empty(), "{}:\n{}", what.display(), failed.join("\n"));
+}
+
+#[test]
+fn models_match_timm_forward_and_backward() {
+    let folders = folders_with(&[
+        "meta.json",
+        "model.safetensors",
+        "input.safetensors",
+        "expected.safetensors",
+    ]);
+    assert!(folders.len() >= 2, "the Res2Net and the ResNet fixture: {folders:?}");
+    for folder in folders {
+        for forward in [DType::F32, DType::F64] {
+            let checks = model_folder(&folder, &Device::Cpu, forward, DType::F64).unwrap();
+            assert!(
+                checks.iter().any(|c| c.name.starts_with("grad.")),
+                "{}: no gradient checked",
+                folder.display()
+            );
+            assert_all_pass(&folder, &checks);
+        }
+    }
+}
+
+#[test]
+fn two_sgd_steps_match_pytorch_in_f64() {
+    for folder in folders_with(&[
+        "meta.json",
+        "model.safetensors",
+        "batches.safetensors",
+        "expected_f64.safetensors",
+    ]) {
+        let checks = train_step_folder(&folder, &Device::Cpu, DType::F64, "float64").unwrap();
+        assert!(
+            checks.len() > 700,
+            "{}: only {} keys checked",
+            folder.display(),
+            checks.len()
+        );
+        assert_all_pass(&folder, &checks);
+    }
+}
+
+#[test]
+fn a_float32_step_passes_the_float32_tier() {
+    for folder in folders_with(&[
+        "meta.json",
+        "model.safetensors",
+        "batches.safetensors",
+        "expected_f64.safetensors",
+    ]) {
+        let checks = train_step_folder(&folder, &Device::Cpu, DType::F32, "float32").unwrap();
+        assert_all_pass(&folder, &checks);
+    }
+}
+
+#[test]
+fn every_fused_op_matches_its_generic_composition() {
+    let checks = reid_pipeline::selftest::op_checks(&Device::Cpu).unwrap();
+    assert!(checks.len() >= 10);
+    assert_all_pass(std::path::Path::new("ops"), &checks);
+}
