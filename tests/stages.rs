@@ -1,0 +1,169 @@
+//! The stages as users chain them: training with validation keeps `best`, which
+//! `extract --run` then uses; `search` finds a query's matches with the checkpoint
+//! that made the gallery and refuses another; `evaluate` refuses a query and a
+//! gallery made by different checkpoints.
+
+mod common;
+
+use std::path::Path;
+
+use common::{ok, reid};
+use reid_data::gallery::{sha256_file, Gallery};
+
+fn prepare(dir: &Path) {
+    let synth = [
+        "synth",
+        "--out",
+        "syn",
+        "--cameras",
+        "2",
+        "--train-ids",
+        "6",
+        "--train-images",
+        "48",
+        "--test-ids",
+        "4",
+        "--query-images",
+        "8",
+        "--gallery-images",
+        "16",
+        "--distractors",
+        "2",
+        "--junk",
+        "1",
+    ];
+    ok(&reid(&synth, dir));
+    ok(&reid(
+        &[
+            "index",
+            "--dataset",
+            "market1501",
+            "--root",
+            "syn",
+            "--out",
+            "m.parquet",
+        ],
+        dir,
+    ));
+    let mut train = vec!["train", "--manifest", "m.parquet", "--out", "run"];
+    for s in [
+        "model.pretrained=",
+        "model.arch=res2net_tiny",
+        "data.height=64",
+        "data.width=32",
+        "data.batch_size=4",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0",
+        "run.eval_every=1",
+        "run.checkpoint_every=0",
+    ] {
+        train.extend(["--set", s]);
+    }
+    let stdout = ok(&reid(&train, dir));
+    assert_eq!(stdout.matches("validation: rank-1").count(), 2, "{stdout}");
+}
+
+#[test]
+fn validation_keeps_best_and_the_later_stages_use_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    prepare(d);
+    let best = d.join("run/checkpoints/best.safetensors");
+    assert!(best.is_file(), "validation keeps checkpoints/best");
+    let csv = std::fs::read_to_string(d.join("run/metrics.csv")).unwrap();
+    let epochs: Vec<&str> = csv.lines().filter(|l| l.starts_with("epoch,")).collect();
+    assert!(
+        epochs.iter().all(|l| !l.ends_with(",,")),
+        "epoch rows carry rank-1 and mAP: {csv}"
+    );
+
+    ok(&reid(&["extract", "--run", "run", "--out", "feat"], d));
+    let gallery = Gallery::read(&d.join("feat/gallery.safetensors")).unwrap();
+    assert_eq!(
+        gallery.meta.checkpoint_sha256.unwrap(),
+        sha256_file(&best).unwrap(),
+        "extract --run takes best"
+    );
+
+    // search: the query images against the gallery, with the checkpoint that made it.
+    let query = std::fs::read_dir(d.join("syn/query"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let q = query.to_str().unwrap();
+    let found = ok(&reid(
+        &[
+            "search",
+            "--gallery",
+            "feat/gallery.safetensors",
+            "--checkpoint",
+            best.to_str().unwrap(),
+            q,
+            "--top",
+            "3",
+            "--draw",
+            "strip.png",
+        ],
+        d,
+    ));
+    assert_eq!(
+        found
+            .lines()
+            .filter(|l| l.trim_start().starts_with(char::is_numeric))
+            .count(),
+        3,
+        "{found}"
+    );
+    assert!(found.contains("bounding_box_test/"), "{found}");
+    assert!(image::open(d.join("strip.png")).unwrap().width() > 100);
+    let last = d.join("run/checkpoints/last.safetensors");
+    let refused = reid(
+        &[
+            "search",
+            "--gallery",
+            "feat/gallery.safetensors",
+            "--checkpoint",
+            last.to_str().unwrap(),
+            q,
+        ],
+        d,
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("another checkpoint"),
+        "{stderr}"
+    );
+
+    // evaluate refuses a query and a gallery of different checkpoints.
+    ok(&reid(
+        &[
+            "extract",
+            "--checkpoint",
+            last.to_str().unwrap(),
+            "--manifest",
+            "m.parquet",
+            "--out",
+            "other",
+        ],
+        d,
+    ));
+    let out = reid(
+        &[
+            "evaluate",
+            "--query",
+            "other/query.safetensors",
+            "--gallery",
+            "feat/gallery.safetensors",
+        ],
+        d,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("other/query.safetensors")
+            && stderr.contains("feat/gallery.safetensors"),
+        "{stderr}"
+    );
+}
