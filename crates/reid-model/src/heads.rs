@@ -1,6 +1,6 @@
 //! The multi-task heads of the siamese network and its weighted loss.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use rand::Rng;
 
@@ -17,6 +17,13 @@ fn classifier(din: usize, dout: usize, vb: VarBuilder) -> Result<Linear> {
     )?;
     let b = vb.get_with_hints(dout, "bias", candle_nn::Init::Const(0.0))?;
     Ok(Linear::new(w, Some(b)))
+}
+
+/// `linear(x)`, its matrix product in bf16 under mixed precision.
+fn apply(linear: &Linear, x: &Tensor) -> Result<Tensor> {
+    let bias = linear.bias().expect("classifiers have a bias");
+    let y = crate::ops::in_compute_precision(&[x, linear.weight()], |t| t[0].matmul(&t[1].t()?))?;
+    y.broadcast_add(bias)
 }
 
 /// Inverted dropout with a mask drawn from `rng`, so a seeded run is repeatable
@@ -142,10 +149,10 @@ impl Heads {
     ) -> Result<PairLoss> {
         let b = f.dim(0)? / 2;
         let (f1, f2) = (f.narrow(0, 0, b)?, f.narrow(0, b, b)?);
-        let logits1 = self.id_classifier.forward(&dropout(&f1, p_dropout, rng)?)?;
-        let logits2 = self.id_classifier.forward(&dropout(&f2, p_dropout, rng)?)?;
+        let logits1 = apply(&self.id_classifier, &dropout(&f1, p_dropout, rng)?)?;
+        let logits2 = apply(&self.id_classifier, &dropout(&f2, p_dropout, rng)?)?;
         let square = (g.narrow(0, 0, b)? - g.narrow(0, b, b)?)?.sqr()?;
-        let vlogits = self.verif_classifier.forward(&dropout(&square, p_dropout, rng)?)?;
+        let vlogits = apply(&self.verif_classifier, &dropout(&square, p_dropout, rng)?)?;
         let id1 = smoothed_cross_entropy(&logits1, &targets.y1, weights.id_label_smoothing)?;
         let id2 = smoothed_cross_entropy(&logits2, &targets.y2, weights.id_label_smoothing)?;
         let verif = candle_nn::loss::cross_entropy(&vlogits, &targets.same)?;

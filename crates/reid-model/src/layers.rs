@@ -34,8 +34,11 @@ impl Conv {
 }
 
 impl Module for Conv {
+    /// The convolution, in bf16 under mixed precision (see [`crate::ops::with_precision`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::conv2d(x, &self.weight, self.stride, self.padding)
+        crate::ops::in_compute_precision(&[x, &self.weight], |t| {
+            crate::ops::conv2d(&t[0], &t[1], self.stride, self.padding)
+        })
     }
 }
 

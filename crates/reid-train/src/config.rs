@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use reid_model::ops::Precision;
 use reid_model::{Arch, DeviceSpec, LossWeights};
 use reid_sampling::Augment;
 use serde::{Deserialize, Serialize};
@@ -88,6 +89,12 @@ pub struct RunConfig {
     pub checkpoint_every: usize,
     /// Validate (rank-1, mAP on query/gallery) every this many epochs (0: never).
     pub eval_every: usize,
+    /// `f32`, or `bf16`: mixed precision (convolutions and matrix products in
+    /// bf16; weights, optimiser state, batch-norm statistics and losses in f32).
+    pub precision: Precision,
+    /// TF32 tensor cores for f32 matrix products and convolutions on CUDA (on by
+    /// default, as PyTorch does for convolutions).
+    pub tf32: bool,
 }
 
 impl Default for RunConfig {
@@ -98,6 +105,8 @@ impl Default for RunConfig {
             log_every: 20,
             checkpoint_every: 10,
             eval_every: 0,
+            precision: Precision::F32,
+            tf32: true,
         }
     }
 }

@@ -534,6 +534,7 @@ impl Trainer {
 }
 
 fn build_model(config: &TrainConfig, num_classes: usize) -> Result<ReidModel, TrainError> {
+    reid_model::ops::set_tf32(config.run.tf32);
     let model_config = ModelConfig {
         arch: config.model.arch,
         last_stride: config.model.last_stride,

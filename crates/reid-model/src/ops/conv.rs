@@ -406,7 +406,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
 /// CUDA when built with `cudnn`).
 pub fn conv2d_with(kernels: Kernels, x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if x.device().is_cpu() => x
+        Kernels::Fused if x.device().is_cpu() && x.dtype() != candle_core::DType::BF16 => x
             .contiguous()?
             .apply_op2(&weight.contiguous()?, Conv2d { stride, padding }),
         #[cfg(feature = "cudnn")]

@@ -59,9 +59,61 @@ macro_rules! two_floats {
 pub mod batch_norm;
 pub mod channels;
 pub mod conv;
+#[cfg(feature = "cudnn")]
+pub mod cuda;
 pub mod generic;
 pub mod pool;
 pub mod residual;
+
+/// The dtype convolutions and matrix products compute in: `bf16` is mixed
+/// precision (f32 weights, optimiser state, batch-norm statistics and losses;
+/// bf16 operands of convolutions and matrix products).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+thread_local! {
+    static PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::F32) };
+}
+
+/// Runs `f` with convolutions and matrix products of f32 tensors computed in
+/// `precision` on this thread (where the model runs; kernels may use others).
+pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
+    let before = PRECISION.with(|p| p.replace(precision));
+    let result = f();
+    PRECISION.with(|p| p.set(before));
+    result
+}
+
+/// `op` on `operands`, in bf16 when [`with_precision`] asks for it and they are
+/// f32 (the result cast back to f32); as they are otherwise.
+pub fn in_compute_precision(
+    operands: &[&candle_core::Tensor],
+    op: impl FnOnce(&[candle_core::Tensor]) -> Result<candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
+    use candle_core::DType;
+    let bf16 = PRECISION.with(|p| p.get()) == Precision::Bf16 && operands.iter().all(|t| t.dtype() == DType::F32);
+    if !bf16 {
+        return op(&operands.iter().map(|t| (*t).clone()).collect::<Vec<_>>());
+    }
+    let cast: Vec<candle_core::Tensor> = operands
+        .iter()
+        .map(|t| t.to_dtype(DType::BF16))
+        .collect::<Result<_>>()?;
+    op(&cast)?.to_dtype(DType::F32)
+}
+
+/// Allows (the default, as PyTorch for convolutions) or forbids TF32 tensor cores
+/// in f32 matrix products and convolutions on CUDA; no effect elsewhere.
+pub fn set_tf32(allowed: bool) {
+    candle_core::cuda::set_gemm_reduced_precision_f32(allowed);
+    #[cfg(feature = "cudnn")]
+    cuda::set_reduced_precision_f32(allowed);
+}
 
 /// Whether this build has fused CUDA convolutions (the `cudnn` feature).
 pub const CUDA_CONV_KERNELS: bool = cfg!(feature = "cudnn");
