@@ -4,6 +4,7 @@
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
+use reid_model::ops::Precision;
 use reid_model::{Arch, DeviceSpec};
 use reid_pipeline::bench::{peak_rss_mib, EvalBench, LoaderBench, ModelBench};
 
@@ -41,6 +42,13 @@ pub struct BenchArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// f32, or bf16 (mixed precision: convolutions and matrix products in bf16).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+    /// Forbid TF32 tensor cores for f32 on CUDA (allowed by default, as PyTorch
+    /// allows them for convolutions).
+    #[arg(long)]
+    pub no_tf32: bool,
     /// Manifest for the loader benchmark (e.g. of `reid synth --preset market`).
     #[arg(long)]
     pub manifest: Option<std::path::PathBuf>,
@@ -69,6 +77,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             warmup: args.warmup,
             train,
             device: args.device,
+            precision: args.precision,
+            tf32: !args.no_tf32,
         }
         .run()?,
         BenchKind::Eval => {

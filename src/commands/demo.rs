@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use reid_model::DeviceSpec;
 use reid_pipeline::demo::{run_demo, DemoHooks, DemoRequest, DemoSize, Stage};
 
 use crate::commands::train;
@@ -36,6 +37,9 @@ pub struct DemoArgs {
     /// Extract features without averaging each image with its mirror image.
     #[arg(long)]
     pub no_flip: bool,
+    /// cpu, cuda or cuda:N (training and extraction).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
@@ -48,6 +52,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         name: args.name,
         size: args.size,
         flip: !args.no_flip,
+        device: args.device,
     };
     let epochs = request.train_config()?.schedule.epochs;
     let bar = progress::bar(request.size.dataset(request.seed).total_images() as u64, "rendering");

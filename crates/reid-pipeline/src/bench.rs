@@ -7,6 +7,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use reid_model::ops::{with_precision, Precision};
 use reid_model::{Arch, DeviceSpec, LossWeights, ModelConfig, PairTargets, ReidModel};
 use reid_train::{train_step, BatchTensors, Sgd, SgdConfig};
 use serde_json::{json, Value};
@@ -54,6 +55,10 @@ pub struct ModelBench {
     pub warmup: usize,
     pub train: bool,
     pub device: DeviceSpec,
+    /// Mixed precision (`bf16`) or not.
+    pub precision: Precision,
+    /// TF32 for f32 on CUDA.
+    pub tf32: bool,
 }
 
 fn uniform(shape: (usize, usize, usize, usize), seed: u64, device: &Device) -> Result<Tensor> {
@@ -97,6 +102,7 @@ impl ModelBench {
             )));
         }
         let device = self.device.open()?;
+        reid_model::ops::set_tf32(self.tf32);
         let config = ModelConfig {
             arch: self.arch,
             last_stride: 2,
@@ -110,15 +116,17 @@ impl ModelBench {
             let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default());
             let mut rng = ChaCha8Rng::seed_from_u64(0);
             timed(self.warmup, self.iters, || {
-                train_step(&model, &mut sgd, &batch, LossWeights::default(), 0.5, 0.01, &mut rng)
-                    .map_err(|e| PipelineError::Invalid(e.to_string()))?;
+                with_precision(self.precision, || {
+                    train_step(&model, &mut sgd, &batch, LossWeights::default(), 0.5, 0.01, &mut rng)
+                })
+                .map_err(|e| PipelineError::Invalid(e.to_string()))?;
                 device.synchronize()?;
                 Ok(())
             })?
         } else {
             let x = uniform((self.batch, 3, self.height, self.width), 1, &device)?;
             timed(self.warmup, self.iters, || {
-                model.features(&x, false)?;
+                with_precision(self.precision, || model.features(&x, false))?;
                 device.synchronize()?;
                 Ok(())
             })?
@@ -129,6 +137,8 @@ impl ModelBench {
             "cmd": if self.train { "train" } else { "infer" },
             "arch": self.arch.name,
             "device": self.device.to_string(),
+            "precision": self.precision,
+            "tf32": self.tf32,
             "batch": self.batch,
             "height": self.height,
             "width": self.width,

@@ -91,6 +91,8 @@ pub struct DemoRequest {
     pub size: DemoSize,
     /// Average each image's features with its mirror image's.
     pub flip: bool,
+    /// Where training and extraction run.
+    pub device: DeviceSpec,
 }
 
 /// A stage's name, what happened and how long it took.
@@ -151,6 +153,7 @@ impl DemoRequest {
             None => TrainConfig::parse(DEMO_CONFIG, Path::new("configs/demo.toml"), &overrides)?,
         };
         config.data.manifest = Some(self.layout().manifest);
+        config.run.device = self.device;
         Ok(config)
     }
 }
@@ -327,7 +330,7 @@ fn extract_stage(request: &DemoRequest, paths: &Layout) -> Result<String> {
         force: false,
     }
     .jobs()?;
-    let device = DeviceSpec::Cpu.open()?;
+    let device = request.device.open()?;
     let notes: Vec<String> = jobs
         .iter()
         .map(|job| {
