@@ -18,6 +18,8 @@ pub enum BenchKind {
     Eval,
     /// Pair-batch loading (decode + augment) from --manifest's training split.
     Loader,
+    /// This machine's f32 GEMM rate on all threads.
+    Gemm,
 }
 
 #[derive(Args)]
@@ -95,6 +97,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             .run()?
         }
+        BenchKind::Gemm => serde_json::json!({"cmd": "gemm", "gflops": reid_pipeline::bench::gemm_peak_gflops()}),
         BenchKind::Loader => {
             let Some(manifest) = args.manifest.clone() else {
                 anyhow::bail!("the loader benchmark needs --manifest (e.g. of `reid synth --preset market`)");

@@ -1,8 +1,17 @@
-//! Query-gallery distances by matrix multiplication.
+//! Query-gallery distances by matrix multiplication, exact where it matters.
+//!
+//! The features are used as they are (no normalised copy): one f32 GEMM per block
+//! of queries against the whole gallery gives the dot products, with gemm's own
+//! parallelism, so the gallery is packed once per block of hundreds of queries;
+//! norms are summed in f64 and the distance formed in f64 before it is stored as
+//! f32. Where the order of two entries could depend on the f32 rounding, the
+//! caller recomputes their distances in f64 ([`Features::exact`]); the bound on the
+//! rounding is [`Features::tolerance`].
 
 use std::fmt;
 use std::str::FromStr;
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 /// How two features are compared.
@@ -35,108 +44,125 @@ impl FromStr for Metric {
     }
 }
 
-/// Row-major features made ready for one metric: L2-normalised rows for cosine,
-/// rows with their squared norms for euclidean.
-#[derive(Debug, Clone)]
-pub struct Prepared {
-    pub metric: Metric,
+/// Unit roundoff of f32.
+const U32: f64 = f32::EPSILON as f64 / 2.0;
+
+/// Row-major features [n, dim] with their norms in f64.
+#[derive(Debug, Clone, Copy)]
+pub struct Features<'a> {
+    pub rows: &'a [f32],
     pub dim: usize,
-    pub rows: Vec<f32>,
-    pub sq_norms: Vec<f32>,
+    /// L2 norm of each row, summed in f64.
+    pub norms: &'a [f64],
 }
 
-impl Prepared {
-    /// Prepares `features` ([n, dim], row-major) for `metric`.
-    pub fn new(metric: Metric, features: &[f32], dim: usize) -> Self {
-        Self::from_rows(metric, features, dim, None)
-    }
+/// The L2 norm of each row of `rows` [n, dim], summed in f64.
+pub fn row_norms(rows: &[f32], dim: usize) -> Vec<f64> {
+    rows.par_chunks_exact(dim.max(1))
+        .map(|r| r.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt())
+        .collect()
+}
 
-    /// Prepares the rows `which` of `features` (all rows when `None`), copying
-    /// only those.
-    pub fn from_rows(metric: Metric, features: &[f32], dim: usize, which: Option<&[usize]>) -> Self {
-        let mut rows = match which {
-            None => features.to_vec(),
-            Some(idx) => {
-                let mut r = Vec::with_capacity(idx.len() * dim);
-                for &i in idx {
-                    r.extend_from_slice(&features[i * dim..(i + 1) * dim]);
-                }
-                r
-            }
-        };
-        let mut sq_norms: Vec<f32> = rows.chunks_exact(dim).map(|r| r.iter().map(|x| x * x).sum()).collect();
-        if metric == Metric::Cosine {
-            for (row, sq) in rows.chunks_exact_mut(dim).zip(sq_norms.iter_mut()) {
-                let scale = 1.0 / sq.sqrt().max(1e-12);
-                row.iter_mut().for_each(|x| *x *= scale);
-                *sq = 1.0;
-            }
-        }
-        Prepared {
-            metric,
-            dim,
-            rows,
-            sq_norms,
-        }
-    }
-
+impl Features<'_> {
     /// Number of rows.
     pub fn len(&self) -> usize {
-        self.sq_norms.len()
+        self.norms.len()
     }
 
     /// Whether there are no rows.
     pub fn is_empty(&self) -> bool {
-        self.sq_norms.is_empty()
+        self.norms.is_empty()
+    }
+
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.rows[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// The distance of row `i` to row `j` of `other` from a dot product `dot`.
+    fn distance_of_dot(&self, metric: Metric, i: usize, other: &Features, j: usize, dot: f64) -> f64 {
+        let (a, b) = (self.norms[i], other.norms[j]);
+        match metric {
+            Metric::Cosine => 1.0 - dot / (a * b).max(1e-300),
+            Metric::Euclidean => a * a + b * b - 2.0 * dot,
+        }
+    }
+
+    /// The distance of row `i` to row `j` of `other`, computed in f64 throughout.
+    pub fn exact(&self, metric: Metric, i: usize, other: &Features, j: usize) -> f64 {
+        let dot: f64 = self
+            .row(i)
+            .iter()
+            .zip(other.row(j))
+            .map(|(&x, &y)| x as f64 * y as f64)
+            .sum();
+        self.distance_of_dot(metric, i, other, j, dot)
+    }
+
+    /// A bound on |stored distance - exact distance| for rows `i` and `j` of
+    /// `other`: the f32 dot product is off by at most `dim * u * |q| |g|` (u the f32
+    /// unit roundoff), and storing the distance as f32 adds one more rounding.
+    pub fn tolerance(&self, metric: Metric, i: usize, other: &Features, j: usize) -> f64 {
+        let (a, b) = (self.norms[i], other.norms[j]);
+        let gemm = 1.01 * (self.dim as f64 + 2.0) * U32;
+        match metric {
+            Metric::Cosine => gemm + 2.0 * 2.0 * U32,
+            Metric::Euclidean => 2.0 * gemm * a * b + 4.0 * U32 * (a * a + b * b),
+        }
+    }
+
+    /// Distances from query rows `start..start + out.len() / other.len()` to every
+    /// row of `other`, into `out` (row-major): one parallel GEMM, then the
+    /// distances formed in f64 per row.
+    pub fn distances(&self, metric: Metric, start: usize, other: &Features, out: &mut [f32]) {
+        self.distances_range(metric, start, other, 0, out)
+    }
+
+    /// [`Features::distances`] to the rows `from..` of `other` only.
+    pub fn distances_range(&self, metric: Metric, start: usize, other: &Features, from: usize, out: &mut [f32]) {
+        let (dim, ng) = (self.dim, other.len() - from);
+        assert_eq!(dim, other.dim, "feature dimensions differ");
+        let bq = out.len() / ng.max(1);
+        assert!(out.len() == bq * ng && start + bq <= self.len() && other.rows.len() >= (from + ng) * dim);
+        let lhs = &self.rows[start * dim..(start + bq) * dim];
+        let rhs = &other.rows[from * dim..];
+        // SAFETY: the strides describe `lhs` as bq x dim row-major, `other.rows` read
+        // as its transpose dim x ng, and `out` as bq x ng row-major; lengths checked.
+        unsafe {
+            gemm::gemm(
+                bq,
+                ng,
+                dim,
+                out.as_mut_ptr(),
+                1,
+                ng as isize,
+                false,
+                lhs.as_ptr(),
+                1,
+                dim as isize,
+                rhs.as_ptr(),
+                dim as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+        out.par_chunks_exact_mut(ng).enumerate().for_each(|(r, row)| {
+            for (j, d) in row.iter_mut().enumerate() {
+                *d = self.distance_of_dot(metric, start + r, other, from + j, *d as f64) as f32;
+            }
+        });
     }
 }
 
-/// Writes the distances from query rows `q_start..q_start + out.len() / g.len()` of
-/// `q` to every row of `g` into `out` (row-major). Single-threaded: callers run
-/// blocks in parallel.
-pub fn distance_block(q: &Prepared, q_start: usize, g: &Prepared, out: &mut [f32]) {
-    let (dim, ng) = (q.dim, g.len());
-    assert_eq!(dim, g.dim, "feature dimensions differ");
-    let bq = out.len() / ng.max(1);
-    let lhs = &q.rows[q_start * dim..(q_start + bq) * dim];
-    // SAFETY: the strides describe `lhs` as bq x dim row-major, `g.rows` read as
-    // its transpose dim x ng, and `out` as bq x ng row-major; all lengths checked.
-    assert_eq!(out.len(), bq * ng);
-    assert!(g.rows.len() >= ng * dim);
-    unsafe {
-        gemm::gemm(
-            bq,
-            ng,
-            dim,
-            out.as_mut_ptr(),
-            1,
-            ng as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            dim as isize,
-            g.rows.as_ptr(),
-            dim as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-    match q.metric {
-        Metric::Cosine => out.iter_mut().for_each(|d| *d = 1.0 - *d),
-        Metric::Euclidean => {
-            for (r, row) in out.chunks_exact_mut(ng).enumerate() {
-                let qn = q.sq_norms[q_start + r];
-                for (d, gn) in row.iter_mut().zip(&g.sq_norms) {
-                    *d = qn + gn - 2.0 * *d;
-                }
-            }
-        }
-    }
+/// Queries per GEMM: as many as keep the block of distances under 64 MiB (the
+/// gallery is packed once per block), between 32 and 1024.
+pub fn query_block(gallery: usize) -> usize {
+    ((64 << 20) / (4 * gallery.max(1))).clamp(32, 1024)
 }
 
 #[cfg(test)]
@@ -144,26 +170,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gemm_distances_match_direct_formulas() {
-        let dim = 5;
-        let q: Vec<f32> = (0..3 * dim).map(|i| ((i * 7) % 11) as f32 - 4.0).collect();
-        let g: Vec<f32> = (0..4 * dim).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
+    fn gemm_distances_match_f64_within_their_tolerance() {
+        let dim = 67;
+        let q: Vec<f32> = (0..5 * dim).map(|i| ((i * 7) % 11) as f32 - 4.0).collect();
+        let g: Vec<f32> = (0..9 * dim).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
+        let (qn, gn) = (row_norms(&q, dim), row_norms(&g, dim));
+        let (qf, gf) = (
+            Features {
+                rows: &q,
+                dim,
+                norms: &qn,
+            },
+            Features {
+                rows: &g,
+                dim,
+                norms: &gn,
+            },
+        );
         for metric in [Metric::Cosine, Metric::Euclidean] {
-            let (pq, pg) = (Prepared::new(metric, &q, dim), Prepared::new(metric, &g, dim));
-            let mut out = vec![0.0; 2 * 4];
-            distance_block(&pq, 1, &pg, &mut out);
-            for i in 0..2 {
-                for j in 0..4 {
-                    let a = &q[(i + 1) * dim..(i + 2) * dim];
+            let mut out = vec![0.0; 3 * 9];
+            qf.distances(metric, 2, &gf, &mut out);
+            for i in 0..3 {
+                for j in 0..9 {
+                    let a = &q[(i + 2) * dim..(i + 3) * dim];
                     let b = &g[j * dim..(j + 1) * dim];
-                    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-                    let na: f32 = a.iter().map(|x| x * x).sum();
-                    let nb: f32 = b.iter().map(|x| x * x).sum();
                     let want = match metric {
-                        Metric::Cosine => 1.0 - dot / (na.sqrt() * nb.sqrt()),
-                        Metric::Euclidean => a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum(),
+                        Metric::Cosine => {
+                            let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+                            1.0 - dot / (qn[i + 2] * gn[j])
+                        }
+                        Metric::Euclidean => a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum(),
                     };
-                    assert!((out[i * 4 + j] - want).abs() < 1e-4, "{metric} {i} {j}");
+                    let exact = qf.exact(metric, i + 2, &gf, j);
+                    assert!((exact - want).abs() < 1e-9 * want.abs().max(1.0), "{metric} exact");
+                    let tol = qf.tolerance(metric, i + 2, &gf, j);
+                    assert!((out[i * 9 + j] as f64 - exact).abs() <= tol, "{metric} {i} {j}");
                 }
             }
         }

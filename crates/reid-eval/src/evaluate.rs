@@ -3,8 +3,10 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::distance::{distance_block, Metric, Prepared};
-use crate::protocol::{rank_query, top_kept, QueryOutcome};
+use std::time::Instant;
+
+use crate::distance::{query_block, row_norms, Features, Metric};
+use crate::protocol::{rank_query, top_kept, QueryOutcome, Scores};
 use crate::rerank::{RerankParams, Reranker};
 
 /// Features with their identities and cameras, borrowed from a gallery file.
@@ -72,35 +74,37 @@ impl Metrics {
 pub struct Evaluation {
     pub metrics: Metrics,
     pub outcomes: Vec<Option<QueryOutcome>>,
+    pub timings: Timings,
 }
 
-enum Distances {
-    Plain { query: Prepared, gallery: Prepared },
-    Reranked(Box<Reranker>),
-}
-
-/// Queries and a junk-free gallery, ready to be ranked.
-pub struct Evaluator {
-    distances: Distances,
-    q_pids: Vec<i64>,
-    q_cams: Vec<i64>,
-    g_pids: Vec<i64>,
-    g_cams: Vec<i64>,
-    /// Gallery row in the original file of each ranked gallery row.
-    gallery_rows: Vec<usize>,
+/// Queries and a gallery (junk included: the protocol skips it), ready to be
+/// ranked. Borrows the features: nothing the size of the gallery is copied.
+pub struct Evaluator<'a> {
+    query: FeatureSet<'a>,
+    gallery: FeatureSet<'a>,
+    q_norms: Vec<f64>,
+    g_norms: Vec<f64>,
+    rerank: Option<Box<Reranker>>,
     num_junk: usize,
     metric: Metric,
-    rerank: Option<RerankParams>,
+    rerank_params: Option<RerankParams>,
 }
 
-const QUERY_BLOCK: usize = 32;
+/// Seconds spent in the parts of [`Evaluator::run`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// The GEMMs and the forming of distances.
+    pub distances_s: f64,
+    /// Ranking and the metrics.
+    pub ranking_s: f64,
+}
 
-impl Evaluator {
-    /// Drops junk (pid -1) gallery rows and prepares distances; with `rerank` this
-    /// builds the k-reciprocal encodings (the expensive part of re-ranking).
+impl<'a> Evaluator<'a> {
+    /// Checks the sets and computes the norms; with `rerank` this builds the
+    /// k-reciprocal encodings (the expensive part of re-ranking).
     pub fn new(
-        query: FeatureSet,
-        gallery: FeatureSet,
+        query: FeatureSet<'a>,
+        gallery: FeatureSet<'a>,
         metric: Metric,
         rerank: Option<RerankParams>,
     ) -> Result<Self, EvalError> {
@@ -113,65 +117,122 @@ impl Evaluator {
         if query.pids.is_empty() {
             return Err(EvalError::Empty("query"));
         }
-        let gallery_rows: Vec<usize> = (0..gallery.pids.len()).filter(|&j| gallery.pids[j] != -1).collect();
-        if gallery_rows.is_empty() {
+        let num_junk = gallery.pids.iter().filter(|&&p| p == -1).count();
+        if num_junk == gallery.pids.len() {
             return Err(EvalError::Empty("gallery"));
         }
-        let q = Prepared::new(metric, query.features, query.dim);
-        let g = Prepared::from_rows(metric, gallery.features, gallery.dim, Some(&gallery_rows));
-        let distances = match rerank {
-            None => Distances::Plain { query: q, gallery: g },
-            Some(p) => Distances::Reranked(Box::new(Reranker::new(&q, &g, p))),
-        };
-        Ok(Evaluator {
-            distances,
-            q_pids: query.pids.to_vec(),
-            q_cams: query.camids.to_vec(),
-            g_pids: gallery_rows.iter().map(|&j| gallery.pids[j]).collect(),
-            g_cams: gallery_rows.iter().map(|&j| gallery.camids[j]).collect(),
-            num_junk: gallery.pids.len() - gallery_rows.len(),
-            gallery_rows,
+        let q_norms = row_norms(query.features, query.dim);
+        let g_norms = row_norms(gallery.features, gallery.dim);
+        let mut this = Evaluator {
+            query,
+            gallery,
+            q_norms,
+            g_norms,
+            rerank: None,
+            num_junk,
             metric,
-            rerank,
-        })
+            rerank_params: rerank,
+        };
+        if let Some(p) = rerank {
+            let r = Reranker::new(&this.q_features(), &this.g_features(), &this.kept(), metric, p);
+            this.rerank = Some(Box::new(r));
+        }
+        Ok(this)
     }
 
-    fn fill(&self, q_start: usize, out: &mut [f32]) {
-        match &self.distances {
-            Distances::Plain { query, gallery } => distance_block(query, q_start, gallery, out),
-            Distances::Reranked(r) => r.distance_block(q_start, out),
+    fn q_features(&self) -> Features<'_> {
+        Features {
+            rows: self.query.features,
+            dim: self.query.dim,
+            norms: &self.q_norms,
         }
+    }
+
+    fn g_features(&self) -> Features<'_> {
+        Features {
+            rows: self.gallery.features,
+            dim: self.gallery.dim,
+            norms: &self.g_norms,
+        }
+    }
+
+    /// The gallery rows that are not junk.
+    fn kept(&self) -> Vec<usize> {
+        (0..self.gallery.pids.len())
+            .filter(|&j| self.gallery.pids[j] != -1)
+            .collect()
+    }
+
+    /// Distances of queries `start..` to every gallery row into `out`.
+    fn fill(&self, start: usize, out: &mut [f32]) {
+        match &self.rerank {
+            None => self.q_features().distances(self.metric, start, &self.g_features(), out),
+            Some(r) => r.distance_block(start, out),
+        }
+    }
+
+    /// Ranks the queries of one block whose distances are in `d`.
+    fn rank_block(&self, start: usize, d: &[f32]) -> Vec<Option<QueryOutcome>> {
+        let (q, g, metric) = (self.q_features(), self.g_features(), self.metric);
+        let ng = g.len();
+        let exact_possible = self.rerank.is_none();
+        d.par_chunks_exact(ng)
+            .enumerate()
+            .map(|(r, row)| {
+                let i = start + r;
+                let exact = |j: usize| q.exact(metric, i, &g, j);
+                let tolerance = |j: usize| q.tolerance(metric, i, &g, j);
+                let scores = match exact_possible {
+                    true => Scores {
+                        dist: row,
+                        exact: &exact,
+                        tolerance: &tolerance,
+                    },
+                    false => Scores::exact_as_given(row),
+                };
+                rank_query(
+                    &scores,
+                    self.query.pids[i],
+                    self.query.camids[i],
+                    self.gallery.pids,
+                    self.gallery.camids,
+                )
+            })
+            .collect()
     }
 
     /// Ranks every query and sums CMC (ranks 1..=max_rank), mAP and mINP.
     pub fn run(&self, max_rank: usize) -> Result<Evaluation, EvalError> {
-        let (nq, ng) = (self.q_pids.len(), self.g_pids.len());
-        let outcomes: Vec<Option<QueryOutcome>> = (0..nq.div_ceil(QUERY_BLOCK))
-            .into_par_iter()
-            .flat_map_iter(|b| {
-                let start = b * QUERY_BLOCK;
-                let rows = QUERY_BLOCK.min(nq - start);
-                let mut d = vec![0.0f32; rows * ng];
-                self.fill(start, &mut d);
-                d.chunks_exact(ng)
-                    .enumerate()
-                    .map(|(r, row)| {
-                        rank_query(
-                            row,
-                            self.q_pids[start + r],
-                            self.q_cams[start + r],
-                            &self.g_pids,
-                            &self.g_cams,
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let (nq, ng) = (self.query.pids.len(), self.gallery.pids.len());
+        let block = query_block(ng);
+        let mut timings = Timings::default();
+        let mut outcomes = Vec::with_capacity(nq);
+        let mut d = vec![0.0f32; block.min(nq) * ng];
+        for start in (0..nq).step_by(block) {
+            let rows = block.min(nq - start);
+            let t = Instant::now();
+            self.fill(start, &mut d[..rows * ng]);
+            timings.distances_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            outcomes.extend(self.rank_block(start, &d[..rows * ng]));
+            timings.ranking_s += t.elapsed().as_secs_f64();
+        }
+        let metrics = self.summarise(&outcomes, max_rank)?;
+        Ok(Evaluation {
+            metrics,
+            outcomes,
+            timings,
+        })
+    }
+
+    /// CMC, mAP and mINP over the queries with a valid match.
+    fn summarise(&self, outcomes: &[Option<QueryOutcome>], max_rank: usize) -> Result<Metrics, EvalError> {
         let valid: Vec<&QueryOutcome> = outcomes.iter().flatten().collect();
         if valid.is_empty() {
             return Err(EvalError::NoValidQuery);
         }
         let n = valid.len() as f64;
+        let ng = self.gallery.pids.len() - self.num_junk;
         let max_rank = max_rank.min(ng).max(1);
         let mut cmc = vec![0.0f64; max_rank];
         for o in &valid {
@@ -181,32 +242,38 @@ impl Evaluator {
         }
         cmc.iter_mut().for_each(|c| *c /= n);
         let at = |k: usize| cmc[(k - 1).min(max_rank - 1)];
-        let metrics = Metrics {
+        Ok(Metrics {
             rank1: at(1),
             rank5: at(5),
             rank10: at(10),
             map: valid.iter().map(|o| o.average_precision()).sum::<f64>() / n,
             minp: valid.iter().map(|o| o.inverse_negative_penalty()).sum::<f64>() / n,
             cmc,
-            num_queries: nq,
+            num_queries: outcomes.len(),
             num_valid_queries: valid.len(),
             num_gallery: ng,
             num_junk_removed: self.num_junk,
             metric: self.metric,
-            rerank: self.rerank,
-        };
-        Ok(Evaluation { metrics, outcomes })
+            rerank: self.rerank_params,
+        })
     }
 
     /// The `top` best gallery matches of query `q` that the protocol keeps, as rows
-    /// of the original gallery file, with their distances, best first.
+    /// of the gallery file, with their distances, best first.
     pub fn top_matches(&self, q: usize, top: usize) -> Vec<(usize, f32)> {
-        let mut d = vec![0.0f32; self.g_pids.len()];
+        let mut d = vec![0.0f32; self.gallery.pids.len()];
         self.fill(q, &mut d);
-        top_kept(&d, self.q_pids[q], self.q_cams[q], &self.g_pids, &self.g_cams, top)
-            .into_iter()
-            .map(|j| (self.gallery_rows[j], d[j]))
-            .collect()
+        top_kept(
+            &d,
+            self.query.pids[q],
+            self.query.camids[q],
+            self.gallery.pids,
+            self.gallery.camids,
+            top,
+        )
+        .into_iter()
+        .map(|j| (j, d[j]))
+        .collect()
     }
 }
 

@@ -120,17 +120,11 @@ fn ranked_rows(
         .collect())
 }
 
-/// Reads, checks and ranks one query/gallery pair.
-fn evaluate_pair(qp: &Path, gp: &Path, request: &EvaluateRequest) -> Result<(Gallery, Gallery, Evaluator), FilesError> {
+/// Reads one query/gallery pair and checks that one checkpoint made both.
+fn read_pair(qp: &Path, gp: &Path) -> Result<(Gallery, Gallery), FilesError> {
     let (query, gallery) = (Gallery::read(qp)?, Gallery::read(gp)?);
     query.check_checkpoint(qp, gallery.meta.checkpoint_sha256.as_deref(), gp)?;
-    let wrap = |source| FilesError::Eval {
-        query: qp.to_path_buf(),
-        gallery: gp.to_path_buf(),
-        source,
-    };
-    let evaluator = Evaluator::new((&query).into(), (&gallery).into(), request.metric, request.rerank).map_err(wrap)?;
-    Ok((query, gallery, evaluator))
+    Ok((query, gallery))
 }
 
 /// Evaluates every pair of `request` and writes the report folder.
@@ -140,12 +134,15 @@ pub fn evaluate_files(request: &EvaluateRequest) -> Result<EvaluateOutcome, File
     let mut pictures = vec![("cmc.png".to_string(), "Cumulative matching characteristic".to_string())];
     let mut ranked_skipped = None;
     for (i, (qp, gp)) in request.pairs.iter().enumerate() {
-        let (query, gallery, evaluator) = evaluate_pair(qp, gp, request)?;
-        let metrics = evaluator.run(request.max_rank).map_err(|source| FilesError::Eval {
+        let (query, gallery) = read_pair(qp, gp)?;
+        let wrap = |source| FilesError::Eval {
             query: qp.clone(),
             gallery: gp.clone(),
             source,
-        })?;
+        };
+        let evaluator =
+            Evaluator::new((&query).into(), (&gallery).into(), request.metric, request.rerank).map_err(wrap)?;
+        let metrics = evaluator.run(request.max_rank).map_err(wrap)?;
         if i == 0 && request.ranked > 0 {
             let rows = ranked_rows(
                 &evaluator,

@@ -31,32 +31,76 @@ impl QueryOutcome {
     }
 }
 
-/// Ranks one query: `dist[j]` is its distance to gallery entry j. Entries with the
-/// query's identity and camera are removed; the remaining entries of its identity
-/// are the correct matches. Ties are broken by gallery order. Returns `None` when
-/// no correct match remains. The gallery must hold no junk (pid -1) entries.
-pub fn rank_query(dist: &[f32], q_pid: i64, q_cam: i64, g_pids: &[i64], g_cams: &[i64]) -> Option<QueryOutcome> {
-    let key = |j: usize| (dist[j], j);
-    let less = |a: (f32, usize), b: (f32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).is_lt();
-    let mut positives: Vec<usize> = (0..dist.len())
-        .filter(|&j| g_pids[j] == q_pid && g_cams[j] != q_cam)
+/// How the distances of one query's row are to be trusted: `dist` holds f32
+/// distances, `exact(j)` computes the distance to gallery entry j in f64, and
+/// `tolerance(j)` bounds |dist[j] - exact(j)|.
+pub struct Scores<'a> {
+    pub dist: &'a [f32],
+    pub exact: &'a (dyn Fn(usize) -> f64 + Sync),
+    pub tolerance: &'a (dyn Fn(usize) -> f64 + Sync),
+}
+
+impl Scores<'_> {
+    /// Scores that are exact as they are (no rescoring ever needed).
+    pub fn exact_as_given(dist: &[f32]) -> Scores<'_> {
+        Scores {
+            dist,
+            exact: &|_| f64::NAN,
+            tolerance: &|_| 0.0,
+        }
+    }
+}
+
+/// Ranks one query against a gallery of `g_pids`, `g_cams`: entries with the
+/// query's identity and camera, and junk (pid -1), are removed; the remaining
+/// entries of its identity are the correct matches. Returns `None` when no correct
+/// match remains.
+///
+/// The ranking is the one of the float64 distances, ties broken by gallery order:
+/// the correct matches are placed by their exact distances, and an other entry
+/// is compared in f64 only when its f32 distance lies within its tolerance of a
+/// correct match's (elsewhere the f32 order cannot differ from the exact one).
+pub fn rank_query(scores: &Scores, q_pid: i64, q_cam: i64, g_pids: &[i64], g_cams: &[i64]) -> Option<QueryOutcome> {
+    let dist = scores.dist;
+    let exactly = |j: usize| {
+        let e = (scores.exact)(j);
+        if e.is_nan() {
+            dist[j] as f64
+        } else {
+            e
+        }
+    };
+    let mut positives: Vec<(f64, usize)> = (0..dist.len())
+        .filter(|&j| g_pids[j] == q_pid && g_pids[j] != -1 && g_cams[j] != q_cam)
+        .map(|j| (exactly(j), j))
         .collect();
     if positives.is_empty() {
         return None;
     }
-    positives.sort_by(|&a, &b| dist[a].total_cmp(&dist[b]).then(a.cmp(&b)));
+    positives.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (first, last) = (positives[0].0, positives[positives.len() - 1].0);
     // ahead[k]: negatives that rank between positive k-1 and positive k.
     let mut ahead = vec![0usize; positives.len() + 1];
-    let last = key(*positives.last().unwrap());
     for (j, &pid) in g_pids.iter().enumerate().take(dist.len()) {
-        if pid == q_pid {
+        if pid == q_pid || pid == -1 {
             continue;
         }
-        let kj = key(j);
-        if !less(kj, last) {
+        let (a, tol) = (dist[j] as f64, (scores.tolerance)(j));
+        if a - tol > last {
             continue;
         }
-        let slot = positives.partition_point(|&p| less(key(p), kj));
+        let slot = if a + tol < first {
+            0
+        } else {
+            let lo = positives.partition_point(|p| p.0 < a - tol);
+            let hi = positives.partition_point(|p| p.0 <= a + tol);
+            if lo == hi {
+                lo
+            } else {
+                let e = (exactly(j), j);
+                positives.partition_point(|p| p.0.total_cmp(&e.0).then(p.1.cmp(&e.1)).is_lt())
+            }
+        };
         ahead[slot] += 1;
     }
     let mut negatives_before = 0;
@@ -69,11 +113,11 @@ pub fn rank_query(dist: &[f32], q_pid: i64, q_cam: i64, g_pids: &[i64], g_cams: 
     Some(QueryOutcome { hit_ranks })
 }
 
-/// The `top` best-ranked gallery entries a query keeps (same identity and camera
-/// removed), best first.
+/// The `top` best-ranked gallery entries a query keeps (same identity and camera,
+/// and junk, removed), best first.
 pub fn top_kept(dist: &[f32], q_pid: i64, q_cam: i64, g_pids: &[i64], g_cams: &[i64], top: usize) -> Vec<usize> {
     let mut kept: Vec<usize> = (0..dist.len())
-        .filter(|&j| !(g_pids[j] == q_pid && g_cams[j] == q_cam))
+        .filter(|&j| g_pids[j] != -1 && !(g_pids[j] == q_pid && g_cams[j] == q_cam))
         .collect();
     let by = |a: &usize, b: &usize| dist[*a].total_cmp(&dist[*b]).then(a.cmp(b));
     if kept.len() > top {
@@ -120,9 +164,35 @@ mod tests {
             let pids: Vec<i64> = (0..n).map(|_| next(4) as i64).collect();
             let cams: Vec<i64> = (0..n).map(|_| next(3) as i64).collect();
             let (qp, qc) = (next(4) as i64, next(3) as i64);
-            let got = rank_query(&dist, qp, qc, &pids, &cams).map(|o| o.hit_ranks);
+            let got = rank_query(&Scores::exact_as_given(&dist), qp, qc, &pids, &cams).map(|o| o.hit_ranks);
             assert_eq!(got, by_sorting(&dist, qp, qc, &pids, &cams));
         }
+    }
+
+    #[test]
+    fn near_ties_are_decided_by_the_exact_distances() {
+        // f32 distances that put the negative (entry 1) first, exact ones that put
+        // the positive (entry 0) first; entry 2 is far and never rescored.
+        let dist = [0.50000006f32, 0.5, 0.9];
+        let exact = |j: usize| [0.4999999, 0.5, 0.9][j];
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let counted = |j: usize| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            exact(j)
+        };
+        let scores = Scores {
+            dist: &dist,
+            exact: &counted,
+            tolerance: &|_| 1e-6,
+        };
+        let (pids, cams) = ([7, 3, 3], [1, 1, 1]);
+        assert_eq!(rank_query(&scores, 7, 0, &pids, &cams).unwrap().hit_ranks, vec![0]);
+        assert_eq!(calls.into_inner(), 2, "the positive and the near negative only");
+        let plain = Scores::exact_as_given(&dist);
+        assert_eq!(rank_query(&plain, 7, 0, &pids, &cams).unwrap().hit_ranks, vec![1]);
+        // Junk never counts, as a match or as a negative.
+        let (pids, cams) = ([7, -1, 3], [1, 1, 1]);
+        assert_eq!(rank_query(&plain, 7, 0, &pids, &cams).unwrap().hit_ranks, vec![0]);
     }
 
     #[test]
@@ -141,10 +211,11 @@ mod tests {
         let dist = [0.1, 0.2, 0.3];
         let pids = [5, 0, 5];
         let cams = [1, 2, 2];
-        let o = rank_query(&dist, 5, 1, &pids, &cams).unwrap();
+        let s = Scores::exact_as_given(&dist);
+        let o = rank_query(&s, 5, 1, &pids, &cams).unwrap();
         assert_eq!(o.hit_ranks, vec![1]);
-        assert_eq!(rank_query(&dist, 5, 2, &pids, &cams).unwrap().hit_ranks, vec![0]);
-        assert_eq!(rank_query(&dist, 9, 1, &pids, &cams), None);
+        assert_eq!(rank_query(&s, 5, 2, &pids, &cams).unwrap().hit_ranks, vec![0]);
+        assert_eq!(rank_query(&s, 9, 1, &pids, &cams), None);
         assert_eq!(top_kept(&dist, 5, 1, &pids, &cams, 5), vec![1, 2]);
     }
 }

@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::distance::{distance_block, Metric, Prepared};
+use crate::distance::{Features, Metric};
 
 /// Re-ranking settings; torchreid's defaults are k1 = 20, k2 = 6, lambda = 0.3.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -57,12 +57,24 @@ impl std::str::FromStr for RerankParams {
 /// A sparse row: (column, value), columns ascending.
 type SparseRow = Vec<(u32, f32)>;
 
+/// Rows per tile of the all-pairs distance pass.
+const TILE: usize = 512;
+
 /// Everything needed to produce re-ranked query-gallery distances.
 pub struct Reranker {
-    all: Prepared,
-    gallery: Prepared,
+    /// Query rows, then the kept (non-junk) gallery rows, contiguous.
+    rows: Vec<f32>,
+    norms: Vec<f64>,
+    dim: usize,
+    metric: Metric,
     num_query: usize,
+    /// Gallery row of each kept gallery entry.
+    kept: Vec<usize>,
+    /// Columns of the gallery file.
+    gallery_len: usize,
     row_max: Vec<f32>,
+    /// Squared query-gallery distances [Q, kept], from the all-pairs pass.
+    query_gallery: Vec<f32>,
     /// Local-query-expanded k-reciprocal encodings, one per row.
     v: Vec<SparseRow>,
     /// For each column, the rows whose encoding is non-zero there (ascending).
@@ -70,71 +82,159 @@ pub struct Reranker {
     lambda: f32,
 }
 
-const BLOCK: usize = 32;
-
 /// Rounds half to even, as numpy's `around` does.
 fn round_half_even(x: f64) -> usize {
     x.round_ties_even() as usize
 }
 
-impl Reranker {
-    /// Builds the encodings for queries `q` and gallery `g` (no junk rows).
-    pub fn new(q: &Prepared, g: &Prepared, params: RerankParams) -> Self {
-        let num_query = q.len();
-        let mut all = q.clone();
-        all.rows.extend_from_slice(&g.rows);
-        all.sq_norms.extend_from_slice(&g.sq_norms);
-        let n = all.len();
-        let k1 = params.k1.min(n - 1);
-        let keep = k1 + 1;
+/// The `keep` nearest rows of one row (by (squared distance, index)) and the
+/// largest squared distance, updated tile by tile.
+#[derive(Clone)]
+struct Neighbours {
+    heap: std::collections::BinaryHeap<(Key, u32)>,
+    max: f32,
+}
 
-        // Nearest neighbours and row maxima of the squared distances.
-        let blocks: Vec<(Vec<f32>, Vec<Vec<u32>>)> = (0..n.div_ceil(BLOCK))
-            .into_par_iter()
-            .map(|b| {
-                let start = b * BLOCK;
-                let rows = BLOCK.min(n - start);
-                let mut d = vec![0.0f32; rows * n];
-                distance_block(&all, start, &all, &mut d);
-                let mut maxima = Vec::with_capacity(rows);
-                let mut ranks = Vec::with_capacity(rows);
-                let mut order: Vec<u32> = Vec::with_capacity(n);
-                for row in d.chunks_exact_mut(n) {
-                    row.iter_mut().for_each(|x| *x = *x * *x);
-                    let max = row.iter().copied().fold(f32::MIN, f32::max);
-                    row.iter_mut().for_each(|x| *x /= max);
-                    maxima.push(max);
-                    order.clear();
-                    order.extend(0..n as u32);
-                    let by = |a: &u32, b: &u32| row[*a as usize].total_cmp(&row[*b as usize]).then(a.cmp(b));
-                    if keep < n {
-                        order.select_nth_unstable_by(keep, by);
-                        order.truncate(keep);
-                    }
-                    order.sort_by(by);
-                    ranks.push(order.clone());
-                }
-                (maxima, ranks)
-            })
-            .collect();
-        let mut row_max = Vec::with_capacity(n);
-        let mut initial_rank: Vec<Vec<u32>> = Vec::with_capacity(n);
-        for (m, r) in blocks {
-            row_max.extend(m);
-            initial_rank.extend(r);
+/// A squared distance ordered totally (for the heap).
+#[derive(Clone, Copy, PartialEq)]
+struct Key(f32);
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+impl Neighbours {
+    fn new(keep: usize) -> Self {
+        Neighbours {
+            heap: std::collections::BinaryHeap::with_capacity(keep + 1),
+            max: f32::MIN,
         }
+    }
 
+    /// Offers column `j` at squared distance `d2`.
+    fn offer(&mut self, keep: usize, j: u32, d2: f32) {
+        self.max = self.max.max(d2);
+        let entry = (Key(d2), j);
+        if self.heap.len() < keep {
+            self.heap.push(entry);
+        } else if entry < *self.heap.peek().expect("full heap") {
+            self.heap.pop();
+            self.heap.push(entry);
+        }
+    }
+
+    /// The kept rows, nearest first.
+    fn sorted(self) -> Vec<u32> {
+        self.heap.into_sorted_vec().into_iter().map(|(_, j)| j).collect()
+    }
+}
+
+impl Reranker {
+    /// Builds the encodings for queries `q` and the `kept` rows of gallery `g`.
+    pub fn new(q: &Features, g: &Features, kept: &[usize], metric: Metric, params: RerankParams) -> Self {
+        let dim = q.dim;
+        let mut rows = Vec::with_capacity((q.len() + kept.len()) * dim);
+        rows.extend_from_slice(q.rows);
+        kept.iter().for_each(|&j| rows.extend_from_slice(g.row(j)));
+        let mut norms = q.norms.to_vec();
+        norms.extend(kept.iter().map(|&j| g.norms[j]));
+        let n = norms.len();
+        let keep = params.k1.min(n - 1) + 1;
         let mut this = Reranker {
-            all,
-            gallery: g.clone(),
-            num_query,
-            row_max,
+            rows,
+            norms,
+            dim,
+            metric,
+            num_query: q.len(),
+            kept: kept.to_vec(),
+            gallery_len: g.len(),
+            row_max: Vec::new(),
+            query_gallery: vec![0.0; q.len() * kept.len()],
             v: Vec::new(),
             inverted: Vec::new(),
             lambda: params.lambda,
         };
+        let initial_rank = this.all_pairs(keep);
+        let encodings = this.encodings(&initial_rank, keep - 1);
+        this.v = expand(&encodings, &initial_rank, params.k2.min(keep));
+        let mut inverted = vec![Vec::new(); n];
+        for (i, row) in this.v.iter().enumerate() {
+            for &(c, _) in row {
+                inverted[c as usize].push(i as u32);
+            }
+        }
+        this.inverted = inverted;
+        this
+    }
 
-        // k-reciprocal encodings.
+    fn features(&self) -> Features<'_> {
+        Features {
+            rows: &self.rows,
+            dim: self.dim,
+            norms: &self.norms,
+        }
+    }
+
+    /// One pass over the upper triangle of the all-pairs distances, tile by tile
+    /// (each tile serves its rows and, transposed, its columns): every row's `keep`
+    /// nearest rows and largest squared distance, and the query-gallery block.
+    fn all_pairs(&mut self, keep: usize) -> Vec<Vec<u32>> {
+        let n = self.norms.len();
+        let (nq, ng) = (self.num_query, self.kept.len());
+        let mut near = vec![Neighbours::new(keep); n];
+        let mut tile = vec![0.0f32; TILE * n];
+        for i0 in (0..n).step_by(TILE) {
+            let (rows, width) = (TILE.min(n - i0), n - i0);
+            let block = &mut tile[..rows * width];
+            // Columns before i0 were served by earlier tiles (transposed).
+            self.features()
+                .distances_range(self.metric, i0, &self.features(), i0, block);
+            block.par_iter_mut().for_each(|d| *d = *d * *d);
+            near[i0..i0 + rows].par_iter_mut().enumerate().for_each(|(r, nb)| {
+                for (c, &d2) in block[r * width..(r + 1) * width].iter().enumerate() {
+                    nb.offer(keep, (i0 + c) as u32, d2);
+                }
+            });
+            near[i0 + rows..].par_iter_mut().enumerate().for_each(|(c, nb)| {
+                for r in 0..rows {
+                    nb.offer(keep, (i0 + r) as u32, block[r * width + rows + c]);
+                }
+            });
+            // The query-gallery part of these rows.
+            for r in 0..rows.min(nq.saturating_sub(i0)) {
+                let qi = i0 + r;
+                let src = &block[r * width + (nq - i0)..r * width + (nq - i0) + ng];
+                self.query_gallery[qi * ng..(qi + 1) * ng].copy_from_slice(src);
+            }
+        }
+        self.row_max = near.iter().map(|nb| nb.max).collect();
+        near.into_par_iter().map(Neighbours::sorted).collect()
+    }
+
+    /// The original (squared, row-normalised) distance between rows i and j.
+    fn original(&self, i: usize, j: usize) -> f32 {
+        let f = self.features();
+        let dot: f32 = f.row(i).iter().zip(f.row(j)).map(|(x, y)| x * y).sum();
+        let d = match self.metric {
+            Metric::Cosine => 1.0 - dot as f64 / (f.norms[i] * f.norms[j]).max(1e-300),
+            Metric::Euclidean => f.norms[i] * f.norms[i] + f.norms[j] * f.norms[j] - 2.0 * dot as f64,
+        } as f32;
+        d * d / self.row_max[i]
+    }
+
+    /// The k-reciprocal encodings `V[i]`: the (expanded) k1-reciprocal neighbours
+    /// of i weighted by `exp(-original)`, normalised.
+    fn encodings(&self, initial_rank: &[Vec<u32>], k1: usize) -> Vec<SparseRow> {
         let half = round_half_even(k1 as f64 / 2.0);
         let reciprocal = |i: usize, k: usize| -> Vec<u32> {
             initial_rank[i][..=k]
@@ -143,7 +243,7 @@ impl Reranker {
                 .filter(|&f| initial_rank[f as usize][..=k].contains(&(i as u32)))
                 .collect()
         };
-        let encodings: Vec<SparseRow> = (0..n)
+        (0..initial_rank.len())
             .into_par_iter()
             .map(|i| {
                 let base = reciprocal(i, k1);
@@ -159,61 +259,12 @@ impl Reranker {
                 expanded.dedup();
                 let weights: Vec<f32> = expanded
                     .iter()
-                    .map(|&j| (-this.original(i, j as usize)).exp())
+                    .map(|&j| (-self.original(i, j as usize)).exp())
                     .collect();
                 let total: f32 = weights.iter().sum();
                 expanded.into_iter().zip(weights).map(|(j, w)| (j, w / total)).collect()
             })
-            .collect();
-
-        // Local query expansion: average the encodings of the k2 nearest rows.
-        let k2 = params.k2.min(keep);
-        this.v = if k2 > 1 {
-            (0..n)
-                .into_par_iter()
-                .map(|i| {
-                    let mut merged: SparseRow = initial_rank[i][..k2]
-                        .iter()
-                        .flat_map(|&t| encodings[t as usize].iter().copied())
-                        .collect();
-                    merged.sort_by_key(|&(c, _)| c);
-                    let mut out: SparseRow = Vec::with_capacity(merged.len());
-                    for (c, w) in merged {
-                        match out.last_mut() {
-                            Some((lc, lw)) if *lc == c => *lw += w,
-                            _ => out.push((c, w)),
-                        }
-                    }
-                    out.iter_mut().for_each(|(_, w)| *w /= k2 as f32);
-                    out
-                })
-                .collect()
-        } else {
-            encodings
-        };
-        let mut inverted = vec![Vec::new(); n];
-        for (i, row) in this.v.iter().enumerate() {
-            for &(c, _) in row {
-                inverted[c as usize].push(i as u32);
-            }
-        }
-        this.inverted = inverted;
-        this
-    }
-
-    /// The original (squared, row-normalised) distance between rows i and j.
-    fn original(&self, i: usize, j: usize) -> f32 {
-        let dim = self.all.dim;
-        let (a, b) = (
-            &self.all.rows[i * dim..(i + 1) * dim],
-            &self.all.rows[j * dim..(j + 1) * dim],
-        );
-        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-        let d = match self.all.metric {
-            Metric::Cosine => 1.0 - dot,
-            Metric::Euclidean => self.all.sq_norms[i] + self.all.sq_norms[j] - 2.0 * dot,
-        };
-        d * d / self.row_max[i]
+            .collect()
     }
 
     /// The value of row `r`'s encoding at column `c`.
@@ -223,14 +274,12 @@ impl Reranker {
     }
 
     /// Re-ranked distances from queries `q_start..` to every gallery row into `out`
-    /// (row-major, `out.len() / num_gallery` rows).
+    /// (row-major, `out.len() / gallery_len` rows); junk columns get +inf.
     pub fn distance_block(&self, q_start: usize, out: &mut [f32]) {
-        let ng = self.gallery.len();
-        distance_block(&self.all, q_start, &self.gallery, out);
-        let mut overlap = vec![0.0f32; ng];
-        for (r, row) in out.chunks_exact_mut(ng).enumerate() {
+        let (ng, nk) = (self.gallery_len, self.kept.len());
+        out.par_chunks_exact_mut(ng).enumerate().for_each(|(r, row)| {
             let i = q_start + r;
-            overlap.iter_mut().for_each(|x| *x = 0.0);
+            let mut overlap = vec![0.0f32; nk];
             for &(c, w) in &self.v[i] {
                 for &j in &self.inverted[c as usize] {
                     let j = j as usize;
@@ -239,13 +288,41 @@ impl Reranker {
                     }
                 }
             }
-            for (d, m) in row.iter_mut().zip(&overlap) {
-                let original = *d * *d / self.row_max[i];
+            row.iter_mut().for_each(|d| *d = f32::INFINITY);
+            let squared = &self.query_gallery[i * nk..(i + 1) * nk];
+            for ((&col, m), d2) in self.kept.iter().zip(&overlap).zip(squared) {
+                let original = d2 / self.row_max[i];
                 let jaccard = 1.0 - m / (2.0 - m);
-                *d = jaccard * (1.0 - self.lambda) + original * self.lambda;
+                row[col] = jaccard * (1.0 - self.lambda) + original * self.lambda;
             }
-        }
+        });
     }
+}
+
+/// Local query expansion: each encoding averaged over its row's k2 nearest rows.
+fn expand(encodings: &[SparseRow], initial_rank: &[Vec<u32>], k2: usize) -> Vec<SparseRow> {
+    if k2 <= 1 {
+        return encodings.to_vec();
+    }
+    initial_rank
+        .par_iter()
+        .map(|near| {
+            let mut merged: SparseRow = near[..k2]
+                .iter()
+                .flat_map(|&t| encodings[t as usize].iter().copied())
+                .collect();
+            merged.sort_by_key(|&(c, _)| c);
+            let mut out: SparseRow = Vec::with_capacity(merged.len());
+            for (c, w) in merged {
+                match out.last_mut() {
+                    Some((lc, lw)) if *lc == c => *lw += w,
+                    _ => out.push((c, w)),
+                }
+            }
+            out.iter_mut().for_each(|(_, w)| *w /= k2 as f32);
+            out
+        })
+        .collect()
 }
 
 #[cfg(test)]

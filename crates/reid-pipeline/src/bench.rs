@@ -274,3 +274,45 @@ impl EvalBench {
         }))
     }
 }
+
+/// The f32 GEMM rate of this machine on all threads, GFLOP/s (best of five runs of
+/// an M x N x K = 1024 x 4096 x 2048 product, the shape of a query block against a
+/// gallery panel), as the bound for the distance part of evaluation.
+pub fn gemm_peak_gflops() -> f64 {
+    let (m, n, k) = (1024usize, 4096usize, 2048usize);
+    let a: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+    let b: Vec<f32> = (0..n * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
+    let mut c = vec![0.0f32; m * n];
+    let best = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            // SAFETY: a is m x k row-major, b is read as its transpose k x n (row-major
+            // n x k), c is m x n row-major; all lengths match.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    k as isize,
+                    b.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                );
+            }
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min);
+    2.0 * (m * n * k) as f64 / best / 1e9
+}
