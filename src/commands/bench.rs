@@ -57,12 +57,19 @@ pub struct BenchArgs {
     /// Loader benchmark without augmentation.
     #[arg(long)]
     pub no_augment: bool,
-    /// Eval benchmark with k-reciprocal re-ranking (20, 6, 0.3).
+    /// Eval benchmark with k-reciprocal re-ranking (20, 6, 0.3); medians of
+    /// --iters (at most 5) runs.
     #[arg(long)]
     pub rerank: bool,
     /// Queries, gallery size and dimension of the eval case.
     #[arg(long, value_delimiter = ',', default_value = "3368,15913,2048")]
     pub eval_size: Vec<usize>,
+    /// Eval benchmark with the pictures and report.html (else metrics.json only).
+    #[arg(long)]
+    pub report: bool,
+    /// Where the eval benchmark keeps its case files (written once).
+    #[arg(long, default_value = "artifacts/bench")]
+    pub cache: std::path::PathBuf,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -94,6 +101,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 dim,
                 iters,
                 rerank: args.rerank,
+                report: args.report,
+                cache: args.cache.clone(),
             }
             .run()?
         }

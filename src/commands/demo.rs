@@ -74,6 +74,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("| rank-1 | rank-5 | rank-10 | mAP |\n| ---: | ---: | ---: | ---: |");
     println!("| {r1:.2}% | {r5:.2}% | {r10:.2}% | {map:.2}% |\n");
     println!("metrics: {}", outcome.evaluation.metrics_file.display());
-    println!("report:  {}", outcome.evaluation.report.display());
+    if let Some(report) = &outcome.evaluation.report {
+        println!("report:  {}", report.display());
+    }
     Ok(())
 }

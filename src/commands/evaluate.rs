@@ -42,6 +42,9 @@ pub struct EvaluateArgs {
     /// A training run whose metrics.csv is drawn as training curves.
     #[arg(long)]
     pub run: Option<PathBuf>,
+    /// Write metrics.json only: no pictures, no report.html.
+    #[arg(long)]
+    pub no_report: bool,
 }
 
 impl EvaluateArgs {
@@ -61,6 +64,7 @@ impl EvaluateArgs {
             ranked: self.ranked,
             data_root: self.data_root.clone(),
             run: self.run.clone(),
+            pictures: !self.no_report,
         })
     }
 }
@@ -90,7 +94,7 @@ fn print_table(outcome: &EvaluateOutcome) {
     }
     println!(
         "(also in {})",
-        outcome.report.with_file_name("comparison.csv").display()
+        outcome.metrics_file.with_file_name("comparison.csv").display()
     );
 }
 
@@ -105,11 +109,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         return Ok(());
     }
     print_table(&outcome);
-    println!(
-        "wrote {} and {} in {:.2?}",
-        outcome.metrics_file.display(),
-        outcome.report.display(),
-        started.elapsed()
-    );
+    let report = outcome.report.as_ref().map(|r| format!(" and {}", r.display())).unwrap_or_default();
+    println!("wrote {}{report} in {:.2?}", outcome.metrics_file.display(), started.elapsed());
     Ok(())
 }

@@ -11,6 +11,7 @@ use crate::report::{
     draw_cmc, draw_ranked, draw_training_curves, read_training_log, write_html, CurveSeries, RankedRow, ReportError,
     ReportPage,
 };
+use crate::evaluate::Timings;
 use crate::{EvalError, Evaluator, Metric, Metrics, RerankParams};
 
 /// What to evaluate and where to write the report.
@@ -29,6 +30,8 @@ pub struct EvaluateRequest {
     pub data_root: Option<PathBuf>,
     /// A training run whose `metrics.csv` is drawn as training curves.
     pub run: Option<PathBuf>,
+    /// Draw the pictures and write `report.html` (else `metrics.json` only).
+    pub pictures: bool,
 }
 
 /// What one evaluation produced.
@@ -36,10 +39,13 @@ pub struct EvaluateOutcome {
     /// Every run's label and metrics, in the order given; the first is the one
     /// `metrics.json` holds.
     pub runs: Vec<(String, Metrics)>,
-    pub report: PathBuf,
+    /// `report.html`, when pictures were asked for.
+    pub report: Option<PathBuf>,
     pub metrics_file: PathBuf,
     /// Why `ranked.png` is missing, when it is.
     pub ranked_skipped: Option<String>,
+    /// Where each run's evaluation spent its time.
+    pub timings: Vec<Timings>,
 }
 
 /// Why an evaluation of files failed.
@@ -132,7 +138,7 @@ pub fn evaluate_files(request: &EvaluateRequest) -> Result<EvaluateOutcome, File
     let out = &request.out;
     let mut runs: Vec<(String, Metrics)> = Vec::new();
     let mut pictures = vec![("cmc.png".to_string(), "Cumulative matching characteristic".to_string())];
-    let mut ranked_skipped = None;
+    let (mut ranked_skipped, mut timings) = (None, Vec::new());
     for (i, (qp, gp)) in request.pairs.iter().enumerate() {
         let (query, gallery) = read_pair(qp, gp)?;
         let wrap = |source| FilesError::Eval {
@@ -143,7 +149,8 @@ pub fn evaluate_files(request: &EvaluateRequest) -> Result<EvaluateOutcome, File
         let evaluator =
             Evaluator::new((&query).into(), (&gallery).into(), request.metric, request.rerank).map_err(wrap)?;
         let metrics = evaluator.run(request.max_rank).map_err(wrap)?;
-        if i == 0 && request.ranked > 0 {
+        timings.push(metrics.timings);
+        if i == 0 && request.ranked > 0 && request.pictures {
             let rows = ranked_rows(
                 &evaluator,
                 &query,
@@ -161,6 +168,9 @@ pub fn evaluate_files(request: &EvaluateRequest) -> Result<EvaluateOutcome, File
         }
         runs.push((run_label(gp), metrics.metrics));
     }
+    if !request.pictures {
+        return write_outputs(out, &runs, None, ranked_skipped, timings);
+    }
     let series: Vec<CurveSeries> = runs
         .iter()
         .map(|(label, m)| CurveSeries {
@@ -175,15 +185,17 @@ pub fn evaluate_files(request: &EvaluateRequest) -> Result<EvaluateOutcome, File
         draw_training_curves(&out.join("training.png"), &read_training_log(&run.join("metrics.csv"))?)?;
         pictures.push(("training.png".into(), format!("Training curves of {}", run.display())));
     }
-    write_outputs(out, &runs, pictures, ranked_skipped)
+    write_outputs(out, &runs, Some(pictures), ranked_skipped, timings)
 }
 
-/// `metrics.json` (the first run), `comparison.csv` (several runs) and the page.
+/// `metrics.json` (the first run), `comparison.csv` (several runs) and, with
+/// `pictures`, the page.
 fn write_outputs(
     out: &Path,
     runs: &[(String, Metrics)],
-    pictures: Vec<(String, String)>,
+    pictures: Option<Vec<(String, String)>>,
     ranked_skipped: Option<String>,
+    timings: Vec<Timings>,
 ) -> Result<EvaluateOutcome, FilesError> {
     let metrics_file = out.join("metrics.json");
     let json = serde_json::to_string_pretty(&runs[0].1).expect("metrics serialise");
@@ -191,16 +203,22 @@ fn write_outputs(
     if runs.len() > 1 {
         reid_data::atomic::write_bytes_atomically(&out.join("comparison.csv"), comparison_csv(runs).as_bytes())?;
     }
-    let page = ReportPage {
-        title: format!("reid evaluation: {}", runs[0].0),
-        runs: runs.iter().map(|(l, m)| (l.clone(), m)).collect(),
-        pictures,
+    let report = match pictures {
+        None => None,
+        Some(pictures) => {
+            let page = ReportPage {
+                title: format!("reid evaluation: {}", runs[0].0),
+                runs: runs.iter().map(|(l, m)| (l.clone(), m)).collect(),
+                pictures,
+            };
+            Some(write_html(out, &page)?)
+        }
     };
-    let report = write_html(out, &page)?;
     Ok(EvaluateOutcome {
         runs: runs.to_vec(),
         report,
         metrics_file,
         ranked_skipped,
+        timings,
     })
 }

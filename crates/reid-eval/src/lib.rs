@@ -9,5 +9,5 @@ pub mod report;
 pub mod rerank;
 
 pub use distance::Metric;
-pub use evaluate::{evaluate, EvalError, Evaluation, Evaluator, FeatureSet, Metrics};
+pub use evaluate::{evaluate, EvalError, Evaluation, Evaluator, FeatureSet, Metrics, Timings};
 pub use rerank::RerankParams;

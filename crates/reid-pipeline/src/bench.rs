@@ -10,7 +10,11 @@ use rand_chacha::ChaCha8Rng;
 use reid_model::ops::{with_precision, Precision};
 use reid_model::{Arch, DeviceSpec, LossWeights, ModelConfig, PairTargets, ReidModel};
 use reid_train::{train_step, BatchTensors, Sgd, SgdConfig};
+use reid_data::gallery::{Gallery, GalleryMeta};
+use reid_eval::files::{evaluate_files, EvaluateRequest};
+use reid_eval::{Metric, RerankParams};
 use serde_json::{json, Value};
+use std::path::PathBuf;
 
 use crate::{PipelineError, Result};
 
@@ -203,8 +207,10 @@ impl LoaderBench {
     }
 }
 
-/// An evaluation benchmark on a random Market-like case: Q queries, G gallery
-/// entries of D dimensions, 751 identities and 6 cameras.
+/// An evaluation benchmark: `reid evaluate` as a user runs it (reading the two
+/// files, distances, ranking, metrics, `metrics.json`, and the pictures and page
+/// when `report`) on a random Market-like case of Q queries and G gallery entries
+/// of D dimensions: 751 identities, 6 cameras, 10% distractors and 5% junk.
 #[derive(Debug, Clone)]
 pub struct EvalBench {
     pub queries: usize,
@@ -212,63 +218,99 @@ pub struct EvalBench {
     pub dim: usize,
     pub iters: usize,
     pub rerank: bool,
+    pub report: bool,
+    /// Where the case files are kept (written once, reused).
+    pub cache: PathBuf,
 }
 
-/// Features around identity centres, with identities and cameras.
-struct Case {
-    features: Vec<f32>,
-    pids: Vec<i64>,
-    camids: Vec<i64>,
-}
-
-fn random_case(n: usize, dim: usize, centers: &[f32], rng: &mut ChaCha8Rng) -> Case {
+/// Features around identity centres: `n` rows, the last `junk` of the gallery as
+/// pid -1 and `distractors` as pid 0.
+fn random_gallery(n: usize, dim: usize, centers: &[f32], special: (usize, usize), rng: &mut ChaCha8Rng) -> Gallery {
     let ids = centers.len() / dim;
-    let pids: Vec<i64> = (0..n).map(|_| rng.gen_range(0..ids as i64)).collect();
+    let (distractors, junk) = special;
+    let pids: Vec<i64> = (0..n)
+        .map(|i| match i {
+            _ if i < junk => -1,
+            _ if i < junk + distractors => 0,
+            _ => rng.gen_range(1..ids as i64),
+        })
+        .collect();
     let camids: Vec<i64> = (0..n).map(|_| rng.gen_range(0..6)).collect();
     let mut features = Vec::with_capacity(n * dim);
     for &p in &pids {
+        let c = p.max(0) as usize;
         for k in 0..dim {
-            features.push(centers[p as usize * dim + k] + 1.5 * rng.gen_range(-1.0f32..1.0));
+            let centre = if p <= 0 { 0.0 } else { centers[c * dim + k] };
+            features.push(centre + 1.5 * rng.gen_range(-1.0f32..1.0));
         }
     }
-    Case { features, pids, camids }
-}
-
-impl Case {
-    fn set(&self, dim: usize) -> reid_eval::FeatureSet<'_> {
-        reid_eval::FeatureSet {
-            features: &self.features,
-            dim,
-            pids: &self.pids,
-            camids: &self.camids,
-        }
+    Gallery {
+        features,
+        dim,
+        pids,
+        camids,
+        meta: GalleryMeta::default(),
     }
 }
 
 impl EvalBench {
-    /// Seconds per evaluation (distances, ranking, metrics), median and best.
-    pub fn run(&self) -> Result<Value> {
+    /// The case's two files, written on first use.
+    fn case(&self) -> Result<(PathBuf, PathBuf)> {
+        let dir = self.cache.join(format!("eval-{}x{}x{}", self.queries, self.gallery, self.dim));
+        let (q, g) = (dir.join("query.safetensors"), dir.join("gallery.safetensors"));
+        if q.is_file() && g.is_file() {
+            return Ok((q, g));
+        }
         let d = self.dim;
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let centers: Vec<f32> = (0..751 * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-        let q = random_case(self.queries, d, &centers, &mut rng);
-        let g = random_case(self.gallery, d, &centers, &mut rng);
-        let rerank = self.rerank.then(reid_eval::RerankParams::default);
-        let mut metrics = None;
+        random_gallery(self.queries, d, &centers, (0, 0), &mut rng).write(&q)?;
+        let special = (self.gallery / 10, self.gallery / 20);
+        random_gallery(self.gallery, d, &centers, special, &mut rng).write(&g)?;
+        Ok((q, g))
+    }
+
+    /// Seconds per evaluation, median of `iters`, with its parts and the GEMM bound.
+    pub fn run(&self) -> Result<Value> {
+        let (q, g) = self.case()?;
+        let out = self.cache.join("eval-report");
+        let request = EvaluateRequest {
+            pairs: vec![(q.clone(), g.clone())],
+            metric: Metric::Cosine,
+            rerank: self.rerank.then(RerankParams::default),
+            max_rank: 50,
+            out: out.clone(),
+            ranked: 0,
+            data_root: None,
+            run: None,
+            pictures: self.report,
+        };
+        let mut parts = Vec::new();
         let times = timed(0, self.iters, || {
-            metrics = Some(reid_eval::evaluate(q.set(d), g.set(d), reid_eval::Metric::Cosine, rerank, 50)?.metrics);
+            let o = evaluate_files(&request)?;
+            parts.push((o.timings[0], o.runs[0].1.clone()));
             Ok(())
         })?;
-        let m = metrics.expect("ran");
-        let best = times.iter().copied().fold(f64::MAX, f64::min);
+        let peak = gemm_peak_gflops();
+        let bound = 2.0 * (self.queries * self.gallery * self.dim) as f64 / (peak * 1e9);
+        let distances = median(parts.iter().map(|p| p.0.distances_s).collect());
+        let ranking = median(parts.iter().map(|p| p.0.ranking_s).collect());
+        let m = &parts[0].1;
         Ok(json!({
             "cmd": "eval",
             "rerank": self.rerank,
+            "report": self.report,
             "Q": self.queries,
             "G": self.gallery,
-            "D": d,
-            "total_s_median": median(times),
-            "total_s_best": best,
+            "D": self.dim,
+            "files": [q, g],
+            "total_s_median": median(times.clone()),
+            "total_s_best": times.iter().copied().fold(f64::MAX, f64::min),
+            "distances_s_median": distances,
+            "ranking_s_median": ranking,
+            "gemm_peak_gflops": peak,
+            "gemm_bound_s": bound,
+            "distances_over_bound": distances / bound,
             "rank1": m.rank1,
             "mAP": m.map,
         }))

@@ -357,6 +357,7 @@ fn evaluate_stage(paths: &Layout) -> Result<EvaluateOutcome> {
         ranked: 8,
         data_root: None,
         run: Some(paths.run.clone()),
+        pictures: true,
     };
     Ok(evaluate_files(&request)?)
 }

@@ -13,6 +13,7 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
@@ -104,7 +105,7 @@ struct Plan<T: ConvType> {
 
 thread_local! {
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-    static PLANS: RefCell<HashMap<ConvKey, Arc<dyn Any>>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<ConvKey, Rc<dyn Any>>> = RefCell::new(HashMap::new());
     static WORKSPACES: RefCell<HashMap<DeviceId, CudaSlice<u8>>> = RefCell::new(HashMap::new());
 }
 
@@ -179,14 +180,14 @@ impl<T: ConvType> Plan<T> {
     }
 
     /// The cached plan of `key`, made on first use.
-    fn get(key: &ConvKey, dev: &CudaDevice) -> Result<Arc<Self>> {
+    fn get(key: &ConvKey, dev: &CudaDevice) -> Result<Rc<Self>> {
         if let Some(p) = PLANS.with_borrow(|m| m.get(key).cloned()) {
             return p
                 .downcast::<Self>()
                 .map_err(|_| candle_core::Error::Msg("conv plan of another type".into()));
         }
-        let plan = Arc::new(Self::new(key, dev)?);
-        PLANS.with_borrow_mut(|m| m.insert(*key, plan.clone() as Arc<dyn Any>));
+        let plan = Rc::new(Self::new(key, dev)?);
+        PLANS.with_borrow_mut(|m| m.insert(*key, plan.clone() as Rc<dyn Any>));
         Ok(plan)
     }
 }
