@@ -109,7 +109,15 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         return Ok(());
     }
     print_table(&outcome);
-    let report = outcome.report.as_ref().map(|r| format!(" and {}", r.display())).unwrap_or_default();
-    println!("wrote {}{report} in {:.2?}", outcome.metrics_file.display(), started.elapsed());
+    let report = outcome
+        .report
+        .as_ref()
+        .map(|r| format!(" and {}", r.display()))
+        .unwrap_or_default();
+    println!(
+        "wrote {}{report} in {:.2?}",
+        outcome.metrics_file.display(),
+        started.elapsed()
+    );
     Ok(())
 }

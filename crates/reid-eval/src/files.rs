@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use reid_data::gallery::Gallery;
 
+use crate::evaluate::Timings;
 use crate::report::{
     draw_cmc, draw_ranked, draw_training_curves, read_training_log, write_html, CurveSeries, RankedRow, ReportError,
     ReportPage,
 };
-use crate::evaluate::Timings;
 use crate::{EvalError, Evaluator, Metric, Metrics, RerankParams};
 
 /// What to evaluate and where to write the report.

@@ -25,7 +25,11 @@ impl DeviceSpec {
                         "--device {self}: this reid was built without CUDA; build it with `cargo build --release --features cuda,cudnn` (docs/GPU.md)"
                     );
                 }
-                Device::new_cuda(n)
+                Device::new_cuda(n).map_err(|e| {
+                    candle_core::Error::Msg(format!(
+                        "--device {self}: cannot open CUDA device {n} ({e}); check the GPU and its driver with nvidia-smi, and that LD_LIBRARY_PATH holds the CUDA libraries (docs/GPU.md)"
+                    ))
+                })
             }
         }
     }

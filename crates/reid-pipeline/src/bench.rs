@@ -7,12 +7,12 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use reid_model::ops::{with_precision, Precision};
-use reid_model::{Arch, DeviceSpec, LossWeights, ModelConfig, PairTargets, ReidModel};
-use reid_train::{train_step, BatchTensors, Sgd, SgdConfig};
 use reid_data::gallery::{Gallery, GalleryMeta};
 use reid_eval::files::{evaluate_files, EvaluateRequest};
 use reid_eval::{Metric, RerankParams};
+use reid_model::ops::{with_precision, Precision};
+use reid_model::{Arch, DeviceSpec, LossWeights, ModelConfig, PairTargets, ReidModel};
+use reid_train::{train_step, BatchTensors, Sgd, SgdConfig};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
@@ -256,7 +256,9 @@ fn random_gallery(n: usize, dim: usize, centers: &[f32], special: (usize, usize)
 impl EvalBench {
     /// The case's two files, written on first use.
     fn case(&self) -> Result<(PathBuf, PathBuf)> {
-        let dir = self.cache.join(format!("eval-{}x{}x{}", self.queries, self.gallery, self.dim));
+        let dir = self
+            .cache
+            .join(format!("eval-{}x{}x{}", self.queries, self.gallery, self.dim));
         let (q, g) = (dir.join("query.safetensors"), dir.join("gallery.safetensors"));
         if q.is_file() && g.is_file() {
             return Ok((q, g));
