@@ -109,7 +109,31 @@ def evaluate_files(a, torch):
     out["ranking_s"] = time.perf_counter() - t
     out["total_s"] = out["read_s"] + out["distance_s"] + out["ranking_s"]
     out.update(rank1=float(cmc[0]), mAP=float(m_ap))
+    if a.f64:
+        out["mAP_f64_distances"] = f64_truth(q, g, keep)
     return out
+
+
+def f64_truth(q, g, keep):
+    """mAP from float64 cosine distances (the float32 features in float64), ranked
+    with ties broken by gallery order, under the same protocol."""
+    import numpy as np
+    qf, gf = q["features"].astype(np.float64), g["features"][keep].astype(np.float64)
+    qf /= np.linalg.norm(qf, axis=1, keepdims=True)
+    gf /= np.linalg.norm(gf, axis=1, keepdims=True)
+    gp, gc = g["pids"][keep], g["camids"][keep]
+    aps = []
+    for start in range(0, len(qf), 256):
+        dist = 1.0 - qf[start:start + 256] @ gf.T
+        order = np.argsort(dist, axis=1, kind="stable")
+        for r, o in enumerate(order):
+            i = start + r
+            valid = ~((gp[o] == q["pids"][i]) & (gc[o] == q["camids"][i]))
+            match = (gp[o] == q["pids"][i])[valid]
+            if match.any():
+                hits = np.flatnonzero(match)
+                aps.append(np.mean((np.arange(len(hits)) + 1) / (hits + 1)))
+    return float(np.mean(aps))
 
 
 def main():
@@ -129,6 +153,7 @@ def main():
     p.add_argument("--query", help="eval: query gallery file")
     p.add_argument("--gallery", help="eval: gallery file")
     p.add_argument("--rank-cy", help="eval: folder holding torchreid's compiled rank_cy module")
+    p.add_argument("--f64", action="store_true", help="eval: also the mAP of float64 distances (slow)")
     a = p.parse_args()
     import torch
     torch.set_num_threads(a.threads)
@@ -138,6 +163,7 @@ def main():
     if a.cmd == "eval":
         runs = [evaluate_files(a, torch) for _ in range(max(1, a.iters))]
         res.update({k: statistics.median(r[k] for r in runs) for k in runs[0]})
+        res["iters"] = len(runs)
     else:
         a.batch = a.batch or (32 if a.cmd == "infer" else 16)
         step = model_step(a, torch, dev, sync)

@@ -7,7 +7,7 @@ use std::fs;
 use std::io::Read;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, TensorView};
 use sha2::{Digest, Sha256};
 
 use crate::error::{DataError, Result};
@@ -166,22 +166,34 @@ impl Gallery {
     /// Reads a gallery file: features f32 (or f64, converted), pids and camids
     /// i64 (or i32), all checked (shapes, finite features, format version).
     pub fn read(path: &Path) -> Result<Gallery> {
-        let bytes = fs::read(path).map_err(|e| DataError::io(path, e))?;
-        let st = |e: safetensors::SafeTensorError| DataError::Safetensors {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        };
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(st)?;
-        let meta = GalleryMeta::from_map(path, header.metadata().clone().unwrap_or_default())?;
+        let mut file = crate::tensor_file::TensorReader::open(path)?;
+        let meta = GalleryMeta::from_map(path, file.metadata.clone().into_iter().collect())?;
         check_version(path, meta.format_version.as_deref())?;
-        let tensors = SafeTensors::deserialize(&bytes).map_err(st)?;
-        let (features, dim) = read_features(path, &tensors)?;
+        let what = "a gallery holds features [N, D], pids [N] and camids [N]";
+        let shape = |name: &str| {
+            file.entries
+                .get(name)
+                .map(|e| e.shape.clone())
+                .ok_or_else(|| DataError::invalid(path, format!("no '{name}' tensor; {what}")))
+        };
+        let (n, dim) = match shape("features")?[..] {
+            [n, d] if d > 0 => (n, d),
+            ref s => {
+                return Err(DataError::invalid(
+                    path,
+                    format!("features must be [N, D] with D > 0, got {s:?}"),
+                ))
+            }
+        };
+        for name in ["pids", "camids"] {
+            let s = shape(name)?;
+            if s != [n] {
+                return Err(DataError::invalid(path, format!("{name} must be [{n}], got {s:?}")));
+            }
+        }
+        let features = file.read_f32("features")?;
         check_finite(path, &features, dim)?;
-        let n = features.len() / dim;
-        let (pids, camids) = (
-            read_ints(path, &tensors, "pids", n)?,
-            read_ints(path, &tensors, "camids", n)?,
-        );
+        let (pids, camids) = (file.read_i64("pids")?, file.read_i64("camids")?);
         if let Some(p) = meta.paths.as_ref().filter(|p| p.len() != n) {
             return Err(DataError::invalid(
                 path,
@@ -195,73 +207,6 @@ impl Gallery {
             camids,
             meta,
         })
-    }
-}
-
-/// A tensor of a gallery file, or an error saying what a gallery holds.
-fn tensor<'a>(path: &Path, tensors: &'a SafeTensors, name: &str) -> Result<TensorView<'a>> {
-    tensors.tensor(name).map_err(|_| {
-        DataError::invalid(
-            path,
-            format!("no '{name}' tensor; a gallery holds features [N, D], pids [N] and camids [N]"),
-        )
-    })
-}
-
-/// Little-endian values of `T` from bytes, `N` bytes each.
-fn decode<T, const N: usize>(data: &[u8], from: fn([u8; N]) -> T) -> Vec<T> {
-    data.chunks_exact(N)
-        .map(|b| from(b.try_into().expect("N bytes")))
-        .collect()
-}
-
-/// `features` [N, D] as f32, and D.
-fn read_features(path: &Path, tensors: &SafeTensors) -> Result<(Vec<f32>, usize)> {
-    let t = tensor(path, tensors, "features")?;
-    let dim = match t.shape() {
-        [_, d] if *d > 0 => *d,
-        s => {
-            return Err(DataError::invalid(
-                path,
-                format!("features must be [N, D] with D > 0, got {s:?}"),
-            ))
-        }
-    };
-    let values = match t.dtype() {
-        Dtype::F32 => decode(t.data(), f32::from_le_bytes),
-        Dtype::F64 => decode(t.data(), f64::from_le_bytes)
-            .into_iter()
-            .map(|v| v as f32)
-            .collect(),
-        d => {
-            return Err(DataError::invalid(
-                path,
-                format!("features must be F32 or F64, got {d:?}"),
-            ))
-        }
-    };
-    Ok((values, dim))
-}
-
-/// An integer tensor `name` of shape [n] as i64.
-fn read_ints(path: &Path, tensors: &SafeTensors, name: &str, n: usize) -> Result<Vec<i64>> {
-    let t = tensor(path, tensors, name)?;
-    if t.shape() != [n] {
-        return Err(DataError::invalid(
-            path,
-            format!("{name} must be [{n}], got {:?}", t.shape()),
-        ));
-    }
-    match t.dtype() {
-        Dtype::I64 => Ok(decode(t.data(), i64::from_le_bytes)),
-        Dtype::I32 => Ok(decode(t.data(), i32::from_le_bytes)
-            .into_iter()
-            .map(i64::from)
-            .collect()),
-        d => Err(DataError::invalid(
-            path,
-            format!("{name} must be I64 or I32, got {d:?}"),
-        )),
     }
 }
 

@@ -49,34 +49,165 @@ pub fn write(path: &Path, tensors: Vec<(String, TensorView<'_>)>, metadata: &BTr
     write_atomically(path, |file| file.write_all(&bytes).map_err(|e| DataError::io(path, e)))
 }
 
-/// Largest header `read_metadata` accepts (the safetensors crate's own limit).
+/// Largest header accepted (the safetensors crate's own limit).
 const MAX_HEADER: u64 = 100_000_000;
+
+/// One tensor's entry in a header.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Entry {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub data_offsets: [usize; 2],
+}
+
+impl Entry {
+    /// Bytes per element of the entry's dtype (0 for one this crate does not read).
+    fn element_bytes(&self) -> usize {
+        match self.dtype.as_str() {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "I8" | "U8" | "BOOL" => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// A safetensors file opened for reading tensor by tensor, without holding the
+/// whole file in memory: the header parsed and checked against the file's size.
+pub struct TensorReader {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    data_start: u64,
+    pub metadata: BTreeMap<String, String>,
+    pub entries: BTreeMap<String, Entry>,
+}
+
+impl TensorReader {
+    /// Opens `path`: a truncated, garbage or oversized header is an error naming it.
+    pub fn open(path: &Path) -> Result<Self> {
+        use std::io::Read;
+        let bad = |message: String| DataError::Safetensors {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+        let size = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)
+            .map_err(|_| bad("shorter than a safetensors header".into()))?;
+        let len = u64::from_le_bytes(len);
+        if len > MAX_HEADER || len + 8 > size {
+            return Err(bad(format!(
+                "header of {len} bytes in a file of {size}: not a safetensors file"
+            )));
+        }
+        let mut header = vec![0u8; len as usize];
+        file.read_exact(&mut header)
+            .map_err(|_| bad("the file ends inside its header (truncated)".into()))?;
+        let mut value: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("the header is not JSON: {e}")))?;
+        let metadata = match value.remove("__metadata__") {
+            None => BTreeMap::new(),
+            Some(m) => serde_json::from_value(m).map_err(|e| bad(format!("__metadata__: {e}")))?,
+        };
+        let entries: BTreeMap<String, Entry> = serde_json::from_value(serde_json::Value::Object(value))
+            .map_err(|e| bad(format!("a tensor entry does not parse: {e}")))?;
+        let data_len = (size - 8 - len) as usize;
+        for (name, e) in &entries {
+            let [a, b] = e.data_offsets;
+            let want = e.shape.iter().product::<usize>() * e.element_bytes();
+            if a > b || b > data_len || (e.element_bytes() > 0 && b - a != want) {
+                return Err(bad(format!(
+                    "tensor '{name}' lies outside the file or does not fit its shape (truncated?)"
+                )));
+            }
+        }
+        Ok(TensorReader {
+            path: path.to_path_buf(),
+            file,
+            data_start: 8 + len,
+            metadata,
+            entries,
+        })
+    }
+
+    /// Reads tensor `name` as f32 (from F32, or F64 converted), in chunks.
+    pub fn read_f32(&mut self, name: &str) -> Result<Vec<f32>> {
+        match self.entry(name)?.dtype.as_str() {
+            "F32" if cfg!(target_endian = "little") => self.read_f32_in_place(name),
+            "F32" => self.read_with(name, 4, |b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
+            "F64" => self.read_with(name, 8, |b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32),
+            d => Err(self.bad(format!("{name} must be F32 or F64, got {d}"))),
+        }
+    }
+
+    /// F32 values read straight into their vector (little-endian machines: the
+    /// file's bytes are the values' bytes), without a second copy.
+    fn read_f32_in_place(&mut self, name: &str) -> Result<Vec<f32>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let [a, b] = self.entry(name)?.data_offsets;
+        let mut out = vec![0.0f32; (b - a) / 4];
+        // SAFETY: the vector's memory is (b - a) initialised bytes, and every bit
+        // pattern is a valid f32.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, b - a) };
+        let io = |e| DataError::io(&self.path, e);
+        self.file
+            .seek(SeekFrom::Start(self.data_start + a as u64))
+            .map_err(io)?;
+        self.file.read_exact(bytes).map_err(|e| DataError::io(&self.path, e))?;
+        Ok(out)
+    }
+
+    /// Reads tensor `name` as i64 (from I64, or I32 converted).
+    pub fn read_i64(&mut self, name: &str) -> Result<Vec<i64>> {
+        match self.entry(name)?.dtype.as_str() {
+            "I64" => self.read_with(name, 8, |b| i64::from_le_bytes(b.try_into().expect("8 bytes"))),
+            "I32" => self.read_with(name, 4, |b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64),
+            d => Err(self.bad(format!("{name} must be I64 or I32, got {d}"))),
+        }
+    }
+
+    /// The entry of `name`.
+    pub fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries
+            .get(name)
+            .ok_or_else(|| self.bad(format!("no '{name}' tensor")))
+    }
+
+    fn bad(&self, message: String) -> DataError {
+        DataError::Safetensors {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    /// The values of `name`, `width` bytes each, decoded by `decode`, read 4 MiB at a time.
+    fn read_with<T>(&mut self, name: &str, width: usize, decode: impl Fn(&[u8]) -> T) -> Result<Vec<T>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let [a, b] = self.entry(name)?.data_offsets;
+        let io = |e| DataError::io(&self.path, e);
+        self.file
+            .seek(SeekFrom::Start(self.data_start + a as u64))
+            .map_err(io)?;
+        let mut out = Vec::with_capacity((b - a) / width);
+        let mut buf = vec![0u8; (4 << 20) / width * width];
+        let mut left = b - a;
+        while left > 0 {
+            let n = left.min(buf.len());
+            self.file
+                .read_exact(&mut buf[..n])
+                .map_err(|e| DataError::io(&self.path, e))?;
+            out.extend(buf[..n].chunks_exact(width).map(&decode));
+            left -= n;
+        }
+        Ok(out)
+    }
+}
 
 /// The string metadata of a safetensors file, reading only its header.
 pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
-    use std::io::Read;
-    let bad = |message: String| DataError::Safetensors {
-        path: path.to_path_buf(),
-        message,
-    };
-    let mut file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .map_err(|_| bad("shorter than a safetensors header".into()))?;
-    let len = u64::from_le_bytes(len);
-    if len > MAX_HEADER {
-        return Err(bad(format!("header of {len} bytes: not a safetensors file")));
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header)
-        .map_err(|_| bad("the file ends inside its header (truncated)".into()))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("the header is not JSON: {e}")))?;
-    let meta = match value.get("__metadata__") {
-        None => return Ok(BTreeMap::new()),
-        Some(m) => m,
-    };
-    serde_json::from_value(meta.clone()).map_err(|e| bad(format!("__metadata__: {e}")))
+    TensorReader::open(path).map(|r| r.metadata)
 }
 
 #[cfg(test)]
@@ -112,7 +243,18 @@ mod tests {
         std::fs::write(&path, &files[0]).unwrap();
         assert_eq!(read_metadata(&path).unwrap(), meta);
         std::fs::write(&path, &files[0][..20]).unwrap();
+        assert!(read_metadata(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("not a safetensors"));
+        let cut = &files[0][..files[0].len() - 3];
+        std::fs::write(&path, cut).unwrap();
         assert!(read_metadata(&path).unwrap_err().to_string().contains("truncated"));
+        std::fs::write(&path, &files[0]).unwrap();
+        let mut r = TensorReader::open(&path).unwrap();
+        assert_eq!(r.read_i64("a").unwrap(), vec![1, 2]);
+        assert!(r.read_f32("a").unwrap_err().to_string().contains("F32 or F64"));
+        assert_eq!(r.read_f32("b").unwrap(), vec![f64::from_le_bytes([7; 8]) as f32; 2]);
         std::fs::write(&path, u64::MAX.to_le_bytes()).unwrap();
         assert!(read_metadata(&path)
             .unwrap_err()

@@ -88,26 +88,70 @@ impl Features<'_> {
         }
     }
 
-    /// The distance of row `i` to row `j` of `other`, computed in f64 throughout.
+    /// The distance of row `i` to row `j` of `other`, computed in f64 throughout
+    /// (eight partial sums, which the compiler vectorises).
     pub fn exact(&self, metric: Metric, i: usize, other: &Features, j: usize) -> f64 {
-        let dot: f64 = self
-            .row(i)
-            .iter()
-            .zip(other.row(j))
-            .map(|(&x, &y)| x as f64 * y as f64)
-            .sum();
-        self.distance_of_dot(metric, i, other, j, dot)
+        let (a, b) = (self.row(i), other.row(j));
+        let mut acc = [0.0f64; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for k in 0..8 {
+                acc[k] += x[k] as f64 * y[k] as f64;
+            }
+        }
+        let tail: f64 = ra.iter().zip(rb).map(|(&x, &y)| x as f64 * y as f64).sum();
+        self.distance_of_dot(metric, i, other, j, acc.iter().sum::<f64>() + tail)
     }
 
     /// A bound on |stored distance - exact distance| for rows `i` and `j` of
     /// `other`: the f32 dot product is off by at most `dim * u * |q| |g|` (u the f32
     /// unit roundoff), and storing the distance as f32 adds one more rounding.
     pub fn tolerance(&self, metric: Metric, i: usize, other: &Features, j: usize) -> f64 {
-        let (a, b) = (self.norms[i], other.norms[j]);
+        self.tolerance_for(metric, i, other.norms[j])
+    }
+
+    /// [`Features::tolerance`] for a row of norm `b`; with the largest norm of the
+    /// other set, a bound over all its rows.
+    pub fn tolerance_for(&self, metric: Metric, i: usize, b: f64) -> f64 {
+        let a = self.norms[i];
         let gemm = 1.01 * (self.dim as f64 + 2.0) * U32;
         match metric {
             Metric::Cosine => gemm + 2.0 * 2.0 * U32,
             Metric::Euclidean => 2.0 * gemm * a * b + 4.0 * U32 * (a * a + b * b),
+        }
+    }
+
+    /// Dot products of query rows `start..start + rows` with rows `from..from +
+    /// cols` of `other`, into `out` [rows, cols], summed over [`SLICE`]s of the
+    /// dimensions, one GEMM each (see [`Features::slice_tolerance`]).
+    pub fn dot_tile(&self, start: usize, rows: usize, other: &Features, from: usize, cols: usize, out: &mut [f32]) {
+        let dim = self.dim;
+        let lhs = &self.rows[start * dim..(start + rows) * dim];
+        let rhs = &other.rows[from * dim..(from + cols) * dim];
+        for k0 in (0..dim).step_by(SLICE) {
+            let k = SLICE.min(dim - k0);
+            gemm_nt(rows, cols, k, out, cols, k0 > 0, &lhs[k0..], dim, &rhs[k0..], dim);
+        }
+    }
+
+    /// The distance of query row `i` to row `j` of `other` from their dot product,
+    /// formed in f64.
+    pub fn distance_from_dot(&self, metric: Metric, i: usize, other: &Features, j: usize, dot: f32) -> f64 {
+        self.distance_of_dot(metric, i, other, j, dot as f64)
+    }
+
+    /// A bound on |distance from the dot of [`Features::dot_tile`] - exact
+    /// distance| for rows `i` and `j` of `other` (of norm `b`): every f32 addition
+    /// chain is at most `SLICE + slices` long, so the dot is off by at most that
+    /// many unit roundoffs times `|q| |g|`.
+    pub fn slice_tolerance(&self, metric: Metric, i: usize, b: f64) -> f64 {
+        let chain = SLICE.min(self.dim) + self.dim.div_ceil(SLICE) + 1;
+        let gemm = 1.01 * chain as f64 * U32;
+        let a = self.norms[i];
+        match metric {
+            Metric::Cosine => gemm + 2.0 * U32,
+            Metric::Euclidean => 2.0 * gemm * a * b + 2.0 * U32 * (a * a + b * b),
         }
     }
 
@@ -125,37 +169,110 @@ impl Features<'_> {
         let bq = out.len() / ng.max(1);
         assert!(out.len() == bq * ng && start + bq <= self.len() && other.rows.len() >= (from + ng) * dim);
         let lhs = &self.rows[start * dim..(start + bq) * dim];
-        let rhs = &other.rows[from * dim..];
-        // SAFETY: the strides describe `lhs` as bq x dim row-major, `other.rows` read
-        // as its transpose dim x ng, and `out` as bq x ng row-major; lengths checked.
-        unsafe {
-            gemm::gemm(
-                bq,
-                ng,
-                dim,
-                out.as_mut_ptr(),
-                1,
-                ng as isize,
-                false,
-                lhs.as_ptr(),
-                1,
-                dim as isize,
-                rhs.as_ptr(),
-                dim as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(0),
-            );
+        // The gallery in panels, so that gemm's packing buffers stay small.
+        for p0 in (0..ng).step_by(PANEL) {
+            let width = PANEL.min(ng - p0);
+            let rhs = &other.rows[(from + p0) * dim..(from + p0 + width) * dim];
+            // SAFETY: `lhs` is bq x dim row-major, `rhs` (width rows of dim) is read as
+            // its transpose dim x width, and the destination is columns p0..p0 + width
+            // of `out`, bq x ng row-major (row stride ng); lengths checked above.
+            unsafe {
+                gemm::gemm(
+                    bq,
+                    width,
+                    dim,
+                    out.as_mut_ptr().add(p0),
+                    1,
+                    ng as isize,
+                    false,
+                    lhs.as_ptr(),
+                    1,
+                    dim as isize,
+                    rhs.as_ptr(),
+                    dim as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                );
+            }
         }
+        let inverse: Vec<f64> = other.norms[from..from + ng]
+            .iter()
+            .map(|n| 1.0 / n.max(1e-300))
+            .collect();
         out.par_chunks_exact_mut(ng).enumerate().for_each(|(r, row)| {
-            for (j, d) in row.iter_mut().enumerate() {
-                *d = self.distance_of_dot(metric, start + r, other, from + j, *d as f64) as f32;
+            let i = start + r;
+            match metric {
+                Metric::Cosine => {
+                    let iq = 1.0 / self.norms[i].max(1e-300);
+                    for (d, ig) in row.iter_mut().zip(&inverse) {
+                        *d = (1.0 - *d as f64 * iq * ig) as f32;
+                    }
+                }
+                Metric::Euclidean => {
+                    for (j, d) in row.iter_mut().enumerate() {
+                        *d = self.distance_of_dot(metric, i, other, from + j, *d as f64) as f32;
+                    }
+                }
             }
         });
+    }
+}
+
+/// Gallery rows per GEMM call.
+const PANEL: usize = 8192;
+
+/// Depth of one GEMM of [`Features::dot_tile`]: the dot products are summed over
+/// slices of this many dimensions, each slice by its own GEMM, so that no chain of
+/// f32 additions is longer than a slice plus the number of slices (the error
+/// bound is proportional to that length, not to the whole dimension).
+pub const SLICE: usize = 256;
+
+/// f32 GEMM into `out` (bq x n, row stride `ld`) of `lhs` (bq x k, row stride
+/// `lda`) by the transpose of `rhs` (n x k, row stride `ldb`); with `accumulate`,
+/// added to `out` (gemm sums the product in registers from zero, then adds it to
+/// the destination once: one more rounding per call, not a longer chain).
+#[allow(clippy::too_many_arguments)]
+fn gemm_nt(
+    bq: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    ld: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lda: usize,
+    rhs: &[f32],
+    ldb: usize,
+) {
+    assert!(out.len() >= (bq - 1) * ld + n && lhs.len() >= (bq - 1) * lda + k && rhs.len() >= (n - 1) * ldb + k);
+    // SAFETY: the asserts bound every index the strides describe.
+    unsafe {
+        gemm::gemm(
+            bq,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            ld as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            lda as isize,
+            rhs.as_ptr(),
+            ldb as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
     }
 }
 

@@ -6,7 +6,7 @@ use serde::Serialize;
 use std::time::Instant;
 
 use crate::distance::{query_block, row_norms, Features, Metric};
-use crate::protocol::{rank_query, top_kept, QueryOutcome, Scores};
+use crate::protocol::{rank_query, top_kept, QueryOutcome, QueryRanker, Scores};
 use crate::rerank::{RerankParams, Reranker};
 
 /// Features with their identities and cameras, borrowed from a gallery file.
@@ -84,11 +84,23 @@ pub struct Evaluator<'a> {
     gallery: FeatureSet<'a>,
     q_norms: Vec<f64>,
     g_norms: Vec<f64>,
+    /// 1 / |g| of each gallery row (cosine distances by multiplication).
+    g_inverse_norms: Vec<f64>,
     rerank: Option<Box<Reranker>>,
     num_junk: usize,
     metric: Metric,
     rerank_params: Option<RerankParams>,
 }
+
+/// Queries per block of the exact ranking (their rankers are kept while the
+/// gallery streams past in panels; the gallery is packed once per block).
+const EXACT_QUERY_BLOCK: usize = 2048;
+
+/// Gallery rows per panel of the exact ranking.
+const GALLERY_PANEL: usize = 2048;
+
+/// A query's correct matches: (exact distance, gallery row).
+type Positives = Vec<(f64, usize)>;
 
 /// Seconds spent in the parts of [`Evaluator::run`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -123,11 +135,13 @@ impl<'a> Evaluator<'a> {
         }
         let q_norms = row_norms(query.features, query.dim);
         let g_norms = row_norms(gallery.features, gallery.dim);
+        let g_inverse_norms = g_norms.iter().map(|n| 1.0 / n.max(1e-300)).collect();
         let mut this = Evaluator {
             query,
             gallery,
             q_norms,
             g_norms,
+            g_inverse_norms,
             rerank: None,
             num_junk,
             metric,
@@ -171,41 +185,11 @@ impl<'a> Evaluator<'a> {
         }
     }
 
-    /// Ranks the queries of one block whose distances are in `d`.
-    fn rank_block(&self, start: usize, d: &[f32]) -> Vec<Option<QueryOutcome>> {
-        let (q, g, metric) = (self.q_features(), self.g_features(), self.metric);
-        let ng = g.len();
-        let exact_possible = self.rerank.is_none();
-        d.par_chunks_exact(ng)
-            .enumerate()
-            .map(|(r, row)| {
-                let i = start + r;
-                let exact = |j: usize| q.exact(metric, i, &g, j);
-                let tolerance = |j: usize| q.tolerance(metric, i, &g, j);
-                let scores = match exact_possible {
-                    true => Scores {
-                        dist: row,
-                        exact: &exact,
-                        tolerance: &tolerance,
-                    },
-                    false => Scores::exact_as_given(row),
-                };
-                rank_query(
-                    &scores,
-                    self.query.pids[i],
-                    self.query.camids[i],
-                    self.gallery.pids,
-                    self.gallery.camids,
-                )
-            })
-            .collect()
-    }
-
-    /// Ranks every query and sums CMC (ranks 1..=max_rank), mAP and mINP.
-    pub fn run(&self, max_rank: usize) -> Result<Evaluation, EvalError> {
+    /// Ranks re-ranked distances, block of queries by block (re-ranking's own
+    /// distances are not rescored: they are not distances of the features).
+    fn run_reranked(&self, timings: &mut Timings) -> Vec<Option<QueryOutcome>> {
         let (nq, ng) = (self.query.pids.len(), self.gallery.pids.len());
         let block = query_block(ng);
-        let mut timings = Timings::default();
         let mut outcomes = Vec::with_capacity(nq);
         let mut d = vec![0.0f32; block.min(nq) * ng];
         for start in (0..nq).step_by(block) {
@@ -214,9 +198,125 @@ impl<'a> Evaluator<'a> {
             self.fill(start, &mut d[..rows * ng]);
             timings.distances_s += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            outcomes.extend(self.rank_block(start, &d[..rows * ng]));
+            outcomes.par_extend(d[..rows * ng].par_chunks_exact(ng).enumerate().map(|(r, row)| {
+                let (pid, cam) = (self.query.pids[start + r], self.query.camids[start + r]);
+                rank_query(
+                    &Scores::exact_as_given(row),
+                    pid,
+                    cam,
+                    self.gallery.pids,
+                    self.gallery.camids,
+                )
+            }));
             timings.ranking_s += t.elapsed().as_secs_f64();
         }
+        outcomes
+    }
+
+    /// The exact distances of every query to its correct matches: per identity,
+    /// each gallery row of it is read once for all the queries of the identity.
+    fn positive_distances(&self) -> Vec<Positives> {
+        let (q, g, metric) = (self.q_features(), self.g_features(), self.metric);
+        let mut rows_of: std::collections::HashMap<i64, Vec<usize>> = Default::default();
+        for (j, &pid) in self.gallery.pids.iter().enumerate().filter(|(_, &p)| p != -1) {
+            rows_of.entry(pid).or_default().push(j);
+        }
+        let mut queries_of: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
+        for (i, &pid) in self.query.pids.iter().enumerate() {
+            queries_of.entry(pid).or_default().push(i);
+        }
+        let groups: Vec<(&i64, &Vec<usize>)> = queries_of.iter().collect();
+        let per_group: Vec<Vec<(usize, Positives)>> = groups
+            .par_iter()
+            .map(|(pid, queries)| {
+                let mut found: Vec<Positives> = vec![Vec::new(); queries.len()];
+                for &j in rows_of.get(pid).map_or(&[][..], |v| &v[..]) {
+                    for (k, &i) in queries.iter().enumerate() {
+                        if self.gallery.camids[j] != self.query.camids[i] {
+                            found[k].push((q.exact(metric, i, &g, j), j));
+                        }
+                    }
+                }
+                queries.iter().copied().zip(found).collect()
+            })
+            .collect();
+        let mut out = vec![Vec::new(); self.query.pids.len()];
+        for (i, positives) in per_group.into_iter().flatten() {
+            out[i] = positives;
+        }
+        out
+    }
+
+    /// Ranks every query against the gallery panel by panel: the dot products of a
+    /// block of queries with a panel of the gallery (one GEMM per slice of the
+    /// dimensions), then every query of the block places the panel's entries.
+    fn run_exact(&self, timings: &mut Timings) -> Vec<Option<QueryOutcome>> {
+        let (q, g, metric) = (self.q_features(), self.g_features(), self.metric);
+        let (nq, ng) = (self.query.pids.len(), self.gallery.pids.len());
+        let g_max = g.norms.iter().copied().fold(0.0, f64::max);
+        let mut tile = Vec::new();
+        let mut outcomes = Vec::with_capacity(nq);
+        let t = Instant::now();
+        let mut positives = self.positive_distances();
+        timings.ranking_s += t.elapsed().as_secs_f64();
+        for start in (0..nq).step_by(EXACT_QUERY_BLOCK) {
+            let rows = EXACT_QUERY_BLOCK.min(nq - start);
+            let mut rankers: Vec<Option<QueryRanker>> = (start..start + rows)
+                .map(|i| {
+                    let tol = q.slice_tolerance(metric, i, g_max);
+                    QueryRanker::new(self.query.pids[i], std::mem::take(&mut positives[i]), tol)
+                })
+                .collect();
+            for p0 in (0..ng).step_by(GALLERY_PANEL) {
+                let cols = GALLERY_PANEL.min(ng - p0);
+                let t = Instant::now();
+                tile.resize(rows * cols, 0.0);
+                q.dot_tile(start, rows, &g, p0, cols, &mut tile);
+                timings.distances_s += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                rankers.par_iter_mut().enumerate().for_each(|(r, ranker)| {
+                    if let Some(ranker) = ranker {
+                        self.place_panel(ranker, start + r, p0, &tile[r * cols..(r + 1) * cols]);
+                    }
+                });
+                timings.ranking_s += t.elapsed().as_secs_f64();
+            }
+            outcomes.extend(rankers.into_iter().map(|r| r.map(QueryRanker::finish)));
+        }
+        outcomes
+    }
+
+    /// Places the gallery entries `p0..` of one panel, whose dot products with query
+    /// `i` are `dots`, in its ranking.
+    fn place_panel(&self, ranker: &mut QueryRanker, i: usize, p0: usize, dots: &[f32]) {
+        let (q, g, metric) = (self.q_features(), self.g_features(), self.metric);
+        let tolerance = |j: usize| q.slice_tolerance(metric, i, g.norms[j]);
+        let exact = |j: usize| q.exact(metric, i, &g, j);
+        let pids = &self.gallery.pids[p0..p0 + dots.len()];
+        match metric {
+            Metric::Cosine => {
+                let inv = &self.g_inverse_norms[p0..p0 + dots.len()];
+                let iq = 1.0 / self.q_norms[i].max(1e-300);
+                for (c, ((&dot, &ig), &pid)) in dots.iter().zip(inv).zip(pids).enumerate() {
+                    ranker.place(p0 + c, pid, 1.0 - dot as f64 * iq * ig, &tolerance, &exact);
+                }
+            }
+            Metric::Euclidean => {
+                for (c, (&dot, &pid)) in dots.iter().zip(pids).enumerate() {
+                    let a = q.distance_from_dot(metric, i, &g, p0 + c, dot);
+                    ranker.place(p0 + c, pid, a, &tolerance, &exact);
+                }
+            }
+        }
+    }
+
+    /// Ranks every query and sums CMC (ranks 1..=max_rank), mAP and mINP.
+    pub fn run(&self, max_rank: usize) -> Result<Evaluation, EvalError> {
+        let mut timings = Timings::default();
+        let outcomes = match self.rerank {
+            Some(_) => self.run_reranked(&mut timings),
+            None => self.run_exact(&mut timings),
+        };
         let metrics = self.summarise(&outcomes, max_rank)?;
         Ok(Evaluation {
             metrics,
@@ -286,4 +386,125 @@ pub fn evaluate(
     max_rank: usize,
 ) -> Result<Evaluation, EvalError> {
     Evaluator::new(query, gallery, metric, rerank)?.run(max_rank)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (no dependency needed for a test).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, m: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % m
+        }
+
+        fn unit(&mut self) -> f32 {
+            self.below(1 << 24) as f32 / (1 << 24) as f32 - 0.5
+        }
+    }
+
+    /// The ranking by sorting float64 distances (ties by gallery order), junk and
+    /// same-camera matches left out: the definition the evaluator must meet.
+    fn by_float64(q: FeatureSet, g: FeatureSet, metric: Metric) -> Vec<Option<Vec<usize>>> {
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
+        fn row<'a>(s: &FeatureSet<'a>, i: usize) -> &'a [f32] {
+            &s.features[i * s.dim..(i + 1) * s.dim]
+        }
+        (0..q.pids.len())
+            .map(|i| {
+                let a = row(&q, i);
+                let na = dot(a, a).sqrt();
+                let mut kept: Vec<(f64, usize)> = (0..g.pids.len())
+                    .filter(|&j| g.pids[j] != -1 && !(g.pids[j] == q.pids[i] && g.camids[j] == q.camids[i]))
+                    .map(|j| {
+                        let b = row(&g, j);
+                        let nb = dot(b, b).sqrt();
+                        let d = match metric {
+                            Metric::Cosine => 1.0 - dot(a, b) / (na * nb),
+                            Metric::Euclidean => na * na + nb * nb - 2.0 * dot(a, b),
+                        };
+                        (d, j)
+                    })
+                    .collect();
+                kept.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+                let hits: Vec<usize> = (0..kept.len()).filter(|&r| g.pids[kept[r].1] == q.pids[i]).collect();
+                (!hits.is_empty()).then_some(hits)
+            })
+            .collect()
+    }
+
+    /// Identities, cameras and features where each gallery row is a query row plus
+    /// noise of relative size `noise`: with `noise` small, a query's copies lie far
+    /// closer together than the f32 rounding of a dot product, and the f32 order of
+    /// them is noise. (Not much below 1e-3: cosine distances are then ~1e-12 apart
+    /// by ~1e-15, which float64 dot products summed in two orders do not resolve.)
+    fn case(nq: usize, ng: usize, dim: usize, noise: f32, seed: u64) -> (Vec<f32>, Vec<f32>, [Vec<i64>; 4]) {
+        let mut r = Lcg(seed);
+        let q: Vec<f32> = (0..nq * dim).map(|_| r.unit()).collect();
+        let (qp, qc): (Vec<i64>, Vec<i64>) = (0..nq).map(|i| (i as i64 % 7, r.below(3) as i64)).unzip();
+        let mut g = Vec::with_capacity(ng * dim);
+        let (mut gp, mut gc) = (Vec::new(), Vec::new());
+        for _ in 0..ng {
+            let src = r.below(nq as u64) as usize;
+            g.extend(
+                q[src * dim..(src + 1) * dim]
+                    .iter()
+                    .map(|&x| x * (1.0 + noise * r.unit())),
+            );
+            // A tenth are junk, a fifth belong to someone else than their source.
+            gp.push(match r.below(10) {
+                0 => -1,
+                1 | 2 => r.below(9) as i64,
+                _ => qp[src],
+            });
+            gc.push(r.below(3) as i64);
+        }
+        (q, g, [qp, qc, gp, gc])
+    }
+
+    fn check(nq: usize, ng: usize, dim: usize, noise: f32, seed: u64) {
+        let (qf, gf, [qp, qc, gp, gc]) = case(nq, ng, dim, noise, seed);
+        let q = FeatureSet {
+            features: &qf,
+            dim,
+            pids: &qp,
+            camids: &qc,
+        };
+        let g = FeatureSet {
+            features: &gf,
+            dim,
+            pids: &gp,
+            camids: &gc,
+        };
+        for metric in [Metric::Cosine, Metric::Euclidean] {
+            let got = evaluate(q, g, metric, None, 10).unwrap();
+            let got: Vec<Option<Vec<usize>>> = got.outcomes.into_iter().map(|o| o.map(|o| o.hit_ranks)).collect();
+            let want = by_float64(q, g, metric);
+            let differ = (0..nq).filter(|&i| got[i] != want[i]).count();
+            assert_eq!(
+                differ, 0,
+                "{metric}, noise {noise}: {differ} of {nq} queries rank unlike float64"
+            );
+        }
+    }
+
+    #[test]
+    fn rankings_equal_those_of_float64_distances_at_near_ties() {
+        // A query's copies ~1e-7 apart, the f32 error bound ~1e-5: the f32 order
+        // of the copies is noise, and every one of them is rescored.
+        check(40, 600, 96, 1e-3, 1);
+        // Across the slices of the dimension (256) and a panel boundary of the gallery.
+        check(12, GALLERY_PANEL + 300, 300, 1e-3, 2);
+    }
+
+    #[test]
+    fn rankings_equal_those_of_float64_distances_across_query_blocks() {
+        check(EXACT_QUERY_BLOCK + 20, 50, 8, 1e-3, 3);
+    }
 }

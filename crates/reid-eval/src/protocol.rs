@@ -38,6 +38,8 @@ pub struct Scores<'a> {
     pub dist: &'a [f32],
     pub exact: &'a (dyn Fn(usize) -> f64 + Sync),
     pub tolerance: &'a (dyn Fn(usize) -> f64 + Sync),
+    /// An upper bound of `tolerance` over the row (for the quick tests).
+    pub max_tolerance: f64,
 }
 
 impl Scores<'_> {
@@ -47,19 +49,163 @@ impl Scores<'_> {
             dist,
             exact: &|_| f64::NAN,
             tolerance: &|_| 0.0,
+            max_tolerance: 0.0,
         }
     }
 }
 
-/// Ranks one query against a gallery of `g_pids`, `g_cams`: entries with the
-/// query's identity and camera, and junk (pid -1), are removed; the remaining
-/// entries of its identity are the correct matches. Returns `None` when no correct
-/// match remains.
-///
-/// The ranking is the one of the float64 distances, ties broken by gallery order:
-/// the correct matches are placed by their exact distances, and an other entry
-/// is compared in f64 only when its f32 distance lies within its tolerance of a
-/// correct match's (elsewhere the f32 order cannot differ from the exact one).
+/// Buckets over the distances where a query's correct matches lie, each holding
+/// how many matches rank before any distance in it, when that is certain (no
+/// match within the tolerance of the bucket); the ranking loop then places most
+/// entries by one lookup instead of a binary search.
+struct SlotTable {
+    lo: f64,
+    scale: f64,
+    slots: Vec<u32>,
+}
+
+const BUCKETS: usize = 4096;
+const UNSURE: u32 = u32::MAX;
+
+impl SlotTable {
+    /// The table of `positives` (sorted by distance) for entries of tolerance at
+    /// most `tol`.
+    fn new(positives: &[(f64, usize)], tol: f64) -> Self {
+        let (lo, hi) = (positives[0].0 - tol, positives[positives.len() - 1].0 + tol);
+        let width = (hi - lo) / BUCKETS as f64;
+        if width.is_nan() || width <= 0.0 {
+            return SlotTable {
+                lo,
+                scale: 0.0,
+                slots: Vec::new(),
+            };
+        }
+        // A bucket's margin: the tolerance, and a hundredth of a bucket for the
+        // rounding of the index computation.
+        let margin = tol + 0.01 * width;
+        let (mut before, mut upto) = (0, 0);
+        let slots = (0..BUCKETS)
+            .map(|k| {
+                let x0 = lo + k as f64 * width;
+                while before < positives.len() && positives[before].0 < x0 - margin {
+                    before += 1;
+                }
+                while upto < positives.len() && positives[upto].0 <= x0 + width + margin {
+                    upto += 1;
+                }
+                if before == upto {
+                    before as u32
+                } else {
+                    UNSURE
+                }
+            })
+            .collect();
+        SlotTable {
+            lo,
+            scale: 1.0 / width,
+            slots,
+        }
+    }
+
+    /// The number of matches certainly ranked before distance `x` (0 below the
+    /// table), or `None` when it takes a closer look.
+    fn lookup(&self, x: f64) -> Option<usize> {
+        if x < self.lo {
+            return Some(0);
+        }
+        let k = ((x - self.lo) * self.scale) as usize;
+        match self.slots.get(k) {
+            Some(&s) if s != UNSURE => Some(s as usize),
+            _ => None,
+        }
+    }
+}
+
+/// One query's ranking, built entry by entry: its correct matches placed by their
+/// exact distances, then every other gallery entry counted between the matches it
+/// ranks among (the ranking of the float64 distances, ties broken by gallery
+/// order). An entry is compared in f64 only when its f32 distance lies within its
+/// tolerance of a match's; elsewhere the f32 order cannot differ from the exact one.
+pub struct QueryRanker {
+    pid: i64,
+    positives: Vec<(f64, usize)>,
+    table: SlotTable,
+    skip_above: f64,
+    /// ahead[k]: entries that rank between match k-1 and match k.
+    ahead: Vec<usize>,
+}
+
+impl QueryRanker {
+    /// The ranking of a query of identity `pid` whose correct matches are
+    /// `positives` (exact distance, gallery row); `None` without any. Entries will
+    /// come with a tolerance of at most `max_tolerance`.
+    pub fn new(pid: i64, mut positives: Vec<(f64, usize)>, max_tolerance: f64) -> Option<Self> {
+        if positives.is_empty() {
+            return None;
+        }
+        positives.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let skip_above = positives[positives.len() - 1].0 + max_tolerance;
+        let table = SlotTable::new(&positives, max_tolerance);
+        let ahead = vec![0; positives.len() + 1];
+        Some(QueryRanker {
+            pid,
+            positives,
+            table,
+            skip_above,
+            ahead,
+        })
+    }
+
+    /// Places gallery entry `j` of identity `pid` at f32 distance `a`: skipped when
+    /// it is the query's identity or junk; `tolerance(j)` and `exact(j)` are asked
+    /// for only when the placement needs them.
+    #[inline]
+    pub fn place(
+        &mut self,
+        j: usize,
+        pid: i64,
+        a: f64,
+        tolerance: &dyn Fn(usize) -> f64,
+        exact: &dyn Fn(usize) -> f64,
+    ) {
+        if a > self.skip_above || pid == self.pid || pid == -1 {
+            return;
+        }
+        let slot = match self.table.lookup(a) {
+            Some(slot) => slot,
+            None => {
+                let tol = tolerance(j);
+                let lo = self.positives.partition_point(|p| p.0 < a - tol);
+                let hi = self.positives.partition_point(|p| p.0 <= a + tol);
+                if lo == hi {
+                    lo
+                } else {
+                    let e = exact(j);
+                    self.positives
+                        .partition_point(|p| p.0.total_cmp(&e).then(p.1.cmp(&j)).is_lt())
+                }
+            }
+        };
+        self.ahead[slot] += 1;
+    }
+
+    /// The ranks of the correct matches.
+    pub fn finish(self) -> QueryOutcome {
+        let mut negatives_before = 0;
+        let hit_ranks = (0..self.positives.len())
+            .map(|k| {
+                negatives_before += self.ahead[k];
+                k + negatives_before
+            })
+            .collect();
+        QueryOutcome { hit_ranks }
+    }
+}
+
+/// Ranks one query against a gallery of `g_pids`, `g_cams` from its whole row of
+/// distances (see [`QueryRanker`]): entries with the query's identity and camera,
+/// and junk (pid -1), are removed; the remaining entries of its identity are the
+/// correct matches. Returns `None` when no correct match remains.
 pub fn rank_query(scores: &Scores, q_pid: i64, q_cam: i64, g_pids: &[i64], g_cams: &[i64]) -> Option<QueryOutcome> {
     let dist = scores.dist;
     let exactly = |j: usize| {
@@ -70,47 +216,25 @@ pub fn rank_query(scores: &Scores, q_pid: i64, q_cam: i64, g_pids: &[i64], g_cam
             e
         }
     };
-    let mut positives: Vec<(f64, usize)> = (0..dist.len())
-        .filter(|&j| g_pids[j] == q_pid && g_pids[j] != -1 && g_cams[j] != q_cam)
+    let positives = correct_matches(q_pid, q_cam, g_pids, g_cams)
         .map(|j| (exactly(j), j))
         .collect();
-    if positives.is_empty() {
-        return None;
+    let mut ranker = QueryRanker::new(q_pid, positives, scores.max_tolerance)?;
+    for (j, (&pid, &a)) in g_pids.iter().zip(dist).enumerate() {
+        ranker.place(j, pid, a as f64, scores.tolerance, &exactly);
     }
-    positives.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let (first, last) = (positives[0].0, positives[positives.len() - 1].0);
-    // ahead[k]: negatives that rank between positive k-1 and positive k.
-    let mut ahead = vec![0usize; positives.len() + 1];
-    for (j, &pid) in g_pids.iter().enumerate().take(dist.len()) {
-        if pid == q_pid || pid == -1 {
-            continue;
-        }
-        let (a, tol) = (dist[j] as f64, (scores.tolerance)(j));
-        if a - tol > last {
-            continue;
-        }
-        let slot = if a + tol < first {
-            0
-        } else {
-            let lo = positives.partition_point(|p| p.0 < a - tol);
-            let hi = positives.partition_point(|p| p.0 <= a + tol);
-            if lo == hi {
-                lo
-            } else {
-                let e = (exactly(j), j);
-                positives.partition_point(|p| p.0.total_cmp(&e.0).then(p.1.cmp(&e.1)).is_lt())
-            }
-        };
-        ahead[slot] += 1;
-    }
-    let mut negatives_before = 0;
-    let hit_ranks = (0..positives.len())
-        .map(|k| {
-            negatives_before += ahead[k];
-            k + negatives_before
-        })
-        .collect();
-    Some(QueryOutcome { hit_ranks })
+    Some(ranker.finish())
+}
+
+/// The gallery rows that are correct matches of a query: its identity, another
+/// camera, not junk.
+pub fn correct_matches<'a>(
+    q_pid: i64,
+    q_cam: i64,
+    g_pids: &'a [i64],
+    g_cams: &'a [i64],
+) -> impl Iterator<Item = usize> + 'a {
+    (0..g_pids.len()).filter(move |&j| g_pids[j] == q_pid && q_pid != -1 && g_cams[j] != q_cam)
 }
 
 /// The `top` best-ranked gallery entries a query keeps (same identity and camera,
@@ -184,6 +308,7 @@ mod tests {
             dist: &dist,
             exact: &counted,
             tolerance: &|_| 1e-6,
+            max_tolerance: 1e-6,
         };
         let (pids, cams) = ([7, 3, 3], [1, 1, 1]);
         assert_eq!(rank_query(&scores, 7, 0, &pids, &cams).unwrap().hit_ranks, vec![0]);

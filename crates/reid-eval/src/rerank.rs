@@ -58,7 +58,10 @@ impl std::str::FromStr for RerankParams {
 type SparseRow = Vec<(u32, f32)>;
 
 /// Rows per tile of the all-pairs distance pass.
-const TILE: usize = 512;
+const TILE: usize = 1024;
+
+/// Columns per task when a tile serves its columns.
+const COLUMN_CHUNK: usize = 256;
 
 /// Everything needed to produce re-ranked query-gallery distances.
 pub struct Reranker {
@@ -93,6 +96,8 @@ fn round_half_even(x: f64) -> usize {
 struct Neighbours {
     heap: std::collections::BinaryHeap<(Key, u32)>,
     max: f32,
+    /// The heap's largest squared distance once it is full (+inf before).
+    threshold: f32,
 }
 
 /// A squared distance ordered totally (for the heap).
@@ -118,18 +123,28 @@ impl Neighbours {
         Neighbours {
             heap: std::collections::BinaryHeap::with_capacity(keep + 1),
             max: f32::MIN,
+            threshold: f32::INFINITY,
         }
     }
 
     /// Offers column `j` at squared distance `d2`.
+    #[inline]
     fn offer(&mut self, keep: usize, j: u32, d2: f32) {
         self.max = self.max.max(d2);
+        if d2 > self.threshold {
+            return;
+        }
         let entry = (Key(d2), j);
         if self.heap.len() < keep {
             self.heap.push(entry);
         } else if entry < *self.heap.peek().expect("full heap") {
             self.heap.pop();
             self.heap.push(entry);
+        } else {
+            return;
+        }
+        if self.heap.len() == keep {
+            self.threshold = self.heap.peek().expect("full heap").0 .0;
         }
     }
 
@@ -205,11 +220,20 @@ impl Reranker {
                     nb.offer(keep, (i0 + c) as u32, d2);
                 }
             });
-            near[i0 + rows..].par_iter_mut().enumerate().for_each(|(c, nb)| {
-                for r in 0..rows {
-                    nb.offer(keep, (i0 + r) as u32, block[r * width + rows + c]);
-                }
-            });
+            // Each column's state takes the tile's rows in order, a chunk of columns
+            // per task so that the rows are read in contiguous runs.
+            near[i0 + rows..]
+                .par_chunks_mut(COLUMN_CHUNK)
+                .enumerate()
+                .for_each(|(k, states)| {
+                    let c0 = rows + k * COLUMN_CHUNK;
+                    for r in 0..rows {
+                        let run = &block[r * width + c0..r * width + c0 + states.len()];
+                        for (nb, &d2) in states.iter_mut().zip(run) {
+                            nb.offer(keep, (i0 + r) as u32, d2);
+                        }
+                    }
+                });
             // The query-gallery part of these rows.
             for r in 0..rows.min(nq.saturating_sub(i0)) {
                 let qi = i0 + r;
@@ -224,7 +248,16 @@ impl Reranker {
     /// The original (squared, row-normalised) distance between rows i and j.
     fn original(&self, i: usize, j: usize) -> f32 {
         let f = self.features();
-        let dot: f32 = f.row(i).iter().zip(f.row(j)).map(|(x, y)| x * y).sum();
+        // Sixteen partial sums, which the compiler vectorises.
+        let mut acc = [0.0f32; 16];
+        let (a, b) = (f.row(i).chunks_exact(16), f.row(j).chunks_exact(16));
+        let tail: f32 = a.remainder().iter().zip(b.remainder()).map(|(x, y)| x * y).sum();
+        for (x, y) in a.zip(b) {
+            for k in 0..16 {
+                acc[k] += x[k] * y[k];
+            }
+        }
+        let dot = acc.iter().sum::<f32>() + tail;
         let d = match self.metric {
             Metric::Cosine => 1.0 - dot as f64 / (f.norms[i] * f.norms[j]).max(1e-300),
             Metric::Euclidean => f.norms[i] * f.norms[i] + f.norms[j] * f.norms[j] - 2.0 * dot as f64,
