@@ -80,8 +80,9 @@ pub struct Reranker {
     query_gallery: Vec<f32>,
     /// Local-query-expanded k-reciprocal encodings, one per row.
     v: Vec<SparseRow>,
-    /// For each column, the rows whose encoding is non-zero there (ascending).
-    inverted: Vec<Vec<u32>>,
+    /// For each column, the kept gallery entries whose encoding is non-zero
+    /// there, with that value (entries ascending).
+    inverted: Vec<SparseRow>,
     lambda: f32,
 }
 
@@ -127,13 +128,10 @@ impl Neighbours {
         }
     }
 
-    /// Offers column `j` at squared distance `d2`.
+    /// Offers column `j` at squared distance `d2` (the caller keeps `max`, and
+    /// tests `d2 <= threshold` first: most entries stop at that test).
     #[inline]
-    fn offer(&mut self, keep: usize, j: u32, d2: f32) {
-        self.max = self.max.max(d2);
-        if d2 > self.threshold {
-            return;
-        }
+    fn admit(&mut self, keep: usize, j: u32, d2: f32) {
         let entry = (Key(d2), j);
         if self.heap.len() < keep {
             self.heap.push(entry);
@@ -148,9 +146,30 @@ impl Neighbours {
         }
     }
 
-    /// The kept rows, nearest first.
-    fn sorted(self) -> Vec<u32> {
-        self.heap.into_sorted_vec().into_iter().map(|(_, j)| j).collect()
+    /// Offers a run of columns `j0..` at distances (not squared) `run`.
+    fn offer_run(&mut self, keep: usize, j0: usize, run: &[f32]) {
+        // Sixteen lanes for the maximum, which the compiler vectorises.
+        let mut lanes = [f32::MIN; 16];
+        let chunks = run.chunks_exact(16);
+        for x in chunks.remainder() {
+            lanes[0] = lanes[0].max(x * x);
+        }
+        for chunk in chunks {
+            for k in 0..16 {
+                lanes[k] = lanes[k].max(chunk[k] * chunk[k]);
+            }
+        }
+        self.max = lanes.iter().fold(self.max, |m, &x| m.max(x));
+        for (c, &d) in run.iter().enumerate() {
+            if d * d <= self.threshold {
+                self.admit(keep, (j0 + c) as u32, d * d);
+            }
+        }
+    }
+
+    /// The kept rows, nearest first, and their squared distances.
+    fn sorted(self) -> (Vec<u32>, Vec<f32>) {
+        self.heap.into_sorted_vec().into_iter().map(|(d2, j)| (j, d2.0)).unzip()
     }
 }
 
@@ -179,13 +198,13 @@ impl Reranker {
             inverted: Vec::new(),
             lambda: params.lambda,
         };
-        let initial_rank = this.all_pairs(keep);
-        let encodings = this.encodings(&initial_rank, keep - 1);
+        let (initial_rank, nearest_d2) = this.all_pairs(keep);
+        let encodings = this.encodings(&initial_rank, &nearest_d2, keep - 1);
         this.v = expand(&encodings, &initial_rank, params.k2.min(keep));
         let mut inverted = vec![Vec::new(); n];
-        for (i, row) in this.v.iter().enumerate() {
-            for &(c, _) in row {
-                inverted[c as usize].push(i as u32);
+        for (i, row) in this.v.iter().enumerate().skip(this.num_query) {
+            for &(c, w) in row {
+                inverted[c as usize].push(((i - this.num_query) as u32, w));
             }
         }
         this.inverted = inverted;
@@ -203,7 +222,7 @@ impl Reranker {
     /// One pass over the upper triangle of the all-pairs distances, tile by tile
     /// (each tile serves its rows and, transposed, its columns): every row's `keep`
     /// nearest rows and largest squared distance, and the query-gallery block.
-    fn all_pairs(&mut self, keep: usize) -> Vec<Vec<u32>> {
+    fn all_pairs(&mut self, keep: usize) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
         let n = self.norms.len();
         let (nq, ng) = (self.num_query, self.kept.len());
         let mut near = vec![Neighbours::new(keep); n];
@@ -214,35 +233,24 @@ impl Reranker {
             // Columns before i0 were served by earlier tiles (transposed).
             self.features()
                 .distances_range(self.metric, i0, &self.features(), i0, block);
-            block.par_iter_mut().for_each(|d| *d = *d * *d);
+            let block = &*block;
             near[i0..i0 + rows].par_iter_mut().enumerate().for_each(|(r, nb)| {
-                for (c, &d2) in block[r * width..(r + 1) * width].iter().enumerate() {
-                    nb.offer(keep, (i0 + c) as u32, d2);
-                }
+                nb.offer_run(keep, i0, &block[r * width..(r + 1) * width]);
             });
-            // Each column's state takes the tile's rows in order, a chunk of columns
-            // per task so that the rows are read in contiguous runs.
             near[i0 + rows..]
                 .par_chunks_mut(COLUMN_CHUNK)
                 .enumerate()
-                .for_each(|(k, states)| {
-                    let c0 = rows + k * COLUMN_CHUNK;
-                    for r in 0..rows {
-                        let run = &block[r * width + c0..r * width + c0 + states.len()];
-                        for (nb, &d2) in states.iter_mut().zip(run) {
-                            nb.offer(keep, (i0 + r) as u32, d2);
-                        }
-                    }
-                });
-            // The query-gallery part of these rows.
+                .for_each(|(k, states)| serve_columns(states, keep, block, width, rows + k * COLUMN_CHUNK, i0));
+            // The query-gallery part of these rows, squared.
             for r in 0..rows.min(nq.saturating_sub(i0)) {
                 let qi = i0 + r;
                 let src = &block[r * width + (nq - i0)..r * width + (nq - i0) + ng];
-                self.query_gallery[qi * ng..(qi + 1) * ng].copy_from_slice(src);
+                let dst = &mut self.query_gallery[qi * ng..(qi + 1) * ng];
+                dst.iter_mut().zip(src).for_each(|(o, &d)| *o = d * d);
             }
         }
         self.row_max = near.iter().map(|nb| nb.max).collect();
-        near.into_par_iter().map(Neighbours::sorted).collect()
+        near.into_par_iter().map(Neighbours::sorted).unzip()
     }
 
     /// The original (squared, row-normalised) distance between rows i and j.
@@ -266,8 +274,9 @@ impl Reranker {
     }
 
     /// The k-reciprocal encodings `V[i]`: the (expanded) k1-reciprocal neighbours
-    /// of i weighted by `exp(-original)`, normalised.
-    fn encodings(&self, initial_rank: &[Vec<u32>], k1: usize) -> Vec<SparseRow> {
+    /// of i weighted by `exp(-original)`, normalised. The distances to i's nearest
+    /// rows come from the all-pairs pass (`nearest_d2`); others are computed.
+    fn encodings(&self, initial_rank: &[Vec<u32>], nearest_d2: &[Vec<f32>], k1: usize) -> Vec<SparseRow> {
         let half = round_half_even(k1 as f64 / 2.0);
         let reciprocal = |i: usize, k: usize| -> Vec<u32> {
             initial_rank[i][..=k]
@@ -292,18 +301,18 @@ impl Reranker {
                 expanded.dedup();
                 let weights: Vec<f32> = expanded
                     .iter()
-                    .map(|&j| (-self.original(i, j as usize)).exp())
+                    .map(|&j| {
+                        let original = match initial_rank[i].iter().position(|&n| n == j) {
+                            Some(p) => nearest_d2[i][p] / self.row_max[i],
+                            None => self.original(i, j as usize),
+                        };
+                        (-original).exp()
+                    })
                     .collect();
                 let total: f32 = weights.iter().sum();
                 expanded.into_iter().zip(weights).map(|(j, w)| (j, w / total)).collect()
             })
             .collect()
-    }
-
-    /// The value of row `r`'s encoding at column `c`.
-    fn v_at(&self, r: usize, c: u32) -> f32 {
-        let row = &self.v[r];
-        row.binary_search_by_key(&c, |&(k, _)| k).map_or(0.0, |p| row[p].1)
     }
 
     /// Re-ranked distances from queries `q_start..` to every gallery row into `out`
@@ -314,11 +323,8 @@ impl Reranker {
             let i = q_start + r;
             let mut overlap = vec![0.0f32; nk];
             for &(c, w) in &self.v[i] {
-                for &j in &self.inverted[c as usize] {
-                    let j = j as usize;
-                    if j >= self.num_query {
-                        overlap[j - self.num_query] += w.min(self.v_at(j, c));
-                    }
+                for &(j, wj) in &self.inverted[c as usize] {
+                    overlap[j as usize] += w.min(wj);
                 }
             }
             row.iter_mut().for_each(|d| *d = f32::INFINITY);
@@ -330,6 +336,56 @@ impl Reranker {
             }
         });
     }
+}
+
+/// Offers the rows `i0..` of a tile, whose distances are `block` (row-major,
+/// `width` columns), to the column states `states`, which are the tile's columns
+/// `c0..`: the rows are read in contiguous runs, maxima and thresholds kept in
+/// arrays so that the common case (no admission) is a vectorised pass.
+fn serve_columns(states: &mut [Neighbours], keep: usize, block: &[f32], width: usize, c0: usize, i0: usize) {
+    let rows = block.len() / width;
+    let mut max: Vec<f32> = states.iter().map(|s| s.max).collect();
+    let mut threshold: Vec<f32> = states.iter().map(|s| s.threshold).collect();
+    for r in 0..rows {
+        let run = &block[r * width + c0..r * width + c0 + states.len()];
+        for (k0, hit) in update_max_and_find(run, &mut max, &threshold) {
+            for c in k0..(k0 + LANES).min(run.len()) {
+                let d2 = run[c] * run[c];
+                if hit && d2 <= threshold[c] {
+                    states[c].admit(keep, (i0 + r) as u32, d2);
+                    threshold[c] = states[c].threshold;
+                }
+            }
+        }
+    }
+    for (s, m) in states.iter_mut().zip(max) {
+        s.max = m;
+    }
+}
+
+/// Lanes of the vectorised scans.
+const LANES: usize = 16;
+
+/// Raises `max[c]` to `run[c]^2` and returns the starts of the groups of
+/// [`LANES`] entries where some `run[c]^2 <= threshold[c]` (with `true`).
+fn update_max_and_find(run: &[f32], max: &mut [f32], threshold: &[f32]) -> impl Iterator<Item = (usize, bool)> {
+    let mut found = Vec::new();
+    let groups = run
+        .chunks(LANES)
+        .zip(max.chunks_mut(LANES))
+        .zip(threshold.chunks(LANES));
+    for (g, ((d, m), t)) in groups.enumerate() {
+        let mut hit = false;
+        for k in 0..d.len() {
+            let d2 = d[k] * d[k];
+            m[k] = m[k].max(d2);
+            hit |= d2 <= t[k];
+        }
+        if hit {
+            found.push(g * LANES);
+        }
+    }
+    found.into_iter().map(|k| (k, true))
 }
 
 /// Local query expansion: each encoding averaged over its row's k2 nearest rows.
