@@ -236,4 +236,55 @@ mod tests {
         assert!((scalar(&a.verif) - scalar(&b.verif)).abs() < 1e-12);
         assert!((scalar(&a.id1) - scalar(&b.id1)).abs() > 1e-6);
     }
+
+    #[test]
+    fn one_backward_of_the_weighted_sum_equals_the_weighted_separate_gradients() {
+        // The paper back-propagates each loss on its own and adds the gradients
+        // with weights 0.5, 0.5 and 1; one backward of the weighted sum must agree.
+        let m = tiny(true);
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let x: Vec<f64> = (0..8 * 3 * 32 * 16).map(|_| standard_normal(&mut rng)).collect();
+        let x = Tensor::from_vec(x, (8, 3, 32, 16), &Device::Cpu).unwrap();
+        let targets = PairTargets {
+            y1: Tensor::new(&[0u32, 1, 2, 3], &Device::Cpu).unwrap(),
+            y2: Tensor::new(&[0u32, 4, 2, 1], &Device::Cpu).unwrap(),
+            same: Tensor::new(&[0u32, 1, 0, 1], &Device::Cpu).unwrap(),
+        };
+        let (x1, x2) = (x.narrow(0, 0, 4).unwrap(), x.narrow(0, 4, 4).unwrap());
+        let loss = m
+            .pair_loss(&x1, &x2, &targets, LossWeights::default(), 0.5, &mut rng)
+            .unwrap();
+        let grads = |t: &Tensor| t.backward().unwrap();
+        let (total, id1, id2, verif) = (
+            grads(&loss.total),
+            grads(&loss.id1),
+            grads(&loss.id2),
+            grads(&loss.verif),
+        );
+        let mut checked = 0;
+        for (name, var) in m.named_vars() {
+            let Some(want) = total.get(var.as_tensor()) else {
+                continue;
+            };
+            let part = |g: &candle_core::backprop::GradStore| match g.get(var.as_tensor()) {
+                Some(t) => t.clone(),
+                None => want.zeros_like().unwrap(),
+            };
+            let sum = ((part(&id1) * 0.5).unwrap() + (part(&id2) * 0.5).unwrap() + part(&verif)).unwrap();
+            let diff = (sum - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert!(scalar(&diff) <= 1e-10, "{name}: off by {}", scalar(&diff));
+            checked += 1;
+        }
+        assert!(
+            checked > 50,
+            "gradients of the backbone and heads were compared ({checked})"
+        );
+    }
 }
