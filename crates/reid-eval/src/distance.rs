@@ -173,32 +173,8 @@ impl Features<'_> {
         for p0 in (0..ng).step_by(PANEL) {
             let width = PANEL.min(ng - p0);
             let rhs = &other.rows[(from + p0) * dim..(from + p0 + width) * dim];
-            // SAFETY: `lhs` is bq x dim row-major, `rhs` (width rows of dim) is read as
-            // its transpose dim x width, and the destination is columns p0..p0 + width
-            // of `out`, bq x ng row-major (row stride ng); lengths checked above.
-            unsafe {
-                gemm::gemm(
-                    bq,
-                    width,
-                    dim,
-                    out.as_mut_ptr().add(p0),
-                    1,
-                    ng as isize,
-                    false,
-                    lhs.as_ptr(),
-                    1,
-                    dim as isize,
-                    rhs.as_ptr(),
-                    dim as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(0),
-                );
-            }
+            // Columns p0..p0 + width of `out` (bq x ng row-major, row stride ng).
+            gemm_nt(bq, width, dim, &mut out[p0..], ng, false, lhs, dim, rhs, dim);
         }
         let inverse: Vec<f64> = other.norms[from..from + ng]
             .iter()
@@ -237,7 +213,7 @@ pub const SLICE: usize = 256;
 /// added to `out` (gemm sums the product in registers from zero, then adds it to
 /// the destination once: one more rounding per call, not a longer chain).
 #[allow(clippy::too_many_arguments)]
-fn gemm_nt(
+pub fn gemm_nt(
     bq: usize,
     n: usize,
     k: usize,
@@ -249,6 +225,9 @@ fn gemm_nt(
     rhs: &[f32],
     ldb: usize,
 ) {
+    if bq == 0 || n == 0 {
+        return;
+    }
     assert!(out.len() >= (bq - 1) * ld + n && lhs.len() >= (bq - 1) * lda + k && rhs.len() >= (n - 1) * ldb + k);
     // SAFETY: the asserts bound every index the strides describe.
     unsafe {
