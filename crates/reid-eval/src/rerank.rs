@@ -348,10 +348,10 @@ fn serve_columns(states: &mut [Neighbours], keep: usize, block: &[f32], width: u
     let mut threshold: Vec<f32> = states.iter().map(|s| s.threshold).collect();
     for r in 0..rows {
         let run = &block[r * width + c0..r * width + c0 + states.len()];
-        for (k0, hit) in update_max_and_find(run, &mut max, &threshold) {
+        for k0 in update_max_and_find(run, &mut max, &threshold) {
             for c in k0..(k0 + LANES).min(run.len()) {
                 let d2 = run[c] * run[c];
-                if hit && d2 <= threshold[c] {
+                if d2 <= threshold[c] {
                     states[c].admit(keep, (i0 + r) as u32, d2);
                     threshold[c] = states[c].threshold;
                 }
@@ -367,8 +367,8 @@ fn serve_columns(states: &mut [Neighbours], keep: usize, block: &[f32], width: u
 const LANES: usize = 16;
 
 /// Raises `max[c]` to `run[c]^2` and returns the starts of the groups of
-/// [`LANES`] entries where some `run[c]^2 <= threshold[c]` (with `true`).
-fn update_max_and_find(run: &[f32], max: &mut [f32], threshold: &[f32]) -> impl Iterator<Item = (usize, bool)> {
+/// [`LANES`] entries where some `run[c]^2 <= threshold[c]`.
+fn update_max_and_find(run: &[f32], max: &mut [f32], threshold: &[f32]) -> Vec<usize> {
     let mut found = Vec::new();
     let groups = run
         .chunks(LANES)
@@ -385,7 +385,7 @@ fn update_max_and_find(run: &[f32], max: &mut [f32], threshold: &[f32]) -> impl 
             found.push(g * LANES);
         }
     }
-    found.into_iter().map(|k| (k, true))
+    found
 }
 
 /// Local query expansion: each encoding averaged over its row's k2 nearest rows.
