@@ -34,6 +34,8 @@ enum Command {
     Extract(commands::extract::ExtractArgs),
     /// Evaluate query features against gallery features (CMC, mAP, mINP).
     Evaluate(commands::evaluate::EvaluateArgs),
+    /// Export a checkpoint to ONNX (images to retrieval features).
+    Export(commands::export::ExportArgs),
     /// Find the nearest gallery entries of query images (and draw them).
     Search(commands::search::SearchArgs),
     /// Run the whole pipeline on a generated dataset (no download).
@@ -88,6 +90,7 @@ fn main() -> ExitCode {
         Command::Evaluate(args) => commands::evaluate::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Demo(args) => commands::demo::run(args),
+        Command::Export(args) => commands::export::run(args),
         Command::Search(args) => commands::search::run(args),
         Command::Selftest(args) => commands::selftest::run(args),
     };

@@ -1,7 +1,8 @@
 //! The stages as users chain them: training with validation keeps `best`, which
 //! `extract --run` then uses; `search` finds a query's matches with the checkpoint
 //! that made the gallery and refuses another; `evaluate` refuses a query and a
-//! gallery made by different checkpoints.
+//! gallery made by different checkpoints; `export --run` writes an ONNX file that
+//! tract (an independent runtime) runs to the gallery's features.
 
 mod common;
 
@@ -166,4 +167,43 @@ fn validation_keeps_best_and_the_later_stages_use_it() {
             && stderr.contains("feat/gallery.safetensors"),
         "{stderr}"
     );
+
+    exported_features_match_the_gallery(d);
+}
+
+/// `reid export --run` exports `best`; tract runs the file on the gallery's images
+/// and gives the gallery's (L2-normalised) features. A file that is not a
+/// checkpoint fails and writes nothing.
+fn exported_features_match_the_gallery(d: &Path) {
+    use tract_onnx::prelude::{tvec, Framework, InferenceModelExt, IntoRunnable, Tensor};
+    let said = ok(&reid(&["export", "--run", "run", "--out", "model.onnx"], d));
+    assert!(said.contains("features [N, 256] (L2-normalised), opset 17"), "{said}");
+    let plan = tract_onnx::onnx()
+        .model_for_path(d.join("model.onnx"))
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let gallery = Gallery::read(&d.join("feat/gallery.safetensors")).unwrap();
+    let root = d.join(gallery.meta.data_root.as_deref().unwrap());
+    let paths = gallery.meta.paths.as_ref().unwrap();
+    let data: Vec<f32> = paths
+        .iter()
+        .flat_map(|p| reid_sampling::load_normalized(&root.join(p), 64, 32).unwrap().data)
+        .collect();
+    let input = Tensor::from_shape(&[paths.len(), 3, 64, 32], &data).unwrap();
+    let out = plan.run(tvec!(input.into())).unwrap();
+    let got = out[0].to_plain_array_view::<f32>().unwrap();
+    assert_eq!(got.shape(), &[gallery.len(), 256]);
+    let worst = got
+        .iter()
+        .zip(&gallery.features)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst <= 1e-5, "unit-norm features off by {worst}");
+
+    let refused = reid(&["export", "--checkpoint", "m.parquet", "--out", "bad.onnx"], d);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("m.parquet"), "{stderr}");
+    assert!(!d.join("bad.onnx").exists());
 }

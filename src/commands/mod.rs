@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod demo;
 pub mod evaluate;
+pub mod export;
 pub mod extract;
 pub mod index;
 pub mod search;

@@ -14,14 +14,17 @@ use crate::ops::{add_relu, avg_pool2d, channel_slice, max_pool2d};
 /// average-pooled in a first block); a 1x1 convolution merges them.
 #[derive(Debug, Clone)]
 pub struct Bottle2neck {
-    conv1: ConvBn,
-    convs: Vec<ConvBn>,
-    conv3: ConvBn,
-    downsample: Option<ConvBn>,
-    width: usize,
-    scale: usize,
-    stride: usize,
-    is_first: bool,
+    pub conv1: ConvBn,
+    /// The `scale - 1` 3x3 convolutions (one when `scale` is 1).
+    pub convs: Vec<ConvBn>,
+    pub conv3: ConvBn,
+    pub downsample: Option<ConvBn>,
+    /// Channels of each group.
+    pub width: usize,
+    pub scale: usize,
+    pub stride: usize,
+    /// A stage's first block: groups are not chained and the last one is pooled.
+    pub is_first: bool,
 }
 
 impl Bottle2neck {
@@ -106,10 +109,10 @@ impl Bottle2neck {
 /// timm/torchvision's `Bottleneck`: 1x1, 3x3 (strided), 1x1, plus the shortcut.
 #[derive(Debug, Clone)]
 pub struct Bottleneck {
-    conv1: ConvBn,
-    conv2: ConvBn,
-    conv3: ConvBn,
-    downsample: Option<ConvBn>,
+    pub conv1: ConvBn,
+    pub conv2: ConvBn,
+    pub conv3: ConvBn,
+    pub downsample: Option<ConvBn>,
 }
 
 impl Bottleneck {
@@ -172,8 +175,10 @@ impl Block {
 #[derive(Debug, Clone)]
 pub struct Backbone {
     pub arch: Arch,
-    stem: ConvBn,
-    stages: Vec<Vec<Block>>,
+    /// The 7x7/2 convolution and its batch norm (`conv1`, `bn1`).
+    pub stem: ConvBn,
+    /// layer1..layer4, their blocks in order.
+    pub stages: Vec<Vec<Block>>,
 }
 
 impl Backbone {

@@ -55,7 +55,8 @@ pub struct BatchNorm {
     generic: candle_nn::BatchNorm,
 }
 
-const BN_EPS: f64 = 1e-5;
+/// PyTorch's batch-norm epsilon.
+pub const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
 impl BatchNorm {
@@ -130,6 +131,11 @@ impl BatchNorm {
         self.running_mean.set(&rm)?;
         self.running_var.set(&rv)?;
         Ok(y)
+    }
+
+    /// The learned scale and shift (`weight`, `bias`).
+    pub fn affine(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
     }
 
     /// The running mean and variance.
