@@ -17,6 +17,8 @@ SET := ""
 FLIP := ""
 # Extra `reid train` flags, e.g. TRAIN_ARGS="--max-steps 20" for a quick check.
 TRAIN_ARGS := ""
+# Extra `reid index` flags, e.g. INDEX_ARGS=--merge-val (MSMT17's val list into train).
+INDEX_ARGS := ""
 sets := if SET == "" { "" } else { "--set " + replace(trim(SET), " ", " --set ") }
 
 # The whole pipeline on a generated dataset (no download).
@@ -35,7 +37,7 @@ bench:
 
 # Index a dataset folder into artifacts/manifests/<dataset>.parquet.
 index:
-    {{reid}} index --dataset {{DATASET}} --root {{ if ROOT != "" { ROOT } else if DATASET == "dukemtmc-reid" { "data/DukeMTMC-reID" } else { "data/Market-1501-v15.09.15" } }} --out artifacts/manifests/{{DATASET}}.parquet
+    {{reid}} index --dataset {{DATASET}} --root {{ if ROOT != "" { ROOT } else if DATASET == "dukemtmc-reid" { "data/DukeMTMC-reID" } else if DATASET == "msmt17" { "data/MSMT17_V1" } else { "data/Market-1501-v15.09.15" } }} --out artifacts/manifests/{{DATASET}}.parquet {{INDEX_ARGS}}
 
 # Train RUN with CONFIG on the dataset's manifest.
 train:
@@ -58,6 +60,11 @@ market root=(if ROOT == "" { "data/Market-1501-v15.09.15" } else { ROOT }):
 duke root=(if ROOT == "" { "data/DukeMTMC-reID" } else { ROOT }):
     just DATASET=dukemtmc-reid ROOT={{trim_start_match(root, "ROOT=")}} index
     just DATASET=dukemtmc-reid CONFIG=configs/duke-res2net50.toml RUN=duke-res2net50 DEVICE={{DEVICE}} SET="{{SET}}" TRAIN_ARGS="{{TRAIN_ARGS}}" train extract evaluate
+
+# MSMT17 (V1 or V2) end to end with the paper's recipe (not a table of the paper).
+msmt17 root=(if ROOT == "" { "data/MSMT17_V1" } else { ROOT }):
+    just DATASET=msmt17 ROOT={{trim_start_match(root, "ROOT=")}} INDEX_ARGS="{{INDEX_ARGS}}" index
+    just DATASET=msmt17 CONFIG=configs/msmt17-res2net50.toml RUN=msmt17-res2net50 DEVICE={{DEVICE}} SET="{{SET}}" TRAIN_ARGS="{{TRAIN_ARGS}}" train extract evaluate
 
 # Table 2: random-erasing probability 0.0 to 1.0, one run each, one table and chart.
 erasing-sweep DATASET="market1501":

@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Index a dataset folder into a parquet manifest.
     Index(commands::index::IndexArgs),
-    /// Render a synthetic pedestrian dataset in the Market-1501 layout.
+    /// Render a synthetic pedestrian dataset (Market-1501, Duke or MSMT17 layout).
     Synth(commands::synth::SynthArgs),
     /// Train the siamese network (identification + verification losses).
     Train(commands::train::TrainArgs),

@@ -104,3 +104,84 @@ fn indexing_a_bad_tree_fails_and_writes_nothing() {
     assert!(out.status.success());
     assert!(dir.path().join("m.parquet").exists());
 }
+
+/// The sha256 of every image under `root`, sorted (what the images show, whatever
+/// their names).
+fn image_hashes(root: &std::path::Path) -> Vec<String> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "jpg") {
+                out.push(reid_data::gallery::sha256_file(&p).unwrap());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn every_synthetic_layout_indexes_with_the_same_identities_and_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sizes: Vec<&str> = SMALL[..12].to_vec();
+    sizes.extend(["--distractors", "0", "--junk", "0", "--seed", "4"]);
+    let mut summaries = Vec::new();
+    let mut hashes = Vec::new();
+    for (layout, dataset) in [
+        ("market", "market1501"),
+        ("duke", "dukemtmc-reid"),
+        ("msmt17", "msmt17"),
+    ] {
+        let mut args = vec!["synth", "--layout", layout, "--out", layout];
+        args.extend(&sizes);
+        let out = reid(&args, dir.path());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            stdout.contains(&format!("reid index --dataset {dataset} --root {layout}")),
+            "{stdout}"
+        );
+        let manifest = format!("{layout}.parquet");
+        let mut index = vec!["index", "--dataset", dataset, "--root", layout, "--out", &manifest];
+        if layout == "msmt17" {
+            // list_val.txt holds 30 * 2,373 / 32,621 = 2 of the train images.
+            let out = reid(&index, dir.path());
+            assert!(String::from_utf8_lossy(&out.stdout).contains("train          28"));
+            index.push("--merge-val");
+        }
+        let out = reid(&index, dir.path());
+        assert!(
+            out.status.success(),
+            "{layout}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m = Manifest::read_parquet(&dir.path().join(&manifest)).unwrap();
+        summaries.push(
+            m.summary()
+                .iter()
+                .map(|s| (s.images, s.identities, s.cameras))
+                .collect::<Vec<_>>(),
+        );
+        hashes.push(image_hashes(&dir.path().join(layout)));
+    }
+    assert_eq!(summaries[0], vec![(30, 6, 3), (12, 5, 3), (20, 5, 3)]);
+    assert!(summaries.iter().all(|s| *s == summaries[0]), "{summaries:?}");
+    assert!(
+        hashes.iter().all(|h| *h == hashes[0]),
+        "the same images in every layout"
+    );
+
+    let out = reid(
+        &["synth", "--layout", "market", "--cameras", "7", "--out", "seven"],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("cameras must be 2 to 6 in the market layout"),
+        "{stderr}"
+    );
+}

@@ -8,7 +8,7 @@ use reid_data::{DatasetKind, IndexOptions};
 
 #[derive(Args)]
 pub struct IndexArgs {
-    /// Dataset layout: market1501, dukemtmc-reid or csv.
+    /// Dataset layout: market1501, dukemtmc-reid, msmt17 (V1 or V2) or csv.
     #[arg(long)]
     pub dataset: DatasetKind,
     /// The dataset folder or its parent (for csv: the CSV file, or a folder holding dataset.csv).
@@ -20,10 +20,16 @@ pub struct IndexArgs {
     /// Skip and count unparsable names, cameras out of range and duplicates instead of failing.
     #[arg(long)]
     pub skip_invalid: bool,
+    /// MSMT17: add the images of list_val.txt to train (torchreid's combineall).
+    #[arg(long)]
+    pub merge_val: bool,
 }
 
 pub fn run(args: IndexArgs) -> Result<()> {
     let kind = args.dataset;
+    if args.merge_val && kind != DatasetKind::Msmt17 {
+        anyhow::bail!("--merge-val applies to --dataset msmt17 only (the other layouts have no val list)");
+    }
     let out = args
         .out
         .unwrap_or_else(|| PathBuf::from(format!("artifacts/manifests/{}.parquet", kind.as_str())));
@@ -33,6 +39,7 @@ pub fn run(args: IndexArgs) -> Result<()> {
         &root,
         &IndexOptions {
             skip_invalid: args.skip_invalid,
+            merge_val: args.merge_val,
         },
     )?;
     let manifest = &report.manifest;

@@ -1,10 +1,12 @@
-//! `reid synth`: render a synthetic pedestrian dataset in the Market-1501 layout.
+//! `reid synth`: render a synthetic pedestrian dataset in the layout of
+//! Market-1501, DukeMTMC-reID or MSMT17.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use reid_data::synth::ensure;
+use reid_data::synth::SynthLayout;
 use reid_data::SynthConfig;
 
 use crate::progress;
@@ -15,6 +17,9 @@ pub enum Preset {
     Demo,
     /// Market-1501's real split sizes (12,936 train / 3,368 query / 19,732 gallery).
     Market,
+    /// MSMT17's real split sizes (32,621 train / 11,659 query / 82,161 gallery, 15 cameras);
+    /// implies --layout msmt17.
+    Msmt17,
 }
 
 #[derive(Args)]
@@ -28,6 +33,11 @@ pub struct SynthArgs {
     /// Size preset; the flags below override single sizes.
     #[arg(long, value_enum, default_value = "demo")]
     pub preset: Preset,
+    /// Folder layout and file names: market (Market-1501), duke (DukeMTMC-reID) or
+    /// msmt17 (MSMT17 V1 with its list files; no distractors or junk by default)
+    /// [default: msmt17 for --preset msmt17, else market].
+    #[arg(long)]
+    pub layout: Option<SynthLayout>,
     #[arg(long)]
     pub cameras: Option<usize>,
     #[arg(long)]
@@ -56,7 +66,15 @@ impl SynthArgs {
         let mut cfg = match self.preset {
             Preset::Demo => SynthConfig::demo(self.seed),
             Preset::Market => SynthConfig::market(self.seed),
+            Preset::Msmt17 => SynthConfig::msmt17(self.seed),
         };
+        if let Some(layout) = self.layout {
+            cfg.layout = layout;
+        }
+        if cfg.layout == SynthLayout::Msmt17 {
+            // MSMT17 has neither; the flags below may still ask for them (and fail).
+            (cfg.distractors, cfg.junk) = (0, 0);
+        }
         let set = |field: &mut usize, value: Option<usize>| {
             if let Some(v) = value {
                 *field = v;
@@ -96,6 +114,10 @@ pub fn run(args: SynthArgs) -> Result<()> {
             args.out.display()
         );
     }
-    println!("next: reid index --dataset market1501 --root {}", args.out.display());
+    println!(
+        "next: reid index --dataset {} --root {}",
+        cfg.layout.dataset(),
+        args.out.display()
+    );
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! Dataset layouts: how a dataset folder maps to manifest records.
 //!
 //! Each layout implements [`DatasetLayout`]; [`DatasetKind`] names them for the
-//! command line. Adding MSMT17 or CUHK03 means one more `DatasetLayout` and one more
-//! `DatasetKind` variant; callers only see [`DatasetKind::layout`].
+//! command line. Adding a dataset (CUHK03, say) means one more `DatasetLayout` and one more
+//! `DatasetKind` variant (as [`crate::msmt17`] does); callers only see
+//! [`DatasetKind::layout`].
 
 use std::collections::HashSet;
 use std::fs;
@@ -30,6 +31,8 @@ pub struct IndexOptions {
     /// Skip (and count) unparsable names, cameras out of range and duplicates
     /// instead of failing.
     pub skip_invalid: bool,
+    /// MSMT17: add `list_val.txt`'s images to train (torchreid's `combineall`).
+    pub merge_val: bool,
 }
 
 /// The outcome of indexing: the manifest and what was left out of it.
@@ -55,18 +58,25 @@ pub trait DatasetLayout {
 pub enum DatasetKind {
     Market1501,
     DukeMtmcReid,
+    Msmt17,
     Csv,
 }
 
 impl DatasetKind {
     /// Every kind, for help texts.
-    pub const ALL: [DatasetKind; 3] = [DatasetKind::Market1501, DatasetKind::DukeMtmcReid, DatasetKind::Csv];
+    pub const ALL: [DatasetKind; 4] = [
+        DatasetKind::Market1501,
+        DatasetKind::DukeMtmcReid,
+        DatasetKind::Msmt17,
+        DatasetKind::Csv,
+    ];
 
     /// The command-line name.
     pub fn as_str(self) -> &'static str {
         match self {
             DatasetKind::Market1501 => "market1501",
             DatasetKind::DukeMtmcReid => "dukemtmc-reid",
+            DatasetKind::Msmt17 => "msmt17",
             DatasetKind::Csv => "csv",
         }
     }
@@ -76,6 +86,7 @@ impl DatasetKind {
         match self {
             DatasetKind::Market1501 => Box::new(FolderLayout::market1501()),
             DatasetKind::DukeMtmcReid => Box::new(FolderLayout::dukemtmc_reid()),
+            DatasetKind::Msmt17 => Box::new(crate::msmt17::Msmt17Layout),
             DatasetKind::Csv => Box::new(CsvLayout),
         }
     }
@@ -87,18 +98,25 @@ impl FromStr for DatasetKind {
         DatasetKind::ALL
             .into_iter()
             .find(|k| k.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown dataset '{s}' (expected market1501, dukemtmc-reid or csv)"))
+            .ok_or_else(|| format!("unknown dataset '{s}' (expected market1501, dukemtmc-reid, msmt17 or csv)"))
     }
 }
 
 /// Collects entries rejected under `skip_invalid`, or fails on the first one.
-struct Rejections {
+pub(crate) struct Rejections {
     skip: bool,
-    messages: Vec<String>,
+    pub(crate) messages: Vec<String>,
 }
 
 impl Rejections {
-    fn reject(&mut self, path: &Path, message: String) -> Result<()> {
+    pub(crate) fn new(skip: bool) -> Self {
+        Rejections {
+            skip,
+            messages: Vec::new(),
+        }
+    }
+
+    pub(crate) fn reject(&mut self, path: &Path, message: String) -> Result<()> {
         if self.skip {
             self.messages.push(format!("{}: {message}", path.display()));
             Ok(())
@@ -197,10 +215,7 @@ impl DatasetLayout for FolderLayout {
 
     fn index(&self, root: &Path, options: &IndexOptions) -> Result<IndexReport> {
         let root = self.resolve_root(root)?;
-        let mut rejections = Rejections {
-            skip: options.skip_invalid,
-            messages: Vec::new(),
-        };
+        let mut rejections = Rejections::new(options.skip_invalid);
         let mut skipped_non_images = 0;
         let mut records = Vec::new();
         for (split, folder) in SPLIT_FOLDERS {
@@ -363,10 +378,7 @@ impl DatasetLayout for CsvLayout {
             .from_path(&csv_path)
             .map_err(bad)?;
         let columns = CsvColumns::find(&reader.headers().map_err(bad)?.clone(), &csv_path)?;
-        let mut rejections = Rejections {
-            skip: options.skip_invalid,
-            messages: Vec::new(),
-        };
+        let mut rejections = Rejections::new(options.skip_invalid);
         let (mut skipped_non_images, mut seen, mut records) = (0, HashSet::new(), Vec::new());
         for (i, row) in reader.records().enumerate() {
             let line = i + 2;

@@ -6,9 +6,11 @@ pub mod error;
 pub mod gallery;
 pub mod layout;
 pub mod manifest;
+pub mod msmt17;
 pub mod names;
 pub mod seed;
 pub mod synth;
+pub mod synth_layout;
 pub mod tensor_file;
 
 pub use error::{DataError, Result};

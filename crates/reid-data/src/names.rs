@@ -1,4 +1,4 @@
-//! File-name parsing for the Market-1501 and DukeMTMC-reID naming schemes.
+//! File-name parsing for the Market-1501, DukeMTMC-reID and MSMT17 naming schemes.
 
 /// What a dataset file name encodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +69,30 @@ pub fn format_market1501(pid: i64, camera: i64, sequence: i64, frame: i64, index
     format!("{pid}_c{camera}s{sequence}_{frame:06}_{index:02}.jpg")
 }
 
+/// Formats a DukeMTMC-reID file name; the inverse of [`parse_dukemtmc`].
+pub fn format_dukemtmc(pid: i64, camera: i64, frame: i64) -> String {
+    let pid = if pid < 0 { "-1".to_string() } else { format!("{pid:04}") };
+    format!("{pid}_c{camera}_f{frame:07}.jpg")
+}
+
+/// The camera (1-based) of an MSMT17 name such as `0000_000_01_0303morning_0015_0.jpg`:
+/// its third `_` field, as torchreid reads it. The identity comes from the list
+/// files, not the name.
+pub fn parse_msmt17_camera(file_name: &str) -> Option<i64> {
+    let mut fields = file_name.split('_');
+    digits(fields.next()?)?;
+    digits(fields.next()?)?;
+    let camera = digits(fields.next()?)?;
+    fields.next()?;
+    Some(camera)
+}
+
+/// Formats an MSMT17 file name: identity, its image index, camera, a date-and-time
+/// field and a frame, as in `0000_000_01_0303morning_0015_0.jpg`.
+pub fn format_msmt17(pid: i64, index: usize, camera: i64, frame: i64) -> String {
+    format!("{pid:04}_{index:03}_{camera:02}_0113morning_{frame:04}_0.jpg")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +131,29 @@ mod tests {
         assert_eq!(parse_dukemtmc("0001_c2_0046182.jpg"), None);
         assert_eq!(parse_dukemtmc("0001_2_f0046182.jpg"), None);
         assert_eq!(parse_dukemtmc("x_c2_f1.jpg"), None);
+    }
+
+    #[test]
+    fn msmt17_names_give_the_camera_of_their_third_field() {
+        assert_eq!(parse_msmt17_camera("0000_000_01_0303morning_0015_0.jpg"), Some(1));
+        assert_eq!(parse_msmt17_camera("3059_012_15_0113noon_1010_1.jpg"), Some(15));
+        assert_eq!(parse_msmt17_camera(&format_msmt17(7, 3, 12, 99)), Some(12));
+        for bad in [
+            "0000_000_0303morning.jpg",
+            "0000_000_x1_a_b.jpg",
+            "0000.jpg",
+            "a_000_01_b.jpg",
+        ] {
+            assert_eq!(parse_msmt17_camera(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn duke_format_round_trips() {
+        for (pid, cam) in [(-1, 3), (0, 1), (7, 8)] {
+            let p = parse_dukemtmc(&format_dukemtmc(pid, cam, 46182)).unwrap();
+            assert_eq!((p.pid, p.camera, p.frame), (pid, cam, 46182));
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! A synthetic pedestrian dataset in the exact Market-1501 layout and naming.
+//! A synthetic pedestrian dataset in the exact layout and naming of Market-1501,
+//! DukeMTMC-reID or MSMT17 (see [`SynthLayout`]).
 //!
 //! Every identity has fixed attributes (clothing colours and patterns, hair, height,
 //! build, a bag); every camera has its own colour cast, brightness, background and
@@ -18,16 +19,17 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
-use crate::layout::SPLIT_FOLDERS;
 use crate::manifest::Split;
-use crate::names::format_market1501;
 use crate::seed::mix;
+pub use crate::synth_layout::SynthLayout;
+use crate::synth_layout::{Namer, MSMT17_TRAIN_LIST, MSMT17_VAL_LIST};
 
 /// Sizes and seed of a synthetic dataset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SynthConfig {
     pub seed: u64,
-    /// Number of cameras (at most 6, as in Market-1501's naming).
+    /// Number of cameras (at most 6 for Market-1501's naming, 8 for Duke's, 15 for
+    /// MSMT17's).
     pub cameras: usize,
     pub train_ids: usize,
     pub train_images: usize,
@@ -43,6 +45,9 @@ pub struct SynthConfig {
     /// Image height and width in pixels (Market-1501's crops are 128 x 64).
     pub height: u32,
     pub width: u32,
+    /// The folder layout and file names (Market-1501's when absent from a record).
+    #[serde(default)]
+    pub layout: SynthLayout,
 }
 
 impl SynthConfig {
@@ -60,6 +65,7 @@ impl SynthConfig {
             junk: 50,
             height: 128,
             width: 64,
+            layout: SynthLayout::Market,
         }
     }
 
@@ -79,6 +85,35 @@ impl SynthConfig {
             junk: 3_819,
             height: 128,
             width: 64,
+            layout: SynthLayout::Market,
+        }
+    }
+
+    /// MSMT17's real split sizes in its layout: 32,621 train images of 1,041
+    /// identities (2,373 of them in the val list), 11,659 queries and 82,161 gallery
+    /// images of 3,060 identities, 15 cameras, no distractors or junk.
+    pub fn msmt17(seed: u64) -> Self {
+        SynthConfig {
+            seed,
+            cameras: 15,
+            train_ids: 1_041,
+            train_images: 32_621,
+            test_ids: 3_060,
+            query_images: 11_659,
+            gallery_images: 82_161,
+            distractors: 0,
+            junk: 0,
+            height: 128,
+            width: 64,
+            layout: SynthLayout::Msmt17,
+        }
+    }
+
+    /// Train images that go to MSMT17's val list (2,373 of 32,621, as in MSMT17).
+    pub fn val_images(&self) -> usize {
+        match self.layout {
+            SynthLayout::Msmt17 => self.train_images * 2_373 / 32_621,
+            _ => 0,
         }
     }
 
@@ -90,9 +125,15 @@ impl SynthConfig {
     /// Checks that the sizes can be met (every test identity in at least two
     /// cameras, one gallery image per camera it appears in, ...).
     pub fn validate(&self) -> std::result::Result<(), String> {
-        let c = self.cameras;
-        if !(2..=6).contains(&c) {
-            return Err(format!("cameras must be 2 to 6, got {c}"));
+        let (c, max) = (self.cameras, self.layout.max_cameras());
+        if !(2..=max).contains(&c) {
+            return Err(format!(
+                "cameras must be 2 to {max} in the {} layout, got {c}",
+                self.layout
+            ));
+        }
+        if self.layout == SynthLayout::Msmt17 && self.distractors + self.junk > 0 {
+            return Err("the msmt17 layout has no distractors or junk: pass --distractors 0 --junk 0".into());
         }
         if self.train_ids == 0 || self.test_ids == 0 {
             return Err("train and test identities must be at least 1".into());
@@ -273,6 +314,8 @@ struct ImageSpec {
     relative_path: String,
     subject: Subject,
     camera: usize,
+    /// MSMT17's (list file, line).
+    listed: Option<(&'static str, String)>,
 }
 
 /// An RGB float canvas.
@@ -657,14 +700,22 @@ fn plan(cfg: &SynthConfig) -> (Vec<ImageSpec>, usize) {
     let (mut train, mut test) = (pids[..cfg.train_ids].to_vec(), pids[cfg.train_ids..].to_vec());
     train.sort_unstable();
     test.sort_unstable();
-    let mut frames = vec![0i64; cfg.cameras];
-    let mut next_name = |rng: &mut ChaCha8Rng, pid: i64, camera: usize| {
-        frames[camera] += rng.gen_range(1..40);
-        let frame = frames[camera];
-        format_market1501(pid, camera as i64 + 1, 1 + frame / 200_000, frame % 1_000_000, 1)
-    };
-    let folder = |split: Split| SPLIT_FOLDERS.iter().find(|(s, _)| *s == split).unwrap().1;
+    if cfg.layout == SynthLayout::Msmt17 {
+        // MSMT17 numbers train and test identities from 0, each on its own.
+        train = (0..cfg.train_ids as i64).collect();
+        test = (0..cfg.test_ids as i64).collect();
+    }
+    let mut namer = Namer::new(cfg.layout, cfg.cameras);
     let mut specs = Vec::with_capacity(cfg.total_images());
+    let mut add = |rng: &mut ChaCha8Rng, split: Split, pid: i64, camera: usize, subject: Subject| {
+        let placed = namer.place(rng, split, pid, camera);
+        specs.push(ImageSpec {
+            relative_path: placed.relative_path,
+            subject,
+            camera,
+            listed: placed.listed,
+        });
+    };
 
     // Person index: train identities first, then test identities.
     let train_counts = spread(&mut rng, cfg.train_ids, cfg.train_images, 2, usize::MAX);
@@ -678,11 +729,7 @@ fn plan(cfg: &SynthConfig) -> (Vec<ImageSpec>, usize) {
             } else {
                 seen[rng.gen_range(0..seen.len())]
             };
-            specs.push(ImageSpec {
-                relative_path: format!("{}/{}", folder(Split::Train), next_name(&mut rng, pid, camera)),
-                subject: Subject::Identity(i),
-                camera,
-            });
+            add(&mut rng, Split::Train, pid, camera, Subject::Identity(i));
         }
     }
     let camera_counts = spread(&mut rng, cfg.test_ids, cfg.query_images, 2, cfg.cameras);
@@ -698,16 +745,12 @@ fn plan(cfg: &SynthConfig) -> (Vec<ImageSpec>, usize) {
         camera_counts.iter().zip(extra).map(|(c, e)| c + e).collect::<Vec<_>>()
     };
     for (j, &pid) in test.iter().enumerate() {
-        let person = cfg.train_ids + j;
+        let person = Subject::Identity(cfg.train_ids + j);
         let mut cams: Vec<usize> = (0..cfg.cameras).collect();
         cams.shuffle(&mut rng);
         let seen = cams[..camera_counts[j]].to_vec();
         for &camera in &seen {
-            specs.push(ImageSpec {
-                relative_path: format!("{}/{}", folder(Split::Query), next_name(&mut rng, pid, camera)),
-                subject: Subject::Identity(person),
-                camera,
-            });
+            add(&mut rng, Split::Query, pid, camera, person);
         }
         for k in 0..gallery_counts[j] {
             let camera = if k < seen.len() {
@@ -715,24 +758,36 @@ fn plan(cfg: &SynthConfig) -> (Vec<ImageSpec>, usize) {
             } else {
                 seen[rng.gen_range(0..seen.len())]
             };
-            specs.push(ImageSpec {
-                relative_path: format!("{}/{}", folder(Split::Gallery), next_name(&mut rng, pid, camera)),
-                subject: Subject::Identity(person),
-                camera,
-            });
+            add(&mut rng, Split::Gallery, pid, camera, person);
         }
     }
     for (count, pid, subject) in [(cfg.distractors, 0, Subject::Stranger), (cfg.junk, -1, Subject::Junk)] {
         for _ in 0..count {
             let camera = rng.gen_range(0..cfg.cameras);
-            specs.push(ImageSpec {
-                relative_path: format!("{}/{}", folder(Split::Gallery), next_name(&mut rng, pid, camera)),
-                subject,
-                camera,
-            });
+            add(&mut rng, Split::Gallery, pid, camera, subject);
         }
     }
+    move_to_val(cfg, &mut specs);
     (specs, total_ids)
+}
+
+/// MSMT17: moves [`SynthConfig::val_images`] train images, never an identity's
+/// first, from the train list to the val list (so list_train alone still holds
+/// every train identity).
+fn move_to_val(cfg: &SynthConfig, specs: &mut [ImageSpec]) {
+    let mut seen = std::collections::HashSet::new();
+    let mut candidates: Vec<usize> = (0..specs.len())
+        .filter(|&i| match (&specs[i].listed, specs[i].subject) {
+            (Some((MSMT17_TRAIN_LIST, _)), Subject::Identity(p)) => !seen.insert(p),
+            _ => false,
+        })
+        .collect();
+    candidates.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(cfg.seed, 5, 0)));
+    for &i in candidates.iter().take(cfg.val_images()) {
+        if let Some((list, _)) = &mut specs[i].listed {
+            *list = MSMT17_VAL_LIST;
+        }
+    }
 }
 
 /// The file `reid synth` writes into the dataset root to record its settings.
@@ -769,7 +824,11 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &(dyn Fn(usize) + Sync)
         .unwrap_or_default();
     let staging = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
     let result = (|| {
-        for (_, folder) in SPLIT_FOLDERS {
+        let folders: std::collections::BTreeSet<&str> = specs
+            .iter()
+            .filter_map(|s| s.relative_path.rsplit_once('/').map(|(dir, _)| dir))
+            .collect();
+        for folder in folders {
             let dir = staging.join(folder);
             fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
         }
@@ -784,6 +843,7 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &(dyn Fn(usize) + Sync)
             }
             Ok::<_, DataError>(())
         })?;
+        write_lists(&specs, &staging)?;
         let record = staging.join(SYNTH_RECORD);
         let json = serde_json::to_string_pretty(cfg).expect("config serialises");
         fs::write(&record, json).map_err(|e| DataError::io(&record, e))?;
@@ -793,6 +853,24 @@ pub fn generate(cfg: &SynthConfig, out: &Path, progress: &(dyn Fn(usize) + Sync)
         let _ = fs::remove_dir_all(&staging);
     }
     result.map(|_| specs.len())
+}
+
+/// Writes MSMT17's list files (one `<path> <pid>` line per image, in plan order).
+fn write_lists(specs: &[ImageSpec], root: &Path) -> Result<()> {
+    let mut lists: std::collections::BTreeMap<&str, String> = Default::default();
+    for (list, line) in specs.iter().filter_map(|s| s.listed.as_ref()) {
+        let text = lists.entry(list).or_default();
+        text.push_str(line);
+        text.push('\n');
+    }
+    if lists.contains_key(MSMT17_TRAIN_LIST) {
+        lists.entry(MSMT17_VAL_LIST).or_default();
+    }
+    for (list, text) in lists {
+        let path = root.join(list);
+        fs::write(&path, text).map_err(|e| DataError::io(&path, e))?;
+    }
+    Ok(())
 }
 
 /// Generates the dataset unless `out` already holds one made with `cfg`; returns
@@ -832,6 +910,7 @@ mod tests {
             junk: 2,
             height: 64,
             width: 32,
+            layout: SynthLayout::Market,
         }
     }
 
@@ -871,11 +950,36 @@ mod tests {
     }
 
     #[test]
+    fn the_msmt17_preset_has_msmt17_sizes_and_lists() {
+        let cfg = SynthConfig::msmt17(0);
+        cfg.validate().unwrap();
+        let (specs, _) = plan(&cfg);
+        let count = |list: &str| {
+            specs
+                .iter()
+                .filter(|s| s.listed.as_ref().is_some_and(|l| l.0 == list))
+                .count()
+        };
+        assert_eq!(count(MSMT17_TRAIN_LIST), 30_248);
+        assert_eq!(count(MSMT17_VAL_LIST), 2_373);
+        assert_eq!(count("list_query.txt"), 11_659);
+        assert_eq!(count("list_gallery.txt"), 82_161);
+        let names: std::collections::HashSet<_> = specs.iter().map(|s| &s.relative_path).collect();
+        assert_eq!(names.len(), specs.len(), "unique paths");
+        let first = &specs[0];
+        assert!(
+            first.relative_path.starts_with("train/0000/0000_000_"),
+            "{}",
+            first.relative_path
+        );
+    }
+
+    #[test]
     fn same_seed_same_bytes_other_seed_other_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let read_all = |root: &Path| {
             let mut files = Vec::new();
-            for (_, folder) in SPLIT_FOLDERS {
+            for (_, folder) in crate::layout::SPLIT_FOLDERS {
                 let mut names: Vec<_> = fs::read_dir(root.join(folder))
                     .unwrap()
                     .map(|e| e.unwrap().path())
@@ -917,5 +1021,9 @@ mod tests {
         let mut cfg = tiny(1);
         cfg.cameras = 7;
         assert!(cfg.validate().is_err());
+        cfg.layout = SynthLayout::Duke;
+        cfg.validate().unwrap();
+        cfg.layout = SynthLayout::Msmt17;
+        assert!(cfg.validate().unwrap_err().contains("no distractors or junk"));
     }
 }

@@ -29,7 +29,13 @@ fn market_tree(root: &Path) {
 }
 
 fn index(kind: DatasetKind, root: &Path, skip_invalid: bool) -> reid_data::Result<reid_data::IndexReport> {
-    kind.layout().index(root, &IndexOptions { skip_invalid })
+    kind.layout().index(
+        root,
+        &IndexOptions {
+            skip_invalid,
+            ..Default::default()
+        },
+    )
 }
 
 #[test]
@@ -161,4 +167,123 @@ fn csv_layout_reads_paths_and_rejects_bad_rows() {
     fs::write(&csv, "file,pid,camid,split\n").unwrap();
     let err = index(DatasetKind::Csv, &csv, false).unwrap_err().to_string();
     assert!(err.contains("missing column 'path'"), "{err}");
+}
+
+/// A hand-written MSMT17 tree: train identities 0 and 1 (one more image of 0 in
+/// the val list), test identities 0 and 5, cameras from the third name field.
+fn msmt17_tree(root: &Path, train: &str, test: &str) {
+    let lists = [
+        (
+            "list_train.txt",
+            train,
+            vec![
+                "0000/0000_000_01_0303morning_0015_0.jpg 0",
+                "0001/0001_000_15_0303noon_0100_1.jpg 1",
+                "0001/0001_001_02_0303noon_0101_0.jpg 1",
+            ],
+        ),
+        ("list_val.txt", train, vec!["0000/0000_001_03_0303morning_0020_0.jpg 0"]),
+        (
+            "list_query.txt",
+            test,
+            vec![
+                "0000/0000_000_04_0113morning_0001_0.jpg 0",
+                "0005/0005_000_02_0113morning_0002_0.jpg 5",
+            ],
+        ),
+        (
+            "list_gallery.txt",
+            test,
+            vec![
+                "0000/0000_001_07_0113morning_0003_0.jpg 0",
+                "0005/0005_001_09_0113morning_0004_0.jpg 5",
+                "0005/0005_002_11_0113morning_0005_0.jpg 5",
+            ],
+        ),
+    ];
+    for (list, folder, lines) in lists {
+        for line in &lines {
+            touch(root, &format!("{folder}/{}", line.split(' ').next().unwrap()));
+        }
+        fs::write(root.join(list), lines.join("\n") + "\n").unwrap();
+    }
+}
+
+#[test]
+fn msmt17_v1_and_v2_read_the_lists_and_merge_val_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    for (release, train, test) in [
+        ("MSMT17_V1", "train", "test"),
+        ("MSMT17_V2", "mask_train_v2", "mask_test_v2"),
+    ] {
+        let root = dir.path().join(release);
+        msmt17_tree(&root, train, test);
+        for merge_val in [false, true] {
+            let options = IndexOptions {
+                merge_val,
+                ..Default::default()
+            };
+            let m = DatasetKind::Msmt17.layout().index(&root, &options).unwrap().manifest;
+            let s = m.summary();
+            let train_images = if merge_val { 4 } else { 3 };
+            assert_eq!(
+                (s[0].images, s[0].identities),
+                (train_images, 2),
+                "{release} merge_val={merge_val}"
+            );
+            assert_eq!(
+                (s[1].images, s[1].identities, s[2].images, s[2].identities),
+                (2, 2, 3, 2)
+            );
+            assert_eq!(m.num_classes(), 2);
+            let first = &m.records[0];
+            assert_eq!(first.path, format!("{train}/0000/0000_000_01_0303morning_0015_0.jpg"));
+            assert_eq!((first.pid, first.camid, first.label), (0, 0, Some(0)));
+            let cams: Vec<i64> = m.split(Split::Gallery).map(|r| r.camid).collect();
+            assert_eq!(cams, vec![6, 8, 10]);
+            assert!(m.split(Split::Train).any(|r| r.camid == 14), "camera 15");
+        }
+    }
+    // The parent of one release folder works; of two, it asks which.
+    let err = index(DatasetKind::Msmt17, dir.path(), false).unwrap_err().to_string();
+    assert!(err.contains("several MSMT17 folders"), "{err}");
+    fs::remove_dir_all(dir.path().join("MSMT17_V2")).unwrap();
+    let m = index(DatasetKind::Msmt17, dir.path(), false).unwrap().manifest;
+    assert_eq!(m.root, dir.path().join("MSMT17_V1"));
+}
+
+#[test]
+fn bad_msmt17_lists_name_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("MSMT17_V1");
+    msmt17_tree(&root, "train", "test");
+    let gallery = root.join("list_gallery.txt");
+    let good = fs::read_to_string(&gallery).unwrap();
+    for (bad_line, says) in [
+        ("0005/0005_009_09_0113morning_0009_0.jpg 5", "not found"),
+        ("0005/0005_002_11_0113morning_0005_0.jpg 5", "listed twice"),
+        ("0005/0005_002_16_0113morning_0005_0.jpg 5", "out of range 1-15"),
+        ("0005/0005_002_11_0113morning_0005_0.jpg x", "not a whole number"),
+        (
+            "0005/0005_002_11_0113morning_0005_0.jpg",
+            "expected '<image path> <identity>'",
+        ),
+        ("0005/badname.jpg 5", "does not parse"),
+    ] {
+        fs::write(&gallery, format!("{good}{bad_line}\n")).unwrap();
+        let err = index(DatasetKind::Msmt17, &root, false).unwrap_err().to_string();
+        assert!(
+            err.contains("list_gallery.txt") && err.contains("line 4") && err.contains(says),
+            "{err}"
+        );
+        let report = index(DatasetKind::Msmt17, &root, true).unwrap();
+        assert_eq!(report.skipped_invalid.len(), 1, "{bad_line}");
+        assert_eq!(report.manifest.split(Split::Gallery).count(), 3);
+    }
+    fs::remove_file(root.join("list_val.txt")).unwrap();
+    let err = index(DatasetKind::Msmt17, &root, false).unwrap_err().to_string();
+    assert!(
+        err.contains("not an MSMT17 folder") && err.contains("list_val.txt"),
+        "{err}"
+    );
 }

@@ -23,6 +23,7 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
         junk: 1,
         height: 64,
         width: 32,
+        layout: Default::default(),
     };
     generate(&cfg, &dir.join("syn"), &|_| {}).unwrap();
     let report = DatasetKind::Market1501

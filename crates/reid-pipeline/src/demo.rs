@@ -69,6 +69,7 @@ impl DemoSize {
                 junk: 5,
                 height: 128,
                 width: 64,
+                layout: Default::default(),
             },
         }
     }

@@ -22,6 +22,7 @@ fn data(dir: &Path) -> TrainData {
         junk: 0,
         height: 64,
         width: 32,
+        layout: Default::default(),
     };
     generate(&cfg, &dir.join("syn"), &|_| {}).unwrap();
     let report = DatasetKind::Market1501
