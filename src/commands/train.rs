@@ -86,8 +86,12 @@ pub fn printer(epochs: usize) -> impl FnMut(Event) {
             images_per_s,
         } => {
             bar.finish_and_clear();
+            let triplet = match mean.loss_triplet {
+                0.0 => String::new(),
+                t => format!(", triplet {t:.3}"),
+            };
             println!(
-                "epoch {:>3}/{epochs}  loss {:.4} (id {:.3}/{:.3}, verif {:.3})  id acc {:.1}%  verif acc {:.1}%  {:.0} img/s",
+                "epoch {:>3}/{epochs}  loss {:.4} (id {:.3}/{:.3}, verif {:.3}{triplet})  id acc {:.1}%  verif acc {:.1}%  {:.0} img/s",
                 epoch + 1,
                 mean.loss,
                 mean.loss_id1,

@@ -207,9 +207,13 @@ pub struct LogRow {
     pub loss: f64,
     pub loss_id: f64,
     pub loss_verif: f64,
+    /// The triplet term (0 in logs without one).
+    pub loss_triplet: f64,
     pub id_acc: f64,
     pub verif_acc: f64,
     pub rank1: Option<f64>,
+    /// Backbone gradient norms of (id1 + id2, verif, triplet, total), when logged.
+    pub grad_norms: Option<[f64; 4]>,
 }
 
 /// Reads a run's `metrics.csv` (written by `reid train`).
@@ -239,12 +243,19 @@ pub fn read_training_log(path: &Path) -> Result<Vec<LogRow>, ReportError> {
         need("verif_acc")?,
     );
     let r1 = col("rank1");
+    let lt = col("loss_triplet");
+    let norms = ["gnorm_id1", "gnorm_id2", "gnorm_verif", "gnorm_triplet", "gnorm_total"].map(col);
     let mut rows = Vec::new();
     for line in lines {
         let f: Vec<&str> = line.split(',').collect();
         let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
         let (Some(loss), Some(id1), Some(id2), Some(verif)) = (num(l), num(l1), num(l2), num(lv)) else {
             continue;
+        };
+        let norm = |i: usize| norms[i].and_then(num);
+        let grad_norms = match (norm(0), norm(1), norm(2), norm(3), norm(4)) {
+            (Some(a), Some(b), Some(v), Some(t), Some(all)) => Some([(a * a + b * b).sqrt(), v, t, all]),
+            _ => None,
         };
         rows.push(LogRow {
             kind: f.get(k).unwrap_or(&"").to_string(),
@@ -253,9 +264,11 @@ pub fn read_training_log(path: &Path) -> Result<Vec<LogRow>, ReportError> {
             loss,
             loss_id: (id1 + id2) / 2.0,
             loss_verif: verif,
+            loss_triplet: lt.and_then(num).unwrap_or(0.0),
             id_acc: num(ia).unwrap_or(f64::NAN),
             verif_acc: num(va).unwrap_or(f64::NAN),
             rank1: r1.and_then(num),
+            grad_norms,
         });
     }
     Ok(rows)
@@ -315,41 +328,69 @@ fn draw_panel(
         .map_err(|e| draw_err(path, e))
 }
 
-/// Draws losses and accuracies over training steps from `metrics.csv` rows.
+/// Draws losses and accuracies over training steps from `metrics.csv` rows, and
+/// the backbone gradient norm of each loss when the run logged them
+/// (`run.log_grad_norms`).
 pub fn draw_training_curves(path: &Path, log: &[LogRow]) -> Result<(), ReportError> {
     ensure_font();
     let steps: Vec<&LogRow> = log.iter().filter(|r| r.kind == "step").collect();
     let rows = if steps.is_empty() { log.iter().collect() } else { steps };
-    render_png(path, (1000, 420), |root| {
+    let normed: Vec<&LogRow> = rows.iter().copied().filter(|r| r.grad_norms.is_some()).collect();
+    let width = if normed.is_empty() { 1000 } else { 1500 };
+    render_png(path, (width, 420), |root| {
         root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
-        let (left, right) = root.split_horizontally(500);
+        let areas = root.split_evenly((1, width as usize / 500));
         let max_step = rows.iter().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
         let max_loss = rows.iter().map(|r| r.loss.max(r.loss_id)).fold(0.1, f64::max) * 1.05;
-        let losses: [(&str, LogField); 3] = [
+        let mut losses: Vec<(&str, LogField)> = vec![
             ("total", |r| r.loss),
             ("identification", |r| r.loss_id),
             ("verification", |r| r.loss_verif),
         ];
-        let panel = Panel {
-            caption: "losses",
+        if rows.iter().any(|r| r.loss_triplet != 0.0) {
+            losses.push(("triplet", |r| r.loss_triplet));
+        }
+        let panel = |caption, y_max, first_colour, legend| Panel {
+            caption,
             max_step,
-            y_max: max_loss,
-            first_colour: 0,
-            legend: SeriesLabelPosition::UpperRight,
+            y_max,
+            first_colour,
+            legend,
         };
-        draw_panel(path, &left, &panel, &rows, &losses)?;
+        draw_panel(
+            path,
+            &areas[0],
+            &panel("losses", max_loss, 0, SeriesLabelPosition::UpperRight),
+            &rows,
+            &losses,
+        )?;
         let accuracies: [(&str, LogField); 2] = [
             ("identification", |r| 100.0 * r.id_acc),
             ("verification", |r| 100.0 * r.verif_acc),
         ];
-        let panel = Panel {
-            caption: "accuracy (%)",
-            max_step,
-            y_max: 100.5,
-            first_colour: 1,
-            legend: SeriesLabelPosition::LowerRight,
-        };
-        draw_panel(path, &right, &panel, &rows, &accuracies)?;
+        let p = panel("accuracy (%)", 100.5, 1, SeriesLabelPosition::LowerRight);
+        draw_panel(path, &areas[1], &p, &rows, &accuracies)?;
+        if !normed.is_empty() {
+            let y_max = normed
+                .iter()
+                .filter_map(|r| r.grad_norms)
+                .flatten()
+                .fold(1e-9, f64::max)
+                * 1.05;
+            let series: [(&str, LogField); 4] = [
+                ("identification", |r| r.grad_norms.map_or(0.0, |g| g[0])),
+                ("verification", |r| r.grad_norms.map_or(0.0, |g| g[1])),
+                ("triplet", |r| r.grad_norms.map_or(0.0, |g| g[2])),
+                ("sum (the update)", |r| r.grad_norms.map_or(0.0, |g| g[3])),
+            ];
+            let p = panel(
+                "backbone gradient norm per loss",
+                y_max,
+                0,
+                SeriesLabelPosition::UpperRight,
+            );
+            draw_panel(path, &areas[2], &p, &normed, &series)?;
+        }
         Ok(())
     })
 }
@@ -506,6 +547,23 @@ mod tests {
         assert_eq!((log[0].step, log[0].loss_id), (10, 4.1));
         assert_eq!(log[1].rank1, Some(0.5));
         draw_training_curves(&dir.path().join("curves.png"), &log).unwrap();
-        assert!(dir.path().join("curves.png").is_file());
+        let img = image::open(dir.path().join("curves.png")).unwrap();
+        assert_eq!(img.width(), 1000, "two panels without gradient norms");
+        assert_eq!(log[0].grad_norms, None);
+
+        // Today's columns: a triplet term and gradient norms on step rows.
+        std::fs::write(
+            &csv,
+            "kind,epoch,step,lr,loss_id1,loss_id2,loss_verif,loss_triplet,loss,id_acc,verif_acc,images_per_s,rank1,mAP,gnorm_id1,gnorm_id2,gnorm_verif,gnorm_triplet,gnorm_total\n\
+             step,0,10,0.005,4.0,4.2,0.7,0.3,5.1,0.01,0.5,100.0,,,3.0,4.0,2.0,1.0,6.5\n\
+             epoch,0,20,0.005,3.0,3.2,0.6,0.2,3.9,0.1,0.6,100.0,0.5,0.3,,,,,\n",
+        )
+        .unwrap();
+        let log = read_training_log(&csv).unwrap();
+        assert_eq!(log[0].grad_norms, Some([5.0, 2.0, 1.0, 6.5]), "id1 and id2 combined");
+        assert_eq!((log[0].loss_triplet, log[1].grad_norms), (0.3, None));
+        draw_training_curves(&dir.path().join("curves.png"), &log).unwrap();
+        let img = image::open(dir.path().join("curves.png")).unwrap();
+        assert_eq!(img.width(), 1500, "a third panel: the gradient norms");
     }
 }

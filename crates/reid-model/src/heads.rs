@@ -4,6 +4,8 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use rand::Rng;
 
+use crate::metric::{batch_hard_triplet, pairwise_distances, verification_pairs, Negatives, TripletMargin};
+
 /// A linear layer with `weight` ~ N(0, 0.001^2) and zero `bias`, the usual
 /// initialisation of re-ID classifiers.
 fn classifier(din: usize, dout: usize, vb: VarBuilder) -> Result<Linear> {
@@ -63,7 +65,8 @@ impl Heads {
     }
 }
 
-/// Weights of the three loss terms: `id1 * id(f1) + id2 * id(f2) + verif * verif`.
+/// Weights of the loss terms: `id1 * id(f1) + id2 * id(f2) + verif * verif`, plus
+/// `triplet * triplet` (batch-hard, P x K batches only).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LossWeights {
@@ -73,6 +76,13 @@ pub struct LossWeights {
     /// Label smoothing of the identification losses (0 = plain cross-entropy, the
     /// paper's): the target puts `1 - e` on the label and `e` spread over all classes.
     pub id_label_smoothing: f64,
+    /// Weight of the batch-hard triplet loss on the pooled feature (0: off, the
+    /// paper's).
+    pub triplet: f64,
+    /// Its margin (0.3 as in BoT), or the soft margin.
+    pub triplet_margin: TripletMargin,
+    /// The negatives of the in-batch verification pairs of P x K batches.
+    pub verif_negatives: Negatives,
 }
 
 impl Default for LossWeights {
@@ -83,6 +93,9 @@ impl Default for LossWeights {
             id2: 0.5,
             verif: 1.0,
             id_label_smoothing: 0.0,
+            triplet: 0.0,
+            triplet_margin: TripletMargin::Hard(0.3),
+            verif_negatives: Negatives::Hard,
         }
     }
 }
@@ -105,6 +118,8 @@ pub struct PairLoss {
     pub id1: Tensor,
     pub id2: Tensor,
     pub verif: Tensor,
+    /// The triplet term (zero when its weight is 0).
+    pub triplet: Tensor,
     /// Identification accuracy over all 2B images.
     pub id_accuracy: f64,
     /// Verification accuracy over the B pairs.
@@ -134,7 +149,56 @@ fn smoothed_cross_entropy(logits: &Tensor, targets: &Tensor, e: f64) -> Result<T
     (nll * (1.0 - e))? + (uniform * e)?
 }
 
+/// The identification terms of a batch `cat[x1, x2]`: (id1, id2, accuracy).
+struct Identification {
+    id1: Tensor,
+    id2: Tensor,
+    accuracy: f64,
+}
+
 impl Heads {
+    fn identification<R: Rng>(
+        &self,
+        f: &Tensor,
+        targets: &PairTargets,
+        weights: &LossWeights,
+        p_dropout: f64,
+        rng: &mut R,
+    ) -> Result<Identification> {
+        let b = f.dim(0)? / 2;
+        let (f1, f2) = (f.narrow(0, 0, b)?, f.narrow(0, b, b)?);
+        let logits1 = apply(&self.id_classifier, &dropout(&f1, p_dropout, rng)?)?;
+        let logits2 = apply(&self.id_classifier, &dropout(&f2, p_dropout, rng)?)?;
+        Ok(Identification {
+            id1: smoothed_cross_entropy(&logits1, &targets.y1, weights.id_label_smoothing)?,
+            id2: smoothed_cross_entropy(&logits2, &targets.y2, weights.id_label_smoothing)?,
+            accuracy: (accuracy(&logits1, &targets.y1)? + accuracy(&logits2, &targets.y2)?) / 2.0,
+        })
+    }
+
+    /// The verification loss and accuracy of pairs `(a, b)` with labels `same`.
+    fn verification<R: Rng>(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        same: &Tensor,
+        p_dropout: f64,
+        rng: &mut R,
+    ) -> Result<(Tensor, f64)> {
+        let square = (a - b)?.sqr()?;
+        let logits = apply(&self.verif_classifier, &dropout(&square, p_dropout, rng)?)?;
+        Ok((candle_nn::loss::cross_entropy(&logits, same)?, accuracy(&logits, same)?))
+    }
+
+    fn total(id: &Identification, verif: &Tensor, triplet: &Tensor, w: &LossWeights) -> Result<Tensor> {
+        let sum = ((&id.id1 * w.id1)? + (&id.id2 * w.id2)? + (verif * w.verif)?)?;
+        if w.triplet == 0.0 {
+            Ok(sum)
+        } else {
+            sum + (triplet * w.triplet)?
+        }
+    }
+
     /// The loss of a pair batch from the features of `cat[x1, x2]`, [2B, C] each:
     /// `f` for identification, `g` for verification (the same tensor in the paper).
     /// `dropout` is the probability before each classifier, with its masks from `rng`.
@@ -148,23 +212,57 @@ impl Heads {
         rng: &mut R,
     ) -> Result<PairLoss> {
         let b = f.dim(0)? / 2;
-        let (f1, f2) = (f.narrow(0, 0, b)?, f.narrow(0, b, b)?);
-        let logits1 = apply(&self.id_classifier, &dropout(&f1, p_dropout, rng)?)?;
-        let logits2 = apply(&self.id_classifier, &dropout(&f2, p_dropout, rng)?)?;
-        let square = (g.narrow(0, 0, b)? - g.narrow(0, b, b)?)?.sqr()?;
-        let vlogits = apply(&self.verif_classifier, &dropout(&square, p_dropout, rng)?)?;
-        let id1 = smoothed_cross_entropy(&logits1, &targets.y1, weights.id_label_smoothing)?;
-        let id2 = smoothed_cross_entropy(&logits2, &targets.y2, weights.id_label_smoothing)?;
-        let verif = candle_nn::loss::cross_entropy(&vlogits, &targets.same)?;
-        let total = ((&id1 * weights.id1)? + (&id2 * weights.id2)? + (&verif * weights.verif)?)?;
-        let id_accuracy = (accuracy(&logits1, &targets.y1)? + accuracy(&logits2, &targets.y2)?) / 2.0;
+        let id = self.identification(f, targets, &weights, p_dropout, rng)?;
+        let (verif, verif_accuracy) =
+            self.verification(&g.narrow(0, 0, b)?, &g.narrow(0, b, b)?, &targets.same, p_dropout, rng)?;
+        let triplet = Tensor::zeros((), f.dtype(), f.device())?;
         Ok(PairLoss {
-            total,
-            id1,
-            id2,
+            total: Self::total(&id, &verif, &triplet, &weights)?,
+            id1: id.id1,
+            id2: id.id2,
             verif,
-            id_accuracy,
-            verif_accuracy: accuracy(&vlogits, &targets.same)?,
+            triplet,
+            id_accuracy: id.accuracy,
+            verif_accuracy,
+        })
+    }
+
+    /// The loss of a P x K batch `cat[x1, x2]`: identification of every image as in
+    /// [`Heads::pair_loss`]; verification on the pairs formed inside the batch
+    /// (every positive, as many negatives: [`verification_pairs`]); and the
+    /// batch-hard triplet loss on `g` when its weight is not 0.
+    pub fn batch_loss<R: Rng>(
+        &self,
+        f: &Tensor,
+        g: &Tensor,
+        targets: &PairTargets,
+        weights: LossWeights,
+        p_dropout: f64,
+        rng: &mut R,
+    ) -> Result<PairLoss> {
+        let labels: Vec<i64> = Tensor::cat(&[&targets.y1, &targets.y2], 0)?
+            .to_dtype(DType::I64)?
+            .to_vec1()?;
+        let id = self.identification(f, targets, &weights, p_dropout, rng)?;
+        let dist = pairwise_distances(g)?;
+        let (first, second, same) = verification_pairs(&dist.detach(), &labels, weights.verif_negatives, rng)?;
+        let rows = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), g.device());
+        let same = rows(same)?;
+        let (a, b) = (g.index_select(&rows(first)?, 0)?, g.index_select(&rows(second)?, 0)?);
+        let (verif, verif_accuracy) = self.verification(&a, &b, &same, p_dropout, rng)?;
+        let triplet = if weights.triplet == 0.0 {
+            Tensor::zeros((), f.dtype(), f.device())?
+        } else {
+            batch_hard_triplet(&dist, &labels, weights.triplet_margin)?
+        };
+        Ok(PairLoss {
+            total: Self::total(&id, &verif, &triplet, &weights)?,
+            id1: id.id1,
+            id2: id.id2,
+            verif,
+            triplet,
+            id_accuracy: id.accuracy,
+            verif_accuracy,
         })
     }
 }

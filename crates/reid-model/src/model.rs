@@ -147,10 +147,33 @@ impl ReidModel {
         dropout: f64,
         rng: &mut R,
     ) -> Result<PairLoss> {
+        let (f, pooled) = self.train_features(x1, x2)?;
+        self.heads.pair_loss(&f, &pooled, targets, weights, dropout, rng)
+    }
+
+    /// One training forward of a P x K batch `cat[x1, x2]` (see
+    /// [`Heads::batch_loss`]): verification on pairs formed inside the batch, and the
+    /// triplet loss, both on the pooled feature.
+    ///
+    /// [`Heads::batch_loss`]: crate::heads::Heads::batch_loss
+    pub fn batch_loss<R: Rng>(
+        &self,
+        x1: &Tensor,
+        x2: &Tensor,
+        targets: &PairTargets,
+        weights: LossWeights,
+        dropout: f64,
+        rng: &mut R,
+    ) -> Result<PairLoss> {
+        let (f, pooled) = self.train_features(x1, x2)?;
+        self.heads.batch_loss(&f, &pooled, targets, weights, dropout, rng)
+    }
+
+    /// Train-mode features of `cat[x1, x2]`: (through the neck, pooled).
+    fn train_features(&self, x1: &Tensor, x2: &Tensor) -> Result<(Tensor, Tensor)> {
         let x = Tensor::cat(&[x1, x2], 0)?;
         let pooled = self.backbone.forward_t(&x, true)?;
-        let f = self.through_neck(&pooled, true)?;
-        self.heads.pair_loss(&f, &pooled, targets, weights, dropout, rng)
+        Ok((self.through_neck(&pooled, true)?, pooled))
     }
 
     /// Every variable's current value by name, as f32 on the CPU (for saving).

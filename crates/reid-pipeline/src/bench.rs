@@ -12,7 +12,7 @@ use reid_eval::files::{evaluate_files, EvaluateRequest};
 use reid_eval::{Metric, RerankParams};
 use reid_model::ops::{with_precision, Precision};
 use reid_model::{Arch, DeviceSpec, LossWeights, ModelConfig, PairTargets, ReidModel};
-use reid_train::{train_step, BatchTensors, Sgd, SgdConfig};
+use reid_train::{train_step, BatchTensors, Sgd, SgdConfig, StepSettings};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
@@ -121,7 +121,14 @@ impl ModelBench {
             let mut rng = ChaCha8Rng::seed_from_u64(0);
             timed(self.warmup, self.iters, || {
                 with_precision(self.precision, || {
-                    train_step(&model, &mut sgd, &batch, LossWeights::default(), 0.5, 0.01, &mut rng)
+                    train_step(
+                        &model,
+                        &mut sgd,
+                        &batch,
+                        StepSettings::pairs(LossWeights::default(), 0.5),
+                        0.01,
+                        &mut rng,
+                    )
                 })
                 .map_err(|e| PipelineError::Invalid(e.to_string()))?;
                 device.synchronize()?;

@@ -21,8 +21,16 @@ pub struct DataConfig {
     pub manifest: Option<PathBuf>,
     pub height: usize,
     pub width: usize,
-    /// Pairs per batch (the backbone sees twice as many images).
+    /// How batches are drawn: `pairs` (the paper's) or `pk` (P identities x K
+    /// images, verification on the pairs inside the batch).
+    pub sampler: Sampler,
+    /// Pairs per batch of the `pairs` sampler (the backbone sees twice as many
+    /// images).
     pub batch_size: usize,
+    /// Identities per batch of the `pk` sampler.
+    pub p: usize,
+    /// Images per identity of the `pk` sampler.
+    pub k: usize,
     /// Probability that a pair shows one identity.
     pub pos_fraction: f64,
     /// Batches decoded ahead.
@@ -39,11 +47,35 @@ impl Default for DataConfig {
             manifest: None,
             height: 256,
             width: 128,
+            sampler: Sampler::Pairs,
             batch_size: 32,
+            p: 16,
+            k: 4,
             pos_fraction: 0.5,
             prefetch: 4,
             workers: 0,
             skip_unreadable: false,
+        }
+    }
+}
+
+/// The batch sampler of `[data]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampler {
+    /// One pair per training image, positive with probability `pos_fraction`.
+    Pairs,
+    /// P identities x K images, every identity once per epoch.
+    Pk,
+}
+
+impl DataConfig {
+    /// Pairs per loader batch: `batch_size`, or P x K / 2 (a P x K batch is loaded
+    /// as pairs of its first and second half).
+    pub fn pairs_per_batch(&self) -> usize {
+        match self.sampler {
+            Sampler::Pairs => self.batch_size,
+            Sampler::Pk => self.p * self.k / 2,
         }
     }
 }
@@ -95,6 +127,10 @@ pub struct RunConfig {
     /// TF32 tensor cores for f32 matrix products and convolutions on CUDA (on by
     /// default, as PyTorch does for convolutions).
     pub tf32: bool,
+    /// Write the gradient norm each loss term contributes to the backbone to every
+    /// `log_every`-th row of `metrics.csv` (one extra backward per term on those
+    /// steps; the update still comes from one backward of the weighted sum).
+    pub log_grad_norms: bool,
 }
 
 impl Default for RunConfig {
@@ -107,6 +143,7 @@ impl Default for RunConfig {
             eval_every: 0,
             precision: Precision::F32,
             tf32: true,
+            log_grad_norms: false,
         }
     }
 }
@@ -144,8 +181,9 @@ pub enum ConfigError {
 
 /// Keys that `--resume` may change: they decide how long and where the run goes
 /// on, never what it computed so far.
-pub const RESUMABLE_KEYS: [&str; 8] = [
+pub const RESUMABLE_KEYS: [&str; 9] = [
     "schedule.epochs",
+    "run.log_grad_norms",
     "run.device",
     "run.log_every",
     "run.eval_every",
@@ -268,11 +306,18 @@ impl TrainConfig {
         let prob = |x: f64| (0.0..=1.0).contains(&x);
         let fraction = |x: f64| (0.0..1.0).contains(&x);
         let weight = |x: f64| x.is_finite() && x >= 0.0;
-        let rules: [(&'static str, bool, &str); 27] = [
+        let pk = d.sampler == Sampler::Pk;
+        let rules: [(&'static str, bool, &str); 31] = [
             ("data.height", d.height >= 32, "must be at least 32"),
             ("data.width", d.width >= 16, "must be at least 16"),
             ("data.batch_size", d.batch_size >= 1, "must be at least 1"),
             ("data.pos_fraction", prob(d.pos_fraction), "is a probability: in [0, 1]"),
+            ("data.p", !pk || d.p >= 2, "must be at least 2 identities per batch"),
+            (
+                "data.k",
+                !pk || (d.k >= 2 && (d.p * d.k) % 2 == 0),
+                "must be at least 2, with P x K even",
+            ),
             ("data.prefetch", d.prefetch >= 1, "must be at least 1"),
             ("augment.flip", prob(a.flip), "is a probability: in [0, 1]"),
             ("augment.erase", prob(a.erase), "is a probability: in [0, 1]"),
@@ -293,9 +338,15 @@ impl TrainConfig {
             ("loss.id1", weight(l.id1), "must be a finite weight >= 0"),
             ("loss.id2", weight(l.id2), "must be a finite weight >= 0"),
             ("loss.verif", weight(l.verif), "must be a finite weight >= 0"),
+            ("loss.triplet", weight(l.triplet), "must be a finite weight >= 0"),
+            (
+                "loss.triplet",
+                l.triplet == 0.0 || pk,
+                "needs data.sampler = \"pk\" (batches with positives and negatives)",
+            ),
             (
                 "loss.verif",
-                l.id1 + l.id2 + l.verif > 0.0,
+                l.id1 + l.id2 + l.verif + l.triplet > 0.0,
                 "some loss weight must be > 0",
             ),
             (

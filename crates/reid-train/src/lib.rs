@@ -18,5 +18,5 @@ pub use launch::{Launch, Prepared};
 pub use optim::{Sgd, SgdConfig};
 pub use schedule::{Decay, ScheduleConfig};
 pub use state::{recover_state, Best, Position, RunPaths, TrainerState};
-pub use step::{train_step, BatchTensors, StepError, StepStats};
+pub use step::{train_step, BatchTensors, GradNorms, StepError, StepSettings, StepStats};
 pub use trainer::{Event, Outcome, TrainData, TrainError, Trainer};

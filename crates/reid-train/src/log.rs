@@ -11,8 +11,9 @@ use crate::step::StepStats;
 use crate::trainer::TrainError;
 
 /// The columns of `metrics.csv`.
-pub const CSV_HEADER: &str =
-    "kind,epoch,step,lr,loss_id1,loss_id2,loss_verif,loss,id_acc,verif_acc,images_per_s,rank1,mAP";
+/// The `gnorm_*` columns hold the backbone gradient norm of each weighted term on
+/// the row's last step (with `run.log_grad_norms`; empty otherwise and on epoch rows).
+pub const CSV_HEADER: &str = "kind,epoch,step,lr,loss_id1,loss_id2,loss_verif,loss_triplet,loss,id_acc,verif_acc,images_per_s,rank1,mAP,gnorm_id1,gnorm_id2,gnorm_verif,gnorm_triplet,gnorm_total";
 
 /// The open log with the current window of step statistics.
 pub struct MetricsLog {
@@ -74,12 +75,19 @@ impl MetricsLog {
     ) -> Result<(), TrainError> {
         let s = stats;
         let mut row = format!(
-            "{kind},{epoch},{step},{lr:.6e},{:.6},{:.6},{:.6},{:.6},{:.4},{:.4},{ips:.1}",
-            s.loss_id1, s.loss_id2, s.loss_verif, s.loss, s.id_accuracy, s.verif_accuracy
+            "{kind},{epoch},{step},{lr:.6e},{:.6},{:.6},{:.6},{:.6},{:.6},{:.4},{:.4},{ips:.1}",
+            s.loss_id1, s.loss_id2, s.loss_verif, s.loss_triplet, s.loss, s.id_accuracy, s.verif_accuracy
         );
         match val {
             Some((r1, map)) => row.push_str(&format!(",{r1:.4},{map:.4}")),
             None => row.push_str(",,"),
+        }
+        match s.grad_norms.filter(|_| kind == "step") {
+            Some(g) => row.push_str(&format!(
+                ",{:.6e},{:.6e},{:.6e},{:.6e},{:.6e}",
+                g.id1, g.id2, g.verif, g.triplet, g.total
+            )),
+            None => row.push_str(",,,,,"),
         }
         writeln!(self.file, "{row}")
             .and_then(|_| self.file.flush())
@@ -133,7 +141,14 @@ mod tests {
 
     #[test]
     fn rows_after_the_resumed_step_and_cut_rows_are_dropped() {
-        let text = format!("{CSV_HEADER}\nstep,0,2,1,1,1,1,1,1,1,1,,\nstep,0,4,1,1,1,1,1,1,1,1,,\nepoch,0,4,1,1,1,1,1,1,1,1,,\nstep,1,6,1,1,1,1,1,1,1,1,,\nstep,1,8,1,1");
+        let row = |kind: &str, epoch: usize, step: u64| format!("{kind},{epoch},{step},1,1,1,1,1,1,1,1,1,,,,,,,");
+        let text = format!(
+            "{CSV_HEADER}\n{}\n{}\n{}\n{}\nstep,1,8,1,1",
+            row("step", 0, 2),
+            row("step", 0, 4),
+            row("epoch", 0, 4),
+            row("step", 1, 6)
+        );
         let kept = kept_rows(&text, 4);
         assert_eq!(kept.lines().count(), 4, "{kept}");
         assert!(!kept.contains("step,1,6"));

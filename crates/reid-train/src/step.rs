@@ -1,9 +1,11 @@
 //! One training step: forward of `cat[x1, x2]`, the weighted loss, one backward,
 //! one SGD update.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
-use reid_model::{LossWeights, PairTargets, ReidModel};
+use reid_model::model::is_head;
+use reid_model::{LossWeights, PairLoss, PairTargets, ReidModel};
 use reid_sampling::PairBatch;
 
 use crate::optim::Sgd;
@@ -15,8 +17,46 @@ pub struct StepStats {
     pub loss_id1: f64,
     pub loss_id2: f64,
     pub loss_verif: f64,
+    pub loss_triplet: f64,
     pub id_accuracy: f64,
     pub verif_accuracy: f64,
+    /// The backbone gradient norms of the step, when asked for.
+    pub grad_norms: Option<GradNorms>,
+}
+
+/// The norm of the gradient each weighted loss term puts on the backbone
+/// (`|w * dL/dtheta|` over every backbone parameter), and of their sum.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradNorms {
+    pub id1: f64,
+    pub id2: f64,
+    pub verif: f64,
+    pub triplet: f64,
+    pub total: f64,
+}
+
+/// How a step computes its loss, and what it measures besides.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepSettings {
+    pub weights: LossWeights,
+    /// Dropout before each classifier.
+    pub dropout: f64,
+    /// The batch is P x K: verification on in-batch pairs, triplet loss.
+    pub pk: bool,
+    /// Compute [`GradNorms`] (one extra backward per loss term).
+    pub grad_norms: bool,
+}
+
+impl StepSettings {
+    /// The paper's loss on pair batches with `dropout`, no norms.
+    pub fn pairs(weights: LossWeights, dropout: f64) -> Self {
+        StepSettings {
+            weights,
+            dropout,
+            pk: false,
+            grad_norms: false,
+        }
+    }
 }
 
 /// Tensors of one pair batch on the model's device and dtype.
@@ -54,31 +94,67 @@ pub enum StepError {
     Candle(#[from] candle_core::Error),
 }
 
+/// The norm of the backbone part of `grads`, times `weight`.
+fn backbone_norm(model: &ReidModel, grads: &GradStore, weight: f64) -> Result<f64> {
+    let mut sum = 0.0;
+    for (name, var) in model.trainable_vars() {
+        if let Some(g) = grads.get(var.as_tensor()).filter(|_| !is_head(&name)) {
+            sum += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        }
+    }
+    Ok(weight * sum.sqrt())
+}
+
+/// Each term's backbone gradient norm, each from its own backward of the same
+/// forward; `total` is the norm of the update's gradient.
+fn grad_norms(model: &ReidModel, loss: &PairLoss, w: &LossWeights, total: &GradStore) -> Result<GradNorms> {
+    let term = |t: &Tensor, weight: f64| match weight {
+        0.0 => Ok(0.0),
+        _ => backbone_norm(model, &t.backward()?, weight),
+    };
+    Ok(GradNorms {
+        id1: term(&loss.id1, w.id1)?,
+        id2: term(&loss.id2, w.id2)?,
+        verif: term(&loss.verif, w.verif)?,
+        triplet: term(&loss.triplet, w.triplet)?,
+        total: backbone_norm(model, total, 1.0)?,
+    })
+}
+
 /// Runs one step at learning rate `lr`; dropout masks come from `rng`. A
 /// non-finite loss stops the step before the update.
 pub fn train_step<R: Rng>(
     model: &ReidModel,
     optimizer: &mut Sgd,
     batch: &BatchTensors,
-    weights: LossWeights,
-    dropout: f64,
+    settings: StepSettings,
     lr: f64,
     rng: &mut R,
 ) -> std::result::Result<StepStats, StepError> {
-    let loss = model.pair_loss(&batch.x1, &batch.x2, &batch.targets, weights, dropout, rng)?;
+    let (x1, x2, t) = (&batch.x1, &batch.x2, &batch.targets);
+    let (weights, dropout) = (settings.weights, settings.dropout);
+    let loss = match settings.pk {
+        true => model.batch_loss(x1, x2, t, weights, dropout, rng)?,
+        false => model.pair_loss(x1, x2, t, weights, dropout, rng)?,
+    };
     let scalar = |t: &Tensor| t.to_dtype(DType::F64)?.to_scalar::<f64>();
-    let stats = StepStats {
+    let mut stats = StepStats {
         loss: scalar(&loss.total)?,
         loss_id1: scalar(&loss.id1)?,
         loss_id2: scalar(&loss.id2)?,
         loss_verif: scalar(&loss.verif)?,
+        loss_triplet: scalar(&loss.triplet)?,
         id_accuracy: loss.id_accuracy,
         verif_accuracy: loss.verif_accuracy,
+        grad_norms: None,
     };
     if !stats.loss.is_finite() {
         return Err(StepError::NonFiniteLoss(stats));
     }
     let grads = loss.total.backward()?;
+    if settings.grad_norms {
+        stats.grad_norms = Some(grad_norms(model, &loss, &weights, &grads)?);
+    }
     optimizer.step(&grads, lr)?;
     Ok(stats)
 }
@@ -90,8 +166,10 @@ impl Default for StepStats {
             loss_id1: 0.0,
             loss_id2: 0.0,
             loss_verif: 0.0,
+            loss_triplet: 0.0,
             id_accuracy: 0.0,
             verif_accuracy: 0.0,
+            grad_norms: None,
         }
     }
 }
@@ -103,8 +181,13 @@ impl StepStats {
         self.loss_id1 += o.loss_id1;
         self.loss_id2 += o.loss_id2;
         self.loss_verif += o.loss_verif;
+        self.loss_triplet += o.loss_triplet;
         self.id_accuracy += o.id_accuracy;
         self.verif_accuracy += o.verif_accuracy;
+        // Norms are not summed: the window keeps the latest measured.
+        if o.grad_norms.is_some() {
+            self.grad_norms = o.grad_norms;
+        }
     }
 
     /// These sums divided by `n` steps.
@@ -115,8 +198,10 @@ impl StepStats {
             loss_id1: self.loss_id1 / n,
             loss_id2: self.loss_id2 / n,
             loss_verif: self.loss_verif / n,
+            loss_triplet: self.loss_triplet / n,
             id_accuracy: self.id_accuracy / n,
             verif_accuracy: self.verif_accuracy / n,
+            grad_norms: self.grad_norms,
         }
     }
 }

@@ -16,12 +16,12 @@ use reid_model::weights::{resolve, WeightSource};
 use reid_model::{LoadScope, ModelConfig, ReidModel, WeightError};
 use reid_sampling::{LoaderConfig, PairBatch, PairLoader, PairSampler};
 
-use crate::config::{ConfigError, TrainConfig};
+use crate::config::{ConfigError, Sampler, TrainConfig};
 use crate::finite::first_non_finite;
 use crate::log::MetricsLog;
 use crate::optim::Sgd;
 use crate::state::{load_momentum, recover_state, save_model, Best, Position, RunPaths, TrainerState};
-use crate::step::{train_step, BatchTensors, StepError, StepStats};
+use crate::step::{train_step, BatchTensors, StepError, StepSettings, StepStats};
 
 /// Why training stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +248,7 @@ impl Trainer {
     fn loader_config(&self) -> LoaderConfig {
         let d = &self.config.data;
         LoaderConfig {
-            batch_size: d.batch_size,
+            batch_size: d.pairs_per_batch(),
             height: d.height,
             width: d.width,
             augment: self.config.augment,
@@ -327,17 +327,13 @@ impl Trainer {
         mut validate: Option<&mut Validate>,
     ) -> Result<Outcome, TrainError> {
         let mut log = MetricsLog::open(&self.paths.metrics(), self.position.step)?;
-        let sampler = Arc::new(PairSampler::new(
-            self.data.labels.clone(),
-            self.config.data.pos_fraction,
-            self.config.run.seed,
-        ));
+        let sampler = Arc::new(self.sampler()?);
         let batches = reid_sampling::loader::batches_per_epoch(sampler.len(), &self.loader_config());
         if batches == 0 {
             return Err(TrainError::Invalid(format!(
                 "{} training images make no full batch of {} pairs; lower data.batch_size",
                 sampler.len(),
-                self.config.data.batch_size
+                self.config.data.pairs_per_batch()
             )));
         }
         for epoch in self.position.epoch..self.config.schedule.epochs {
@@ -365,6 +361,16 @@ impl Trainer {
             }
         }
         Ok(Outcome::Finished)
+    }
+
+    /// The batch sampler `[data]` asks for.
+    fn sampler(&self) -> Result<PairSampler, TrainError> {
+        let (d, labels, seed) = (&self.config.data, self.data.labels.clone(), self.config.run.seed);
+        match d.sampler {
+            Sampler::Pairs => Ok(PairSampler::new(labels, d.pos_fraction, seed)),
+            Sampler::Pk => PairSampler::pk(labels, d.p, d.k, seed)
+                .map_err(|m| TrainError::Invalid(format!("data.sampler = \"pk\": {m}; lower data.p"))),
+        }
     }
 
     /// Whether to stop now: Ctrl-C, or `max_steps` reached.
@@ -455,15 +461,13 @@ impl Trainer {
         );
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let c = &self.config;
-        let stats = match train_step(
-            &self.model,
-            &mut self.optimizer,
-            &tensors,
-            c.loss,
-            c.model.dropout,
-            lr,
-            &mut rng,
-        ) {
+        let settings = StepSettings {
+            weights: c.loss,
+            dropout: c.model.dropout,
+            pk: c.data.sampler == Sampler::Pk,
+            grad_norms: c.run.log_grad_norms && (self.position.step + 1).is_multiple_of(c.run.log_every.max(1) as u64),
+        };
+        let stats = match train_step(&self.model, &mut self.optimizer, &tensors, settings, lr, &mut rng) {
             Ok(stats) => stats,
             Err(StepError::NonFiniteLoss(s)) => return Err(self.diverged(epoch, format!("the loss is {}", s.loss))),
             Err(StepError::Candle(e)) => {

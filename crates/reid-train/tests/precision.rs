@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use reid_model::ops::{with_precision, Precision};
 use reid_model::{LossWeights, ModelConfig, PairTargets, ReidModel};
-use reid_train::{train_step, BatchTensors, Sgd, SgdConfig};
+use reid_train::{train_step, BatchTensors, Sgd, SgdConfig, StepSettings};
 
 fn batch() -> BatchTensors {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
@@ -56,7 +56,14 @@ fn run(precision: Precision) -> (Vec<f64>, Vec<Vec<f64>>) {
     let mut losses = Vec::new();
     for step in 0..3 {
         let s = with_precision(precision, || {
-            train_step(&model, &mut sgd, &batch, LossWeights::default(), 0.0, 0.01, &mut rng)
+            train_step(
+                &model,
+                &mut sgd,
+                &batch,
+                StepSettings::pairs(LossWeights::default(), 0.0),
+                0.01,
+                &mut rng,
+            )
         });
         losses.push(s.unwrap().loss);
         if step == 0 {

@@ -13,7 +13,7 @@ use reid_fixtures::{max_abs, max_abs_diff, read_json, read_tensors, rel_l2};
 use reid_model::backbone::Backbone;
 use reid_model::weights::load_into;
 use reid_model::{Arch, LoadScope, LossWeights, ModelConfig, PairTargets, ReidModel};
-use reid_train::{train_step, BatchTensors, Sgd, SgdConfig};
+use reid_train::{train_step, BatchTensors, Sgd, SgdConfig, StepSettings};
 use serde_json::Value;
 
 use super::Check;
@@ -242,7 +242,7 @@ pub fn train_step_folder(folder: &Path, device: &Device, dtype: DType, tier: &st
         id1: w["loss_id1"].as_f64().unwrap_or(0.0),
         id2: w["loss_id2"].as_f64().unwrap_or(0.0),
         verif: w["loss_verif"].as_f64().unwrap_or(0.0),
-        id_label_smoothing: 0.0,
+        ..LossWeights::default()
     };
     let batches = read_tensors(&folder.join("batches.safetensors"));
     let expected = read_tensors(&folder.join("expected_f64.safetensors"));
@@ -270,8 +270,15 @@ pub fn train_step_folder(folder: &Path, device: &Device, dtype: DType, tier: &st
             },
         };
         let lr = sgd.config.lr;
-        let stats = train_step(&model, &mut sgd, &batch, weights, 0.0, lr, &mut rng)
-            .map_err(|e| crate::PipelineError::Invalid(e.to_string()))?;
+        let stats = train_step(
+            &model,
+            &mut sgd,
+            &batch,
+            StepSettings::pairs(weights, 0.0),
+            lr,
+            &mut rng,
+        )
+        .map_err(|e| crate::PipelineError::Invalid(e.to_string()))?;
         let step = format!("step{}", k + 1);
         let losses = [stats.loss_id1, stats.loss_id2, stats.loss_verif, stats.loss];
         for (name, value) in ["loss_id1", "loss_id2", "loss_verif", "loss"].iter().zip(losses) {
