@@ -294,11 +294,10 @@ impl TrainConfig {
 
     /// The first setting that is out of range: (key, what it must be).
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        let (d, a, m, l, o, s, r) = (
+        let (d, a, m, o, s, r) = (
             &self.data,
             &self.augment,
             &self.model,
-            &self.loss,
             &self.optim,
             &self.schedule,
             &self.run,
@@ -306,8 +305,8 @@ impl TrainConfig {
         let prob = |x: f64| (0.0..=1.0).contains(&x);
         let fraction = |x: f64| (0.0..1.0).contains(&x);
         let weight = |x: f64| x.is_finite() && x >= 0.0;
-        let pk = d.sampler == Sampler::Pk;
-        let rules: [(&'static str, bool, &str); 31] = [
+        let (l, pk) = (&self.loss, d.sampler == Sampler::Pk);
+        let rules: [(&'static str, bool, &str); 24] = [
             ("data.height", d.height >= 32, "must be at least 32"),
             ("data.width", d.width >= 16, "must be at least 16"),
             ("data.batch_size", d.batch_size >= 1, "must be at least 1"),
@@ -335,25 +334,6 @@ impl TrainConfig {
             ("augment.scale_jitter", fraction(a.scale_jitter), "must be in [0, 1)"),
             ("model.last_stride", matches!(m.last_stride, 1 | 2), "must be 1 or 2"),
             ("model.dropout", fraction(m.dropout), "is a probability: in [0, 1)"),
-            ("loss.id1", weight(l.id1), "must be a finite weight >= 0"),
-            ("loss.id2", weight(l.id2), "must be a finite weight >= 0"),
-            ("loss.verif", weight(l.verif), "must be a finite weight >= 0"),
-            ("loss.triplet", weight(l.triplet), "must be a finite weight >= 0"),
-            (
-                "loss.triplet",
-                l.triplet == 0.0 || pk,
-                "needs data.sampler = \"pk\" (batches with positives and negatives)",
-            ),
-            (
-                "loss.verif",
-                l.id1 + l.id2 + l.verif + l.triplet > 0.0,
-                "some loss weight must be > 0",
-            ),
-            (
-                "loss.id_label_smoothing",
-                fraction(l.id_label_smoothing),
-                "must be in [0, 1)",
-            ),
             ("optim.lr", o.lr.is_finite() && o.lr > 0.0, "must be > 0"),
             ("optim.momentum", fraction(o.momentum), "must be in [0, 1)"),
             ("optim.dampening", prob(o.dampening), "must be in [0, 1]"),
@@ -379,6 +359,7 @@ impl TrainConfig {
         let step_decay = s.decay == Decay::Step;
         rules
             .into_iter()
+            .chain(loss_rules(l, pk))
             .chain(step_rules.into_iter().filter(|_| step_decay))
             .find(|(_, ok, _)| !ok)
             .map_or(Ok(()), |(key, _, need)| Err((key, need.to_string())))
@@ -438,6 +419,33 @@ impl TrainConfig {
             ),
         })
     }
+}
+
+/// The rules of `[loss]` (`pk`: the batches are P x K).
+fn loss_rules(l: &LossWeights, pk: bool) -> [(&'static str, bool, &'static str); 7] {
+    let weight = |x: f64| x.is_finite() && x >= 0.0;
+    let fraction = |x: f64| (0.0..1.0).contains(&x);
+    [
+        ("loss.id1", weight(l.id1), "must be a finite weight >= 0"),
+        ("loss.id2", weight(l.id2), "must be a finite weight >= 0"),
+        ("loss.verif", weight(l.verif), "must be a finite weight >= 0"),
+        ("loss.triplet", weight(l.triplet), "must be a finite weight >= 0"),
+        (
+            "loss.triplet",
+            l.triplet == 0.0 || pk,
+            "needs data.sampler = \"pk\" (batches with positives and negatives)",
+        ),
+        (
+            "loss.verif",
+            l.id1 + l.id2 + l.verif + l.triplet > 0.0,
+            "some loss weight must be > 0",
+        ),
+        (
+            "loss.id_label_smoothing",
+            fraction(l.id_label_smoothing),
+            "must be in [0, 1)",
+        ),
+    ]
 }
 
 #[cfg(test)]
