@@ -63,7 +63,13 @@ fn the_demo_writes_every_artifact_learns_and_reuses_its_caches() {
 
     // The loss falls over training.
     let csv = std::fs::read_to_string(a.join("runs/demo/metrics.csv")).unwrap();
-    let loss_column = csv.lines().next().unwrap().split(',').position(|c| c == "loss").unwrap();
+    let loss_column = csv
+        .lines()
+        .next()
+        .unwrap()
+        .split(',')
+        .position(|c| c == "loss")
+        .unwrap();
     let losses: Vec<f64> = csv
         .lines()
         .filter(|l| l.starts_with("epoch,"))
