@@ -62,6 +62,17 @@ fn images(n: usize, (h, w): (usize, usize), seed: u64) -> Vec<Chw> {
         .collect()
 }
 
+/// The ONNX file at `path`, loaded and optimised by tract.
+fn tract_plan(path: &Path) -> std::sync::Arc<tract_onnx::prelude::TypedRunnableModel> {
+    tract_onnx::onnx()
+        .model_for_path(path)
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap()
+}
+
 /// Features of `batch` from the ONNX file, run by tract.
 fn onnx_features(plan: &std::sync::Arc<tract_onnx::prelude::TypedRunnableModel>, batch: &[Chw]) -> Vec<f32> {
     let (h, w) = (batch[0].height, batch[0].width);
@@ -96,13 +107,7 @@ fn check(checkpoint: &Path, dir: &Path, seed: u64, normalize: &[bool]) {
             ..Default::default()
         };
         export(checkpoint, &options, &out).unwrap();
-        let plan = tract_onnx::onnx()
-            .model_for_path(&out)
-            .unwrap()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
+        let plan = tract_plan(&out);
         let extract = ExtractOptions {
             batch_size: 5,
             flip: false,
@@ -196,13 +201,7 @@ fn the_file_says_what_it_holds_and_loads_at_every_supported_opset() {
     for opset in [13, 18, 21] {
         let out = dir.path().join(format!("m{opset}.onnx"));
         export(&ckpt, &ExportOptions { opset, normalize: true }, &out).unwrap();
-        let plan = tract_onnx::onnx()
-            .model_for_path(&out)
-            .unwrap()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
+        let plan = tract_plan(&out);
         assert_close(&onnx_features(&plan, &batch), &want, 256, &format!("opset {opset}"));
     }
 }

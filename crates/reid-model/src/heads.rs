@@ -190,13 +190,26 @@ impl Heads {
         Ok((candle_nn::loss::cross_entropy(&logits, same)?, accuracy(&logits, same)?))
     }
 
-    fn total(id: &Identification, verif: &Tensor, triplet: &Tensor, w: &LossWeights) -> Result<Tensor> {
-        let sum = ((&id.id1 * w.id1)? + (&id.id2 * w.id2)? + (verif * w.verif)?)?;
-        if w.triplet == 0.0 {
-            Ok(sum)
-        } else {
-            sum + (triplet * w.triplet)?
+    /// The terms and their weighted total.
+    fn combine(
+        id: Identification,
+        (verif, verif_accuracy): (Tensor, f64),
+        triplet: Tensor,
+        w: &LossWeights,
+    ) -> Result<PairLoss> {
+        let mut total = ((&id.id1 * w.id1)? + (&id.id2 * w.id2)? + (&verif * w.verif)?)?;
+        if w.triplet != 0.0 {
+            total = (total + (&triplet * w.triplet)?)?;
         }
+        Ok(PairLoss {
+            total,
+            id1: id.id1,
+            id2: id.id2,
+            verif,
+            triplet,
+            id_accuracy: id.accuracy,
+            verif_accuracy,
+        })
     }
 
     /// The loss of a pair batch from the features of `cat[x1, x2]`, [2B, C] each:
@@ -216,15 +229,7 @@ impl Heads {
         let (verif, verif_accuracy) =
             self.verification(&g.narrow(0, 0, b)?, &g.narrow(0, b, b)?, &targets.same, p_dropout, rng)?;
         let triplet = Tensor::zeros((), f.dtype(), f.device())?;
-        Ok(PairLoss {
-            total: Self::total(&id, &verif, &triplet, &weights)?,
-            id1: id.id1,
-            id2: id.id2,
-            verif,
-            triplet,
-            id_accuracy: id.accuracy,
-            verif_accuracy,
-        })
+        Self::combine(id, (verif, verif_accuracy), triplet, &weights)
     }
 
     /// The loss of a P x K batch `cat[x1, x2]`: identification of every image as in
@@ -245,7 +250,8 @@ impl Heads {
             .to_vec1()?;
         let id = self.identification(f, targets, &weights, p_dropout, rng)?;
         let dist = pairwise_distances(g)?;
-        let (first, second, same) = verification_pairs(&dist.detach(), &labels, weights.verif_negatives, rng)?;
+        let values: Vec<Vec<f64>> = dist.to_dtype(DType::F64)?.to_vec2()?;
+        let (first, second, same) = verification_pairs(&values, &labels, weights.verif_negatives, rng);
         let rows = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), g.device());
         let same = rows(same)?;
         let (a, b) = (g.index_select(&rows(first)?, 0)?, g.index_select(&rows(second)?, 0)?);
@@ -253,17 +259,9 @@ impl Heads {
         let triplet = if weights.triplet == 0.0 {
             Tensor::zeros((), f.dtype(), f.device())?
         } else {
-            batch_hard_triplet(&dist, &labels, weights.triplet_margin)?
+            batch_hard_triplet(&dist, &values, &labels, weights.triplet_margin)?
         };
-        Ok(PairLoss {
-            total: Self::total(&id, &verif, &triplet, &weights)?,
-            id1: id.id1,
-            id2: id.id2,
-            verif,
-            triplet,
-            id_accuracy: id.accuracy,
-            verif_accuracy,
-        })
+        Self::combine(id, (verif, verif_accuracy), triplet, &weights)
     }
 }
 

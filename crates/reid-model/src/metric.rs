@@ -2,7 +2,7 @@
 //! triplet loss of Hermans et al. (2017) as BoT uses it, and the pairs that the
 //! verification loss sees (every positive, and as many negatives).
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -68,11 +68,10 @@ fn entries(m: &Tensor, at: &[(usize, usize)]) -> Result<Tensor> {
         .index_select(&Tensor::from_vec(flat, at.len(), m.device())?, 0)
 }
 
-/// The batch-hard triplet loss over `dist` [N, N] with `labels` [N]: for each
-/// anchor, its farthest positive (another row of its identity) and its nearest
-/// negative; the mean over anchors that have a positive.
-pub fn batch_hard_triplet(dist: &Tensor, labels: &[i64], margin: TripletMargin) -> Result<Tensor> {
-    let d: Vec<Vec<f64>> = dist.to_dtype(DType::F64)?.to_vec2()?;
+/// The batch-hard triplet loss over `dist` [N, N] (whose values are `d`) with
+/// `labels` [N]: for each anchor, its farthest positive (another row of its
+/// identity) and its nearest negative; the mean over anchors that have a positive.
+pub fn batch_hard_triplet(dist: &Tensor, d: &[Vec<f64>], labels: &[i64], margin: TripletMargin) -> Result<Tensor> {
     let (mut ap, mut an) = (Vec::new(), Vec::new());
     for (i, row) in d.iter().enumerate() {
         let pick = |same: bool, better: fn(f64, f64) -> bool| {
@@ -97,15 +96,14 @@ pub fn batch_hard_triplet(dist: &Tensor, labels: &[i64], margin: TripletMargin) 
 }
 
 /// The verification pairs of a batch: every pair of rows with one identity (label
-/// 0), then as many pairs of different identities (label 1), the closest by `dist`
-/// or drawn from `rng`. Returns (first rows, second rows, labels).
+/// 0), then as many pairs of different identities (label 1), the closest by the
+/// distances `d` or drawn from `rng`. Returns (first rows, second rows, labels).
 pub fn verification_pairs<R: Rng>(
-    dist: &Tensor,
+    d: &[Vec<f64>],
     labels: &[i64],
     negatives: Negatives,
     rng: &mut R,
-) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
-    let d: Vec<Vec<f64>> = dist.to_dtype(DType::F64)?.to_vec2()?;
+) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     let n = labels.len();
     let all = (0..n).flat_map(|i| (i + 1..n).map(move |j| (i, j)));
     let (pos, mut neg): (Vec<_>, Vec<_>) = all.partition(|&(i, j)| labels[i] == labels[j]);
@@ -123,7 +121,7 @@ pub fn verification_pairs<R: Rng>(
             target.push(label);
         }
     }
-    Ok((first, second, target))
+    (first, second, target)
 }
 
 #[cfg(test)]
@@ -148,7 +146,12 @@ mod tests {
         // 2: d23 = sqrt 5, min(d20 = 1, d21 = sqrt 20) -> sqrt 5 - 1
         // 3: d32 = sqrt 5, min(d30 = 2, d31 = sqrt 13) -> sqrt 5 - 2
         let gaps = [4.0, 5.0 - 13f64.sqrt(), 5f64.sqrt() - 1.0, 5f64.sqrt() - 2.0];
-        let value = |m| batch_hard_triplet(&d, &labels, m).unwrap().to_scalar::<f64>().unwrap();
+        let value = |m| {
+            batch_hard_triplet(&d, &dv, &labels, m)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
         let hard: f64 = gaps.iter().map(|g| (g + 0.3f64).max(0.0)).sum::<f64>() / 4.0;
         assert!((value(TripletMargin::Hard(0.3)) - hard).abs() < 1e-9);
         let soft: f64 = gaps.iter().map(|g| (1.0 + g.exp()).ln()).sum::<f64>() / 4.0;
@@ -163,7 +166,10 @@ mod tests {
         let labels = [0, 0, 1, 1];
         for margin in [TripletMargin::Hard(0.3), TripletMargin::Soft] {
             let x = Var::from_tensor(&features()).unwrap();
-            let loss = |t: &Tensor| batch_hard_triplet(&pairwise_distances(t).unwrap(), &labels, margin).unwrap();
+            let loss = |t: &Tensor| {
+                let d = pairwise_distances(t).unwrap();
+                batch_hard_triplet(&d, &d.to_vec2().unwrap(), &labels, margin).unwrap()
+            };
             let grads = loss(x.as_tensor()).backward().unwrap();
             let g: Vec<Vec<f64>> = grads.get(x.as_tensor()).unwrap().to_vec2().unwrap();
             let base: Vec<Vec<f64>> = features().to_vec2().unwrap();
@@ -190,12 +196,12 @@ mod tests {
     #[test]
     fn verification_takes_every_positive_and_as_many_hardest_negatives() {
         let labels = [0, 0, 1, 1];
-        let d = pairwise_distances(&features()).unwrap();
+        let d: Vec<Vec<f64>> = pairwise_distances(&features()).unwrap().to_vec2().unwrap();
         let mut rng = rand::rngs::mock::StepRng::new(0, 1);
-        let (i, j, t) = verification_pairs(&d, &labels, Negatives::Hard, &mut rng).unwrap();
+        let (i, j, t) = verification_pairs(&d, &labels, Negatives::Hard, &mut rng);
         // Positives (0,1), (2,3); the two closest negatives: d02 = 1, d03 = 2.
         assert_eq!((i, j, t), (vec![0, 2, 0, 0], vec![1, 3, 2, 3], vec![0, 0, 1, 1]));
-        let (i, j, t) = verification_pairs(&d, &labels, Negatives::Random, &mut rng).unwrap();
+        let (i, j, t) = verification_pairs(&d, &labels, Negatives::Random, &mut rng);
         assert_eq!(t, vec![0, 0, 1, 1]);
         for (a, b) in i.iter().zip(&j).skip(2) {
             assert_ne!(labels[*a as usize], labels[*b as usize]);

@@ -2,7 +2,7 @@
 //! one SGD update.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
 use reid_model::model::is_head;
 use reid_model::{LossWeights, PairLoss, PairTargets, ReidModel};
@@ -94,13 +94,11 @@ pub enum StepError {
     Candle(#[from] candle_core::Error),
 }
 
-/// The norm of the backbone part of `grads`, times `weight`.
-fn backbone_norm(model: &ReidModel, grads: &GradStore, weight: f64) -> Result<f64> {
+/// The norm of the gradients in `grads` of the `backbone` parameters, times `weight`.
+fn backbone_norm(backbone: &[Var], grads: &GradStore, weight: f64) -> Result<f64> {
     let mut sum = 0.0;
-    for (name, var) in model.trainable_vars() {
-        if let Some(g) = grads.get(var.as_tensor()).filter(|_| !is_head(&name)) {
-            sum += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-        }
+    for g in backbone.iter().filter_map(|v| grads.get(v.as_tensor())) {
+        sum += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
     }
     Ok(weight * sum.sqrt())
 }
@@ -108,16 +106,22 @@ fn backbone_norm(model: &ReidModel, grads: &GradStore, weight: f64) -> Result<f6
 /// Each term's backbone gradient norm, each from its own backward of the same
 /// forward; `total` is the norm of the update's gradient.
 fn grad_norms(model: &ReidModel, loss: &PairLoss, w: &LossWeights, total: &GradStore) -> Result<GradNorms> {
+    let backbone: Vec<Var> = model
+        .trainable_vars()
+        .into_iter()
+        .filter(|(name, _)| !is_head(name))
+        .map(|(_, v)| v)
+        .collect();
     let term = |t: &Tensor, weight: f64| match weight {
         0.0 => Ok(0.0),
-        _ => backbone_norm(model, &t.backward()?, weight),
+        _ => backbone_norm(&backbone, &t.backward()?, weight),
     };
     Ok(GradNorms {
         id1: term(&loss.id1, w.id1)?,
         id2: term(&loss.id2, w.id2)?,
         verif: term(&loss.verif, w.verif)?,
         triplet: term(&loss.triplet, w.triplet)?,
-        total: backbone_norm(model, total, 1.0)?,
+        total: backbone_norm(&backbone, total, 1.0)?,
     })
 }
 
