@@ -72,9 +72,16 @@ fn validation_keeps_best_and_the_later_stages_use_it() {
     let best = d.join("run/checkpoints/best.safetensors");
     assert!(best.is_file(), "validation keeps checkpoints/best");
     let csv = std::fs::read_to_string(d.join("run/metrics.csv")).unwrap();
-    let epochs: Vec<&str> = csv.lines().filter(|l| l.starts_with("epoch,")).collect();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (rank1, map) = (column("rank1"), column("mAP"));
+    let epochs: Vec<Vec<&str>> = csv
+        .lines()
+        .filter(|l| l.starts_with("epoch,"))
+        .map(|l| l.split(',').collect())
+        .collect();
     assert!(
-        epochs.iter().all(|l| !l.ends_with(",,")),
+        epochs.iter().all(|f| !f[rank1].is_empty() && !f[map].is_empty()),
         "epoch rows carry rank-1 and mAP: {csv}"
     );
 
