@@ -88,20 +88,9 @@ impl Features<'_> {
         }
     }
 
-    /// The distance of row `i` to row `j` of `other`, computed in f64 throughout
-    /// (eight partial sums, which the compiler vectorises).
+    /// The distance of row `i` to row `j` of `other`, computed in f64 throughout.
     pub fn exact(&self, metric: Metric, i: usize, other: &Features, j: usize) -> f64 {
-        let (a, b) = (self.row(i), other.row(j));
-        let mut acc = [0.0f64; 8];
-        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-        let (ra, rb) = (ca.remainder(), cb.remainder());
-        for (x, y) in ca.zip(cb) {
-            for k in 0..8 {
-                acc[k] += x[k] as f64 * y[k] as f64;
-            }
-        }
-        let tail: f64 = ra.iter().zip(rb).map(|(&x, &y)| x as f64 * y as f64).sum();
-        self.distance_of_dot(metric, i, other, j, acc.iter().sum::<f64>() + tail)
+        self.distance_of_dot(metric, i, other, j, dot_f64(self.row(i), other.row(j)))
     }
 
     /// A bound on |stored distance - exact distance| for rows `i` and `j` of
@@ -199,6 +188,51 @@ impl Features<'_> {
     }
 }
 
+/// The dot product of `a` and `b` in f64, in eight partial sums: with the widest
+/// vectors the CPU has (the same additions in the same order on every path, so the
+/// same bits; nothing is fused into an FMA).
+pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { dot_f64_avx512(a, b) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { dot_f64_avx2(a, b) };
+        }
+    }
+    dot_f64_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_f64_avx512(a: &[f32], b: &[f32]) -> f64 {
+    dot_f64_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_f64_avx2(a: &[f32], b: &[f32]) -> f64 {
+    dot_f64_portable(a, b)
+}
+
+/// [`dot_f64`] for any CPU, and the body of its vector versions.
+#[inline(always)]
+fn dot_f64_portable(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] as f64 * y[k] as f64;
+        }
+    }
+    let tail: f64 = ra.iter().zip(rb).map(|(&x, &y)| x as f64 * y as f64).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
 /// Gallery rows per GEMM call.
 const PANEL: usize = 8192;
 
@@ -264,6 +298,25 @@ pub fn query_block(gallery: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_path_of_the_f64_dot_gives_the_same_bits() {
+        let a: Vec<f32> = (0..2051).map(|i| ((i * 37) % 101) as f32 / 7.0 - 6.5).collect();
+        let b: Vec<f32> = (0..2051).map(|i| ((i * 53) % 97) as f32 / 3.0 - 15.0).collect();
+        let want = dot_f64_portable(&a, &b);
+        let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        assert!((want - exact).abs() < 1e-9 * exact.abs());
+        assert_eq!(dot_f64(&a, &b).to_bits(), want.to_bits());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                assert_eq!(unsafe { dot_f64_avx2(&a, &b) }.to_bits(), want.to_bits());
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                assert_eq!(unsafe { dot_f64_avx512(&a, &b) }.to_bits(), want.to_bits());
+            }
+        }
+    }
 
     #[test]
     fn gemm_distances_match_f64_within_their_tolerance() {
