@@ -205,7 +205,7 @@ fn exported_features_match_the_gallery(d: &Path) {
     assert_eq!(got.shape(), &[gallery.len(), 256]);
     let worst = got
         .iter()
-        .zip(&gallery.features)
+        .zip(gallery.features.iter())
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(worst <= 1e-5, "unit-norm features off by {worst}");
 

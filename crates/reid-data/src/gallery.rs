@@ -11,6 +11,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use sha2::{Digest, Sha256};
 
 use crate::error::{DataError, Result};
+pub use crate::feature_data::FeatureData;
 
 /// Version of the gallery layout, stored as `format_version` metadata.
 pub const GALLERY_FORMAT_VERSION: &str = "1";
@@ -105,8 +106,8 @@ impl GalleryMeta {
 /// Features of N images with their identities and cameras.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gallery {
-    /// Row-major [N, dim].
-    pub features: Vec<f32>,
+    /// Row-major [N, dim]; mapped from the file when read (see [`FeatureData`]).
+    pub features: FeatureData,
     pub dim: usize,
     pub pids: Vec<i64>,
     pub camids: Vec<i64>,
@@ -191,7 +192,7 @@ impl Gallery {
                 return Err(DataError::invalid(path, format!("{name} must be [{n}], got {s:?}")));
             }
         }
-        let features = file.read_f32("features")?;
+        let features = file.map_f32("features")?;
         check_finite(path, &features, dim)?;
         let (pids, camids) = (file.read_i64("pids")?, file.read_i64("camids")?);
         if let Some(p) = meta.paths.as_ref().filter(|p| p.len() != n) {
@@ -293,7 +294,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.safetensors");
         let g = Gallery {
-            features: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            features: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0].into(),
             dim: 3,
             pids: vec![7, -1],
             camids: vec![0, 5],
@@ -326,6 +327,45 @@ mod tests {
     }
 
     #[test]
+    fn read_features_are_mapped_private_and_survive_the_file_being_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.safetensors");
+        let g = bare((0..4096 * 3).map(|i| i as f32).collect(), 3);
+        g.write(&path).unwrap();
+        let mut back = Gallery::read(&path).unwrap();
+        assert!(
+            matches!(back.features, FeatureData::Mapped { .. }),
+            "{:?}",
+            back.features
+        );
+        assert!(back.features == g.features && back.pids == g.pids);
+        // A write to the mapped values stays in this process.
+        back.features[5] = -1.0;
+        assert_eq!(Gallery::read(&path).unwrap().features[5], 5.0);
+        // Replacing the file (as every write of this crate does) leaves the map as it was.
+        bare(vec![9.0; 6], 3).write(&path).unwrap();
+        assert_eq!(back.features[6], 6.0);
+        assert_eq!(Gallery::read(&path).unwrap().features.len(), 6);
+    }
+
+    #[test]
+    fn f64_features_are_read_into_memory_as_f32() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g64.safetensors");
+        let values: Vec<u8> = [0.5f64, -2.0, 3.25, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let ids: Vec<u8> = [1i64, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let tensors = [
+            ("features", TensorView::new(Dtype::F64, vec![2, 2], &values).unwrap()),
+            ("pids", TensorView::new(Dtype::I64, vec![2], &ids).unwrap()),
+            ("camids", TensorView::new(Dtype::I64, vec![2], &ids).unwrap()),
+        ];
+        fs::write(&path, safetensors::serialize(tensors, None).unwrap()).unwrap();
+        let g = Gallery::read(&path).unwrap();
+        assert!(matches!(g.features, FeatureData::Owned(_)));
+        assert_eq!(&g.features[..], &[0.5, -2.0, 3.25, 4.0]);
+    }
+
+    #[test]
     fn a_file_without_pids_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.safetensors");
@@ -339,7 +379,7 @@ mod tests {
     fn bare(features: Vec<f32>, dim: usize) -> Gallery {
         let n = features.len() / dim.max(1);
         Gallery {
-            features,
+            features: features.into(),
             dim,
             pids: vec![1; n],
             camids: vec![0; n],

@@ -3,6 +3,7 @@
 
 pub mod atomic;
 pub mod error;
+pub mod feature_data;
 pub mod gallery;
 pub mod layout;
 pub mod manifest;

@@ -142,6 +142,20 @@ impl TensorReader {
         }
     }
 
+    /// Tensor `name` as f32, mapped from the file where its values can be used in
+    /// place (F32 on a little-endian machine, 4-aligned), else read as [`Self::read_f32`] does.
+    pub fn map_f32(&mut self, name: &str) -> Result<crate::feature_data::FeatureData> {
+        let e = self.entry(name)?;
+        let [a, b] = e.data_offsets;
+        if e.dtype == "F32" {
+            if let Some(m) = crate::feature_data::FeatureData::map(&self.file, self.data_start + a as u64, (b - a) / 4)
+            {
+                return Ok(m);
+            }
+        }
+        self.read_f32(name).map(Into::into)
+    }
+
     /// F32 values read straight into their vector (little-endian machines: the
     /// file's bytes are the values' bytes), without a second copy.
     fn read_f32_in_place(&mut self, name: &str) -> Result<Vec<f32>> {

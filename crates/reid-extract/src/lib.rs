@@ -167,7 +167,7 @@ pub fn split_features(
     };
     Ok(Gallery {
         dim: features.len() / total,
-        features,
+        features: features.into(),
         pids: records.iter().map(|r| r.pid).collect(),
         camids: records.iter().map(|r| r.camid).collect(),
         meta,
