@@ -24,16 +24,16 @@ pub enum FeatureData {
 impl FeatureData {
     /// Maps `len` f32 values at byte `offset` of `file`, privately (writes stay in
     /// this process). `None` where the values cannot be used in place: a big-endian
-    /// machine, an offset not aligned to 4 bytes, or a failed map.
+    /// machine, values not aligned to 4 bytes, or a failed map.
     pub fn map(file: &std::fs::File, offset: u64, len: usize) -> Option<FeatureData> {
-        if cfg!(target_endian = "big") || !offset.is_multiple_of(4) || len == 0 {
+        if cfg!(target_endian = "big") || len == 0 {
             return None;
         }
         // SAFETY: the map is private, and the files this crate writes are replaced
         // by rename, never changed in place (see the type's documentation).
         let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(4 * len).map_copy(file) }.ok()?;
-        // memmap2 maps from the page below `offset` and points at `offset`, so the
-        // map's pointer is 4-aligned as `offset` is.
+        // memmap2 maps from the page below `offset` and points at `offset`: the
+        // values are aligned exactly when `offset` is.
         (map.as_ptr() as usize)
             .is_multiple_of(4)
             .then_some(FeatureData::Mapped { map, len })

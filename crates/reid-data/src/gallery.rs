@@ -11,7 +11,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use sha2::{Digest, Sha256};
 
 use crate::error::{DataError, Result};
-pub use crate::feature_data::FeatureData;
+use crate::feature_data::FeatureData;
 
 /// Version of the gallery layout, stored as `format_version` metadata.
 pub const GALLERY_FORMAT_VERSION: &str = "1";

@@ -12,6 +12,7 @@ use safetensors::tensor::TensorView;
 
 use crate::atomic::write_atomically;
 use crate::error::{DataError, Result};
+use crate::feature_data::FeatureData;
 
 /// Serialises `tensors` with `metadata` in the header, deterministically.
 pub fn serialize(
@@ -144,16 +145,16 @@ impl TensorReader {
 
     /// Tensor `name` as f32, mapped from the file where its values can be used in
     /// place (F32 on a little-endian machine, 4-aligned), else read as [`Self::read_f32`] does.
-    pub fn map_f32(&mut self, name: &str) -> Result<crate::feature_data::FeatureData> {
+    pub fn map_f32(&mut self, name: &str) -> Result<FeatureData> {
         let e = self.entry(name)?;
         let [a, b] = e.data_offsets;
-        if e.dtype == "F32" {
-            if let Some(m) = crate::feature_data::FeatureData::map(&self.file, self.data_start + a as u64, (b - a) / 4)
-            {
-                return Ok(m);
-            }
+        let mapped = (e.dtype == "F32")
+            .then(|| FeatureData::map(&self.file, self.data_start + a as u64, (b - a) / 4))
+            .flatten();
+        match mapped {
+            Some(m) => Ok(m),
+            None => self.read_f32(name).map(Into::into),
         }
-        self.read_f32(name).map(Into::into)
     }
 
     /// F32 values read straight into their vector (little-endian machines: the
