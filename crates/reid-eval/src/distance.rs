@@ -233,6 +233,72 @@ fn dot_f64_portable(a: &[f32], b: &[f32]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
+/// Appends to `out` the columns `c` (as u32) where `dots[c] * weights[c]`,
+/// multiplied in f32, is not below `floor` (NaN products included): the entries
+/// that may rank before a threshold, gathered without a branch per entry.
+pub fn columns_at_least(dots: &[f32], weights: &[f32], floor: f32, out: &mut Vec<u32>) {
+    assert_eq!(dots.len(), weights.len(), "one weight per dot product");
+    assert!(dots.len() <= u32::MAX as usize);
+    out.clear();
+    // Room for every column, and for the whole last vector a compress writes.
+    out.reserve(dots.len() + 16);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, and `out` has room for `dots.len() + 16`.
+            unsafe { columns_at_least_avx512(dots, weights, floor, out) };
+            return;
+        }
+    }
+    columns_at_least_from(0, dots, weights, floor, out);
+}
+
+/// [`columns_at_least`] from column `c0` on, one column at a time (into the
+/// reserved room: every column is written, the length grows by the test).
+fn columns_at_least_from(c0: usize, dots: &[f32], weights: &[f32], floor: f32, out: &mut Vec<u32>) {
+    let mut len = out.len();
+    let room = out.spare_capacity_mut();
+    let base = len;
+    for c in c0..dots.len() {
+        room[len - base].write(c as u32);
+        len += not_below(dots[c] * weights[c], floor) as usize;
+    }
+    // SAFETY: the first `len - base` slots of the spare room were written.
+    unsafe { out.set_len(len) };
+}
+
+/// Whether `x` is not below `floor`: greater, equal or unordered (NaN).
+#[inline(always)]
+fn not_below(x: f32, floor: f32) -> bool {
+    x.partial_cmp(&floor) != Some(std::cmp::Ordering::Less)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn columns_at_least_avx512(dots: &[f32], weights: &[f32], floor: f32, out: &mut Vec<u32>) {
+    use std::arch::x86_64::*;
+    let n = dots.len();
+    let bound = _mm512_set1_ps(floor);
+    let step = _mm512_set1_epi32(16);
+    let mut columns = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let (mut c, mut len) = (0, out.len());
+    while c + 16 <= n {
+        let d = _mm512_loadu_ps(dots.as_ptr().add(c));
+        let w = _mm512_loadu_ps(weights.as_ptr().add(c));
+        // Not less than, unordered: a NaN product is kept, as in the scalar test.
+        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(_mm512_mul_ps(d, w), bound);
+        // Compressed in a register, then stored whole (a compressing store to
+        // memory is slow on some CPUs); `out` has room for 16 past its length.
+        let packed = _mm512_maskz_compress_epi32(keep, columns);
+        _mm512_storeu_si512(out.as_mut_ptr().add(len) as *mut _, packed);
+        len += keep.count_ones() as usize;
+        columns = _mm512_add_epi32(columns, step);
+        c += 16;
+    }
+    out.set_len(len);
+    columns_at_least_from(c, dots, weights, floor, out);
+}
+
 /// Gallery rows per GEMM call.
 const PANEL: usize = 8192;
 
@@ -315,6 +381,29 @@ mod tests {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 assert_eq!(unsafe { dot_f64_avx512(&a, &b) }.to_bits(), want.to_bits());
             }
+        }
+    }
+
+    #[test]
+    fn every_path_gathers_the_columns_at_least_the_floor() {
+        // Lengths around the vector width, NaN and infinite products, ties.
+        for n in [0, 1, 15, 16, 17, 40, 333] {
+            let dots: Vec<f32> = (0..n).map(|i| ((i * 29) % 23) as f32 / 4.0 - 2.0).collect();
+            let mut weights: Vec<f32> = (0..n).map(|i| 1.0 + (i % 3) as f32 / 2.0).collect();
+            if n > 17 {
+                weights[3] = f32::NAN;
+                weights[17] = f32::INFINITY;
+            }
+            let floor = 0.75;
+            let want: Vec<u32> = (0..n as u32)
+                .filter(|&c| not_below(dots[c as usize] * weights[c as usize], floor))
+                .collect();
+            let mut got = vec![99];
+            columns_at_least(&dots, &weights, floor, &mut got);
+            assert_eq!(got, want, "n = {n}");
+            let mut portable = Vec::with_capacity(n + 16);
+            columns_at_least_from(0, &dots, &weights, floor, &mut portable);
+            assert_eq!(portable, want, "portable, n = {n}");
         }
     }
 

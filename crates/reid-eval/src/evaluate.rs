@@ -86,6 +86,9 @@ pub struct Evaluator<'a> {
     g_norms: Vec<f64>,
     /// 1 / |g| of each gallery row (cosine distances by multiplication).
     g_inverse_norms: Vec<f64>,
+    /// The same in f32, for the quick test of which entries can rank before a
+    /// query's last match.
+    g_inverse_norms_f32: Vec<f32>,
     rerank: Option<Box<Reranker>>,
     num_junk: usize,
     metric: Metric,
@@ -96,8 +99,10 @@ pub struct Evaluator<'a> {
 /// gallery streams past in panels; the gallery is packed once per block).
 const EXACT_QUERY_BLOCK: usize = 2048;
 
-/// Gallery rows per panel of the exact ranking.
-const GALLERY_PANEL: usize = 2048;
+/// Gallery rows per panel of the exact ranking: a query's slot table is brought
+/// into cache once per panel, and the block of queries packed once per panel and
+/// slice (the tile of dot products is 64 MiB).
+const GALLERY_PANEL: usize = 8192;
 
 /// A query's correct matches: (exact distance, gallery row).
 type Positives = Vec<(f64, usize)>;
@@ -135,13 +140,15 @@ impl<'a> Evaluator<'a> {
         }
         let q_norms = row_norms(query.features, query.dim);
         let g_norms = row_norms(gallery.features, gallery.dim);
-        let g_inverse_norms = g_norms.iter().map(|n| 1.0 / n.max(1e-300)).collect();
+        let g_inverse_norms: Vec<f64> = g_norms.iter().map(|n| 1.0 / n.max(1e-300)).collect();
+        let g_inverse_norms_f32 = g_inverse_norms.iter().map(|&n| n as f32).collect();
         let mut this = Evaluator {
             query,
             gallery,
             q_norms,
             g_norms,
             g_inverse_norms,
+            g_inverse_norms_f32,
             rerank: None,
             num_junk,
             metric,
@@ -274,11 +281,12 @@ impl<'a> Evaluator<'a> {
                 q.dot_tile(start, rows, &g, p0, cols, &mut tile);
                 timings.distances_s += t.elapsed().as_secs_f64();
                 let t = Instant::now();
-                rankers.par_iter_mut().enumerate().for_each(|(r, ranker)| {
+                let place = |near: &mut Vec<u32>, (r, ranker): (usize, &mut Option<QueryRanker>)| {
                     if let Some(ranker) = ranker {
-                        self.place_panel(ranker, start + r, p0, &tile[r * cols..(r + 1) * cols]);
+                        self.place_panel(ranker, start + r, p0, &tile[r * cols..(r + 1) * cols], near);
                     }
-                });
+                };
+                rankers.par_iter_mut().enumerate().for_each_init(Vec::new, place);
                 timings.ranking_s += t.elapsed().as_secs_f64();
             }
             outcomes.extend(rankers.into_iter().map(|r| r.map(QueryRanker::finish)));
@@ -287,8 +295,8 @@ impl<'a> Evaluator<'a> {
     }
 
     /// Places the gallery entries `p0..` of one panel, whose dot products with query
-    /// `i` are `dots`, in its ranking.
-    fn place_panel(&self, ranker: &mut QueryRanker, i: usize, p0: usize, dots: &[f32]) {
+    /// `i` are `dots`, in its ranking; `near` is room for the columns to place.
+    fn place_panel(&self, ranker: &mut QueryRanker, i: usize, p0: usize, dots: &[f32], near: &mut Vec<u32>) {
         let (q, g, metric) = (self.q_features(), self.g_features(), self.metric);
         let tolerance = |j: usize| q.slice_tolerance(metric, i, g.norms[j]);
         let exact = |j: usize| q.exact(metric, i, &g, j);
@@ -297,8 +305,17 @@ impl<'a> Evaluator<'a> {
             Metric::Cosine => {
                 let inv = &self.g_inverse_norms[p0..p0 + dots.len()];
                 let iq = 1.0 / self.q_norms[i].max(1e-300);
-                for (c, ((&dot, &ig), &pid)) in dots.iter().zip(inv).zip(pids).enumerate() {
-                    ranker.place(p0 + c, pid, 1.0 - dot as f64 * iq * ig, &tolerance, &exact);
+                // Most entries rank after every match: 1 - dot |g|^-1 |q|^-1 > skip,
+                // i.e. dot |g|^-1 < (1 - skip) |q|. That test in f32, with a margin
+                // far above its rounding (a few f32 roundoffs of |q|), keeps every
+                // entry that the exact test in f64 below can keep.
+                let floor = (1.0 - ranker.skip_above() - 1e-6) / iq;
+                let inv_f32 = &self.g_inverse_norms_f32[p0..p0 + dots.len()];
+                crate::distance::columns_at_least(dots, inv_f32, floor as f32, near);
+                for &c in near.iter() {
+                    let c = c as usize;
+                    let a = 1.0 - dots[c] as f64 * iq * inv[c];
+                    ranker.place(p0 + c, pids[c], a, &tolerance, &exact);
                 }
             }
             Metric::Euclidean => {
@@ -501,6 +518,30 @@ mod tests {
         check(40, 600, 96, 1e-3, 1);
         // Across the slices of the dimension (256) and a panel boundary of the gallery.
         check(12, GALLERY_PANEL + 300, 300, 1e-3, 2);
+    }
+
+    #[test]
+    fn a_negative_equal_to_the_last_match_ranks_by_gallery_order() {
+        // The last match's distance is where entries start to be left out: a
+        // negative at exactly that distance still counts when it comes first.
+        let q = [1.0f32, 2.0, -0.5, 0.25];
+        let (near, far) = ([0.9f32, 2.1, -0.4, 0.3], [-1.0f32, 0.5, 2.0, -3.0]);
+        for (gallery, pids, want) in [
+            ([near, near, far].concat(), [3, 1, 1], 1),
+            ([near, near, far].concat(), [1, 3, 1], 0),
+        ] {
+            let set = |features, pids, camids| FeatureSet {
+                features,
+                dim: 4,
+                pids,
+                camids,
+            };
+            for metric in [Metric::Cosine, Metric::Euclidean] {
+                let e = evaluate(set(&q, &[1], &[0]), set(&gallery, &pids, &[1, 1, 1]), metric, None, 3).unwrap();
+                let hits = &e.outcomes[0].as_ref().unwrap().hit_ranks;
+                assert_eq!(hits[0], want, "{metric}, pids {pids:?}");
+            }
+        }
     }
 
     #[test]

@@ -57,15 +57,16 @@ impl Scores<'_> {
 /// Buckets over the distances where a query's correct matches lie, each holding
 /// how many matches rank before any distance in it, when that is certain (no
 /// match within the tolerance of the bucket); the ranking loop then places most
-/// entries by one lookup instead of a binary search.
+/// entries by one lookup instead of a binary search. Slots are 16-bit, so that a
+/// query's table (8 KiB) is cheap to bring back into cache for every panel.
 struct SlotTable {
     lo: f64,
     scale: f64,
-    slots: Vec<u32>,
+    slots: Vec<u16>,
 }
 
 const BUCKETS: usize = 4096;
-const UNSURE: u32 = u32::MAX;
+const UNSURE: u16 = u16::MAX;
 
 impl SlotTable {
     /// The table of `positives` (sorted by distance) for entries of tolerance at
@@ -73,7 +74,9 @@ impl SlotTable {
     fn new(positives: &[(f64, usize)], tol: f64) -> Self {
         let (lo, hi) = (positives[0].0 - tol, positives[positives.len() - 1].0 + tol);
         let width = (hi - lo) / BUCKETS as f64;
-        if width.is_nan() || width <= 0.0 {
+        // Without a table (no width, or more matches than a slot counts), every
+        // entry near the matches is placed by binary search.
+        if width.is_nan() || width <= 0.0 || positives.len() >= UNSURE as usize {
             return SlotTable {
                 lo,
                 scale: 0.0,
@@ -94,7 +97,7 @@ impl SlotTable {
                     upto += 1;
                 }
                 if before == upto {
-                    before as u32
+                    before as u16
                 } else {
                     UNSURE
                 }
@@ -107,16 +110,20 @@ impl SlotTable {
         }
     }
 
-    /// The number of matches certainly ranked before distance `x` (0 below the
-    /// table), or `None` when it takes a closer look.
+    /// The number of matches certainly ranked before distance `x` (at most the
+    /// table's top: 0 below the table), or `None` when it takes a closer look.
+    #[inline(always)]
     fn lookup(&self, x: f64) -> Option<usize> {
-        if x < self.lo {
-            return Some(0);
-        }
-        let k = ((x - self.lo) * self.scale) as usize;
-        match self.slots.get(k) {
-            Some(&s) if s != UNSURE => Some(s as usize),
-            _ => None,
+        // t + 1 lies in [0, buckets + 1], so truncation is the floor, without a
+        // branch; an entry a rounding below `lo` lands in bucket 0 (0 or unsure),
+        // an entry at the top lands past the last bucket (unsure).
+        let t = ((x - self.lo) * self.scale).clamp(-1.0, self.slots.len() as f64);
+        match (t + 1.0) as usize {
+            0 => Some(0),
+            k => match self.slots.get(k - 1) {
+                Some(&s) if s != UNSURE => Some(s as usize),
+                _ => None,
+            },
         }
     }
 }
@@ -173,20 +180,36 @@ impl QueryRanker {
         }
         let slot = match self.table.lookup(a) {
             Some(slot) => slot,
-            None => {
-                let tol = tolerance(j);
-                let lo = self.positives.partition_point(|p| p.0 < a - tol);
-                let hi = self.positives.partition_point(|p| p.0 <= a + tol);
-                if lo == hi {
-                    lo
-                } else {
-                    let e = exact(j);
-                    self.positives
-                        .partition_point(|p| p.0.total_cmp(&e).then(p.1.cmp(&j)).is_lt())
-                }
-            }
+            None => self.slot_near_a_match(j, a, tolerance, exact),
         };
         self.ahead[slot] += 1;
+    }
+
+    /// The slot of entry `j` at distance `a` where a bucket holds a match: by its
+    /// tolerance, and by its exact distance when a match lies within it.
+    #[cold]
+    fn slot_near_a_match(
+        &self,
+        j: usize,
+        a: f64,
+        tolerance: &dyn Fn(usize) -> f64,
+        exact: &dyn Fn(usize) -> f64,
+    ) -> usize {
+        let tol = tolerance(j);
+        let lo = self.positives.partition_point(|p| p.0 < a - tol);
+        let hi = self.positives.partition_point(|p| p.0 <= a + tol);
+        if lo == hi {
+            return lo;
+        }
+        let e = exact(j);
+        self.positives
+            .partition_point(|p| p.0.total_cmp(&e).then(p.1.cmp(&j)).is_lt())
+    }
+
+    /// The distance beyond which every entry is left out (it ranks after every
+    /// match, whatever its rounding).
+    pub fn skip_above(&self) -> f64 {
+        self.skip_above
     }
 
     /// The ranks of the correct matches.
