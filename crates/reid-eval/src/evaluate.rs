@@ -99,10 +99,9 @@ pub struct Evaluator<'a> {
 /// gallery streams past in panels; the gallery is packed once per block).
 const EXACT_QUERY_BLOCK: usize = 2048;
 
-/// Gallery rows per panel of the exact ranking: a query's slot table is brought
-/// into cache once per panel, and the block of queries packed once per panel and
-/// slice (the tile of dot products is 64 MiB).
-const GALLERY_PANEL: usize = 8192;
+/// Gallery rows per panel of the exact ranking (the tile of dot products is 16
+/// MiB; 8192 rows measured 15% slower at Market size, no faster at MSMT17 size).
+const GALLERY_PANEL: usize = 2048;
 
 /// A query's correct matches: (exact distance, gallery row).
 type Positives = Vec<(f64, usize)>;
