@@ -256,15 +256,14 @@ pub fn columns_at_least(dots: &[f32], weights: &[f32], floor: f32, out: &mut Vec
 /// [`columns_at_least`] from column `c0` on, one column at a time (into the
 /// reserved room: every column is written, the length grows by the test).
 fn columns_at_least_from(c0: usize, dots: &[f32], weights: &[f32], floor: f32, out: &mut Vec<u32>) {
-    let mut len = out.len();
-    let room = out.spare_capacity_mut();
-    let base = len;
+    let (len, room) = (out.len(), out.spare_capacity_mut());
+    let mut kept = 0;
     for c in c0..dots.len() {
-        room[len - base].write(c as u32);
-        len += not_below(dots[c] * weights[c], floor) as usize;
+        room[kept].write(c as u32);
+        kept += not_below(dots[c] * weights[c], floor) as usize;
     }
-    // SAFETY: the first `len - base` slots of the spare room were written.
-    unsafe { out.set_len(len) };
+    // SAFETY: the first `kept` slots of the spare room were written.
+    unsafe { out.set_len(len + kept) };
 }
 
 /// Whether `x` is not below `floor`: greater, equal or unordered (NaN).
@@ -396,7 +395,10 @@ mod tests {
             }
             let floor = 0.75;
             let want: Vec<u32> = (0..n as u32)
-                .filter(|&c| not_below(dots[c as usize] * weights[c as usize], floor))
+                .filter(|&c| {
+                    let x = dots[c as usize] * weights[c as usize];
+                    x >= floor || x.is_nan()
+                })
                 .collect();
             let mut got = vec![99];
             columns_at_least(&dots, &weights, floor, &mut got);
