@@ -10,10 +10,12 @@
 //! `1 - m / (2 - m)` with `m = sum_k min(V[i,k], V[j,k])`; and the final distance
 //! is `(1 - lambda) * jaccard + lambda * original`.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::distance::{Features, Metric};
+use crate::distance::{gemm_nt, Features, Metric};
 
 /// Re-ranking settings; torchreid's defaults are k1 = 20, k2 = 6, lambda = 0.3.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -60,21 +62,19 @@ type SparseRow = Vec<(u32, f32)>;
 /// Rows per tile of the all-pairs distance pass.
 const TILE: usize = 1024;
 
+/// Columns per GEMM call of a tile (gemm's packing buffers stay small).
+const PANEL: usize = 8192;
+
 /// Columns per task when a tile serves its columns.
 const COLUMN_CHUNK: usize = 256;
 
 /// Everything needed to produce re-ranked query-gallery distances.
 pub struct Reranker {
-    /// Query rows, then the kept (non-junk) gallery rows, contiguous.
-    rows: Vec<f32>,
-    norms: Vec<f64>,
-    dim: usize,
-    metric: Metric,
-    num_query: usize,
     /// Gallery row of each kept gallery entry.
     kept: Vec<usize>,
     /// Columns of the gallery file.
     gallery_len: usize,
+    /// Largest squared distance of each (query, then kept gallery) row.
     row_max: Vec<f32>,
     /// Squared query-gallery distances [Q, kept], from the all-pairs pass.
     query_gallery: Vec<f32>,
@@ -84,6 +84,30 @@ pub struct Reranker {
     /// there, with that value (entries ascending).
     inverted: Vec<SparseRow>,
     lambda: f32,
+}
+
+/// The rows re-ranking relates: the queries, then the kept gallery rows. The
+/// gallery is read where it lies when nothing of it is junk; otherwise its kept
+/// rows are gathered once (junk in the all-pairs pass would cost a GEMM share
+/// twice its own).
+struct Rows<'a> {
+    q: &'a Features<'a>,
+    /// The kept gallery rows and their norms.
+    g_rows: Cow<'a, [f32]>,
+    g_norms: Cow<'a, [f64]>,
+    metric: Metric,
+    /// 1 / norm of every row (cosine only).
+    inverse_norms: Vec<f64>,
+}
+
+/// The results of the all-pairs pass.
+struct AllPairs {
+    /// Each row's `keep` nearest rows, nearest first, and their squared distances.
+    initial_rank: Vec<Vec<u32>>,
+    nearest_d2: Vec<Vec<f32>>,
+    row_max: Vec<f32>,
+    /// Squared query-gallery distances [Q, kept].
+    query_gallery: Vec<f32>,
 }
 
 /// Rounds half to even, as numpy's `around` does.
@@ -146,23 +170,23 @@ impl Neighbours {
         }
     }
 
-    /// Offers a run of columns `j0..` at distances (not squared) `run`.
+    /// Offers a run of columns `j0..` at squared distances `run` (NaN: none).
     fn offer_run(&mut self, keep: usize, j0: usize, run: &[f32]) {
         // Sixteen lanes for the maximum, which the compiler vectorises.
         let mut lanes = [f32::MIN; 16];
         let chunks = run.chunks_exact(16);
-        for x in chunks.remainder() {
-            lanes[0] = lanes[0].max(x * x);
+        for &x in chunks.remainder() {
+            lanes[0] = lanes[0].max(x);
         }
         for chunk in chunks {
             for k in 0..16 {
-                lanes[k] = lanes[k].max(chunk[k] * chunk[k]);
+                lanes[k] = lanes[k].max(chunk[k]);
             }
         }
         self.max = lanes.iter().fold(self.max, |m, &x| m.max(x));
-        for (c, &d) in run.iter().enumerate() {
-            if d * d <= self.threshold {
-                self.admit(keep, (j0 + c) as u32, d * d);
+        for (c, &d2) in run.iter().enumerate() {
+            if d2 <= self.threshold {
+                self.admit(keep, (j0 + c) as u32, d2);
             }
         }
     }
@@ -176,63 +200,154 @@ impl Neighbours {
 impl Reranker {
     /// Builds the encodings for queries `q` and the `kept` rows of gallery `g`.
     pub fn new(q: &Features, g: &Features, kept: &[usize], metric: Metric, params: RerankParams) -> Self {
-        let dim = q.dim;
-        let mut rows = Vec::with_capacity((q.len() + kept.len()) * dim);
-        rows.extend_from_slice(q.rows);
-        kept.iter().for_each(|&j| rows.extend_from_slice(g.row(j)));
-        let mut norms = q.norms.to_vec();
-        norms.extend(kept.iter().map(|&j| g.norms[j]));
-        let n = norms.len();
+        let rows = Rows::new(q, g, kept, metric);
+        let n = q.len() + kept.len();
         let keep = params.k1.min(n - 1) + 1;
-        let mut this = Reranker {
-            rows,
-            norms,
-            dim,
-            metric,
-            num_query: q.len(),
-            kept: kept.to_vec(),
-            gallery_len: g.len(),
-            row_max: Vec::new(),
-            query_gallery: vec![0.0; q.len() * kept.len()],
-            v: Vec::new(),
-            inverted: Vec::new(),
-            lambda: params.lambda,
-        };
-        let (initial_rank, nearest_d2) = this.all_pairs(keep);
-        let encodings = this.encodings(&initial_rank, &nearest_d2, keep - 1);
-        this.v = expand(&encodings, &initial_rank, params.k2.min(keep));
+        let all = rows.all_pairs(keep);
+        let encodings = rows.encodings(&all, keep - 1);
+        let v = expand(&encodings, &all.initial_rank, params.k2.min(keep));
         let mut inverted = vec![Vec::new(); n];
-        for (i, row) in this.v.iter().enumerate().skip(this.num_query) {
+        for (i, row) in v.iter().enumerate().skip(q.len()) {
             for &(c, w) in row {
-                inverted[c as usize].push(((i - this.num_query) as u32, w));
+                inverted[c as usize].push(((i - q.len()) as u32, w));
             }
         }
-        this.inverted = inverted;
-        this
+        Reranker {
+            kept: kept.to_vec(),
+            gallery_len: g.len(),
+            row_max: all.row_max,
+            query_gallery: all.query_gallery,
+            v,
+            inverted,
+            lambda: params.lambda,
+        }
     }
 
-    fn features(&self) -> Features<'_> {
-        Features {
-            rows: &self.rows,
-            dim: self.dim,
-            norms: &self.norms,
+    /// Re-ranked distances from queries `q_start..` to every gallery row into `out`
+    /// (row-major, `out.len() / gallery_len` rows); junk columns get +inf.
+    pub fn distance_block(&self, q_start: usize, out: &mut [f32]) {
+        let (ng, nk) = (self.gallery_len, self.kept.len());
+        out.par_chunks_exact_mut(ng).enumerate().for_each(|(r, row)| {
+            let i = q_start + r;
+            let mut overlap = vec![0.0f32; nk];
+            for &(c, w) in &self.v[i] {
+                for &(j, wj) in &self.inverted[c as usize] {
+                    overlap[j as usize] += w.min(wj);
+                }
+            }
+            row.iter_mut().for_each(|d| *d = f32::INFINITY);
+            let squared = &self.query_gallery[i * nk..(i + 1) * nk];
+            for ((&col, m), d2) in self.kept.iter().zip(&overlap).zip(squared) {
+                let original = d2 / self.row_max[i];
+                let jaccard = 1.0 - m / (2.0 - m);
+                row[col] = jaccard * (1.0 - self.lambda) + original * self.lambda;
+            }
+        });
+    }
+}
+
+impl<'a> Rows<'a> {
+    fn new(q: &'a Features<'a>, g: &'a Features<'a>, kept: &[usize], metric: Metric) -> Self {
+        let (g_rows, g_norms) = if kept.len() == g.len() {
+            (Cow::Borrowed(g.rows), Cow::Borrowed(g.norms))
+        } else {
+            let rows = kept.iter().flat_map(|&j| g.row(j).iter().copied()).collect();
+            (Cow::Owned(rows), Cow::Owned(kept.iter().map(|&j| g.norms[j]).collect()))
+        };
+        let inverse_norms = match metric {
+            Metric::Cosine => q.norms.iter().chain(&g_norms[..]).map(|n| 1.0 / n.max(1e-300)).collect(),
+            Metric::Euclidean => Vec::new(),
+        };
+        Rows {
+            q,
+            g_rows,
+            g_norms,
+            metric,
+            inverse_norms,
         }
+    }
+
+    /// Number of rows: queries and kept gallery rows.
+    fn len(&self) -> usize {
+        self.q.len() + self.g_norms.len()
+    }
+
+    /// The set of row `i` and its index there.
+    fn source(&self, i: usize) -> (Features<'_>, usize) {
+        match i.checked_sub(self.q.len()) {
+            None => (*self.q, i),
+            Some(j) => {
+                let g = Features {
+                    rows: &self.g_rows,
+                    dim: self.q.dim,
+                    norms: &self.g_norms,
+                };
+                (g, j)
+            }
+        }
+    }
+
+    /// Squared distances of rows `i0..i0 + rows` to rows `i0..` into `out`
+    /// [rows, len - i0]: up to four GEMMs (query or gallery rows against query or
+    /// gallery rows), then the distances formed in f64 and squared in f32.
+    fn squared_tile(&self, i0: usize, rows: usize, out: &mut [f32]) {
+        let (nq, n, dim) = (self.q.len(), self.len(), self.q.dim);
+        let width = n - i0;
+        let row_parts = [(i0, (i0 + rows).min(nq)), (i0.max(nq), i0 + rows)];
+        let col_parts = [(i0, nq), (i0.max(nq), n)];
+        for &(r0, r1) in row_parts.iter().filter(|(a, b)| a < b) {
+            let (lhs, lr) = self.source(r0);
+            for &(c0, c1) in col_parts.iter().filter(|(a, b)| a < b) {
+                let (rhs, rr) = self.source(c0);
+                for p0 in (0..c1 - c0).step_by(PANEL) {
+                    let cols = PANEL.min(c1 - c0 - p0);
+                    let at = (r0 - i0) * width + (c0 - i0) + p0;
+                    let (l, r) = (&lhs.rows[lr * dim..], &rhs.rows[(rr + p0) * dim..]);
+                    gemm_nt(r1 - r0, cols, dim, &mut out[at..], width, false, l, dim, r, dim);
+                }
+            }
+        }
+        out.par_chunks_exact_mut(width).enumerate().for_each(|(r, row)| {
+            let i = i0 + r;
+            match self.metric {
+                Metric::Cosine => {
+                    let inverse = &self.inverse_norms[i0..];
+                    for (d, ig) in row.iter_mut().zip(inverse) {
+                        let distance = (1.0 - *d as f64 * self.inverse_norms[i] * ig) as f32;
+                        *d = distance * distance;
+                    }
+                }
+                Metric::Euclidean => {
+                    let a = self.norm(i);
+                    for (k, d) in row.iter_mut().enumerate() {
+                        let b = self.norm(i0 + k);
+                        let distance = (a * a + b * b - 2.0 * *d as f64) as f32;
+                        *d = distance * distance;
+                    }
+                }
+            }
+        });
+    }
+
+    /// The norm of row `i`.
+    fn norm(&self, i: usize) -> f64 {
+        let (set, j) = self.source(i);
+        set.norms[j]
     }
 
     /// One pass over the upper triangle of the all-pairs distances, tile by tile
     /// (each tile serves its rows and, transposed, its columns): every row's `keep`
     /// nearest rows and largest squared distance, and the query-gallery block.
-    fn all_pairs(&mut self, keep: usize) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
-        let n = self.norms.len();
-        let (nq, ng) = (self.num_query, self.kept.len());
+    fn all_pairs(&self, keep: usize) -> AllPairs {
+        let (n, nq) = (self.len(), self.q.len());
+        let ng = n - nq;
         let mut near = vec![Neighbours::new(keep); n];
-        let mut tile = vec![0.0f32; TILE * n];
+        let mut query_gallery = vec![0.0f32; nq * ng];
+        let mut tile = vec![0.0f32; TILE.min(n) * n];
         for i0 in (0..n).step_by(TILE) {
             let (rows, width) = (TILE.min(n - i0), n - i0);
             let block = &mut tile[..rows * width];
-            // Columns before i0 were served by earlier tiles (transposed).
-            self.features()
-                .distances_range(self.metric, i0, &self.features(), i0, block);
+            self.squared_tile(i0, rows, block);
             let block = &*block;
             near[i0..i0 + rows].par_iter_mut().enumerate().for_each(|(r, nb)| {
                 nb.offer_run(keep, i0, &block[r * width..(r + 1) * width]);
@@ -241,42 +356,49 @@ impl Reranker {
                 .par_chunks_mut(COLUMN_CHUNK)
                 .enumerate()
                 .for_each(|(k, states)| serve_columns(states, keep, block, width, rows + k * COLUMN_CHUNK, i0));
-            // The query-gallery part of these rows, squared.
-            for r in 0..rows.min(nq.saturating_sub(i0)) {
-                let qi = i0 + r;
-                let src = &block[r * width + (nq - i0)..r * width + (nq - i0) + ng];
-                let dst = &mut self.query_gallery[qi * ng..(qi + 1) * ng];
-                dst.iter_mut().zip(src).for_each(|(o, &d)| *o = d * d);
-            }
+            // The query-gallery part of these rows.
+            let end = (i0 + rows).min(nq);
+            query_gallery[i0.min(end) * ng..end * ng]
+                .par_chunks_exact_mut(ng)
+                .zip(block.par_chunks_exact(width))
+                .for_each(|(dst, row)| dst.copy_from_slice(&row[nq - i0..]));
         }
-        self.row_max = near.iter().map(|nb| nb.max).collect();
-        near.into_par_iter().map(Neighbours::sorted).unzip()
+        let row_max = near.iter().map(|nb| nb.max).collect();
+        let (initial_rank, nearest_d2) = near.into_par_iter().map(Neighbours::sorted).unzip();
+        AllPairs {
+            initial_rank,
+            nearest_d2,
+            row_max,
+            query_gallery,
+        }
     }
 
     /// The original (squared, row-normalised) distance between rows i and j.
-    fn original(&self, i: usize, j: usize) -> f32 {
-        let f = self.features();
+    fn original(&self, i: usize, j: usize, row_max: f32) -> f32 {
+        let ((a, ia), (b, ib)) = (self.source(i), self.source(j));
         // Sixteen partial sums, which the compiler vectorises.
         let mut acc = [0.0f32; 16];
-        let (a, b) = (f.row(i).chunks_exact(16), f.row(j).chunks_exact(16));
-        let tail: f32 = a.remainder().iter().zip(b.remainder()).map(|(x, y)| x * y).sum();
-        for (x, y) in a.zip(b) {
+        let (x, y) = (a.row(ia).chunks_exact(16), b.row(ib).chunks_exact(16));
+        let tail: f32 = x.remainder().iter().zip(y.remainder()).map(|(x, y)| x * y).sum();
+        for (x, y) in x.zip(y) {
             for k in 0..16 {
                 acc[k] += x[k] * y[k];
             }
         }
         let dot = acc.iter().sum::<f32>() + tail;
+        let (na, nb) = (a.norms[ia], b.norms[ib]);
         let d = match self.metric {
-            Metric::Cosine => 1.0 - dot as f64 / (f.norms[i] * f.norms[j]).max(1e-300),
-            Metric::Euclidean => f.norms[i] * f.norms[i] + f.norms[j] * f.norms[j] - 2.0 * dot as f64,
+            Metric::Cosine => 1.0 - dot as f64 / (na * nb).max(1e-300),
+            Metric::Euclidean => na * na + nb * nb - 2.0 * dot as f64,
         } as f32;
-        d * d / self.row_max[i]
+        d * d / row_max
     }
 
     /// The k-reciprocal encodings `V[i]`: the (expanded) k1-reciprocal neighbours
     /// of i weighted by `exp(-original)`, normalised. The distances to i's nearest
-    /// rows come from the all-pairs pass (`nearest_d2`); others are computed.
-    fn encodings(&self, initial_rank: &[Vec<u32>], nearest_d2: &[Vec<f32>], k1: usize) -> Vec<SparseRow> {
+    /// rows come from the all-pairs pass; others are computed.
+    fn encodings(&self, all: &AllPairs, k1: usize) -> Vec<SparseRow> {
+        let (initial_rank, nearest_d2, row_max) = (&all.initial_rank, &all.nearest_d2, &all.row_max);
         let half = round_half_even(k1 as f64 / 2.0);
         let reciprocal = |i: usize, k: usize| -> Vec<u32> {
             initial_rank[i][..=k]
@@ -303,8 +425,8 @@ impl Reranker {
                     .iter()
                     .map(|&j| {
                         let original = match initial_rank[i].iter().position(|&n| n == j) {
-                            Some(p) => nearest_d2[i][p] / self.row_max[i],
-                            None => self.original(i, j as usize),
+                            Some(p) => nearest_d2[i][p] / row_max[i],
+                            None => self.original(i, j as usize, row_max[i]),
                         };
                         (-original).exp()
                     })
@@ -314,31 +436,9 @@ impl Reranker {
             })
             .collect()
     }
-
-    /// Re-ranked distances from queries `q_start..` to every gallery row into `out`
-    /// (row-major, `out.len() / gallery_len` rows); junk columns get +inf.
-    pub fn distance_block(&self, q_start: usize, out: &mut [f32]) {
-        let (ng, nk) = (self.gallery_len, self.kept.len());
-        out.par_chunks_exact_mut(ng).enumerate().for_each(|(r, row)| {
-            let i = q_start + r;
-            let mut overlap = vec![0.0f32; nk];
-            for &(c, w) in &self.v[i] {
-                for &(j, wj) in &self.inverted[c as usize] {
-                    overlap[j as usize] += w.min(wj);
-                }
-            }
-            row.iter_mut().for_each(|d| *d = f32::INFINITY);
-            let squared = &self.query_gallery[i * nk..(i + 1) * nk];
-            for ((&col, m), d2) in self.kept.iter().zip(&overlap).zip(squared) {
-                let original = d2 / self.row_max[i];
-                let jaccard = 1.0 - m / (2.0 - m);
-                row[col] = jaccard * (1.0 - self.lambda) + original * self.lambda;
-            }
-        });
-    }
 }
 
-/// Offers the rows `i0..` of a tile, whose distances are `block` (row-major,
+/// Offers the rows `i0..` of a tile, whose squared distances are `block` (row-major,
 /// `width` columns), to the column states `states`, which are the tile's columns
 /// `c0..`: the rows are read in contiguous runs, maxima and thresholds kept in
 /// arrays so that the common case (no admission) is a vectorised pass.
@@ -350,7 +450,7 @@ fn serve_columns(states: &mut [Neighbours], keep: usize, block: &[f32], width: u
         let run = &block[r * width + c0..r * width + c0 + states.len()];
         for k0 in update_max_and_find(run, &mut max, &threshold) {
             for c in k0..(k0 + LANES).min(run.len()) {
-                let d2 = run[c] * run[c];
+                let d2 = run[c];
                 if d2 <= threshold[c] {
                     states[c].admit(keep, (i0 + r) as u32, d2);
                     threshold[c] = states[c].threshold;
@@ -366,8 +466,8 @@ fn serve_columns(states: &mut [Neighbours], keep: usize, block: &[f32], width: u
 /// Lanes of the vectorised scans.
 const LANES: usize = 16;
 
-/// Raises `max[c]` to `run[c]^2` and returns the starts of the groups of
-/// [`LANES`] entries where some `run[c]^2 <= threshold[c]`.
+/// Raises `max[c]` to `run[c]` (squared distances) and returns the starts of the
+/// groups of [`LANES`] entries where some `run[c] <= threshold[c]`.
 fn update_max_and_find(run: &[f32], max: &mut [f32], threshold: &[f32]) -> Vec<usize> {
     let mut found = Vec::new();
     let groups = run
@@ -377,7 +477,7 @@ fn update_max_and_find(run: &[f32], max: &mut [f32], threshold: &[f32]) -> Vec<u
     for (g, ((d, m), t)) in groups.enumerate() {
         let mut hit = false;
         for k in 0..d.len() {
-            let d2 = d[k] * d[k];
+            let d2 = d[k];
             m[k] = m[k].max(d2);
             hit |= d2 <= t[k];
         }
