@@ -11,6 +11,7 @@
 //! is `(1 - lambda) * jaccard + lambda * original`.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -59,8 +60,19 @@ impl std::str::FromStr for RerankParams {
 /// A sparse row: (column, value), columns ascending.
 type SparseRow = Vec<(u32, f32)>;
 
-/// Rows per tile of the all-pairs distance pass.
-const TILE: usize = 1024;
+/// How the all-pairs pass is cut: rows per tile, and rows per strip of a tile's
+/// diagonal block (each strip's GEMM starts at its own first column, so the work
+/// below the diagonal is one strip's, not a tile's).
+#[derive(Debug, Clone, Copy)]
+struct Tiling {
+    tile: usize,
+    strip: usize,
+}
+
+impl Tiling {
+    /// 1024-row tiles (a 77 MB tile at Market size) in 256-row strips.
+    const DEFAULT: Tiling = Tiling { tile: 1024, strip: 256 };
+}
 
 /// Columns per GEMM call of a tile (gemm's packing buffers stay small).
 const PANEL: usize = 8192;
@@ -98,6 +110,7 @@ struct Rows<'a> {
     metric: Metric,
     /// 1 / norm of every row (cosine only).
     inverse_norms: Vec<f64>,
+    tiling: Tiling,
 }
 
 /// The results of the all-pairs pass.
@@ -200,7 +213,18 @@ impl Neighbours {
 impl Reranker {
     /// Builds the encodings for queries `q` and the `kept` rows of gallery `g`.
     pub fn new(q: &Features, g: &Features, kept: &[usize], metric: Metric, params: RerankParams) -> Self {
-        let rows = Rows::new(q, g, kept, metric);
+        Self::with_tiling(q, g, kept, metric, params, Tiling::DEFAULT)
+    }
+
+    fn with_tiling(
+        q: &Features,
+        g: &Features,
+        kept: &[usize],
+        metric: Metric,
+        params: RerankParams,
+        tiling: Tiling,
+    ) -> Self {
+        let rows = Rows::new(q, g, kept, metric, tiling);
         let n = q.len() + kept.len();
         let keep = params.k1.min(n - 1) + 1;
         let all = rows.all_pairs(keep);
@@ -247,7 +271,7 @@ impl Reranker {
 }
 
 impl<'a> Rows<'a> {
-    fn new(q: &'a Features<'a>, g: &'a Features<'a>, kept: &[usize], metric: Metric) -> Self {
+    fn new(q: &'a Features<'a>, g: &'a Features<'a>, kept: &[usize], metric: Metric, tiling: Tiling) -> Self {
         let (g_rows, g_norms) = if kept.len() == g.len() {
             (Cow::Borrowed(g.rows), Cow::Borrowed(g.norms))
         } else {
@@ -255,7 +279,12 @@ impl<'a> Rows<'a> {
             (Cow::Owned(rows), Cow::Owned(kept.iter().map(|&j| g.norms[j]).collect()))
         };
         let inverse_norms = match metric {
-            Metric::Cosine => q.norms.iter().chain(&g_norms[..]).map(|n| 1.0 / n.max(1e-300)).collect(),
+            Metric::Cosine => q
+                .norms
+                .iter()
+                .chain(&g_norms[..])
+                .map(|n| 1.0 / n.max(1e-300))
+                .collect(),
             Metric::Euclidean => Vec::new(),
         };
         Rows {
@@ -264,6 +293,7 @@ impl<'a> Rows<'a> {
             g_norms,
             metric,
             inverse_norms,
+            tiling,
         }
     }
 
@@ -288,45 +318,61 @@ impl<'a> Rows<'a> {
     }
 
     /// Squared distances of rows `i0..i0 + rows` to rows `i0..` into `out`
-    /// [rows, len - i0]: up to four GEMMs (query or gallery rows against query or
-    /// gallery rows), then the distances formed in f64 and squared in f32.
+    /// [rows, len - i0], upper triangle only: row `i0 + r` holds the columns from
+    /// the start of its strip on (what lies left of that is stale).
     fn squared_tile(&self, i0: usize, rows: usize, out: &mut [f32]) {
-        let (nq, n, dim) = (self.q.len(), self.len(), self.q.dim);
-        let width = n - i0;
-        let row_parts = [(i0, (i0 + rows).min(nq)), (i0.max(nq), i0 + rows)];
-        let col_parts = [(i0, nq), (i0.max(nq), n)];
-        for &(r0, r1) in row_parts.iter().filter(|(a, b)| a < b) {
+        let (width, strip) = (self.len() - i0, self.tiling.strip);
+        self.dots(i0..i0 + rows, i0 + rows..self.len(), &mut out[rows..], width);
+        for a in (0..rows).step_by(strip) {
+            let b = (a + strip).min(rows);
+            self.dots(i0 + a..i0 + b, i0 + a..i0 + rows, &mut out[a * width + a..], width);
+        }
+        out.par_chunks_exact_mut(width).enumerate().for_each(|(r, row)| {
+            let from = r / strip * strip;
+            self.form_squared(i0 + r, i0 + from, &mut row[from..]);
+        });
+    }
+
+    /// Dot products of rows `rows` with rows `cols` into `out` (row stride
+    /// `width`): up to four GEMMs, query or gallery rows against query or gallery
+    /// rows, in panels of [`PANEL`] columns.
+    fn dots(&self, rows: Range<usize>, cols: Range<usize>, out: &mut [f32], width: usize) {
+        let (nq, dim) = (self.q.len(), self.q.dim);
+        let split = |r: &Range<usize>| [(r.start, r.end.min(nq)), (r.start.max(nq), r.end)];
+        for (r0, r1) in split(&rows).into_iter().filter(|(a, b)| a < b) {
             let (lhs, lr) = self.source(r0);
-            for &(c0, c1) in col_parts.iter().filter(|(a, b)| a < b) {
+            for (c0, c1) in split(&cols).into_iter().filter(|(a, b)| a < b) {
                 let (rhs, rr) = self.source(c0);
                 for p0 in (0..c1 - c0).step_by(PANEL) {
-                    let cols = PANEL.min(c1 - c0 - p0);
-                    let at = (r0 - i0) * width + (c0 - i0) + p0;
+                    let n = PANEL.min(c1 - c0 - p0);
+                    let at = (r0 - rows.start) * width + (c0 - cols.start) + p0;
                     let (l, r) = (&lhs.rows[lr * dim..], &rhs.rows[(rr + p0) * dim..]);
-                    gemm_nt(r1 - r0, cols, dim, &mut out[at..], width, false, l, dim, r, dim);
+                    gemm_nt(r1 - r0, n, dim, &mut out[at..], width, false, l, dim, r, dim);
                 }
             }
         }
-        out.par_chunks_exact_mut(width).enumerate().for_each(|(r, row)| {
-            let i = i0 + r;
-            match self.metric {
-                Metric::Cosine => {
-                    let inverse = &self.inverse_norms[i0..];
-                    for (d, ig) in row.iter_mut().zip(inverse) {
-                        let distance = (1.0 - *d as f64 * self.inverse_norms[i] * ig) as f32;
-                        *d = distance * distance;
-                    }
-                }
-                Metric::Euclidean => {
-                    let a = self.norm(i);
-                    for (k, d) in row.iter_mut().enumerate() {
-                        let b = self.norm(i0 + k);
-                        let distance = (a * a + b * b - 2.0 * *d as f64) as f32;
-                        *d = distance * distance;
-                    }
+    }
+
+    /// Turns the dot products of row `i` with rows `j0..` into squared distances
+    /// (formed in f64, squared in f32).
+    fn form_squared(&self, i: usize, j0: usize, row: &mut [f32]) {
+        match self.metric {
+            Metric::Cosine => {
+                let inverse = &self.inverse_norms[j0..];
+                for (d, ig) in row.iter_mut().zip(inverse) {
+                    let distance = (1.0 - *d as f64 * self.inverse_norms[i] * ig) as f32;
+                    *d = distance * distance;
                 }
             }
-        });
+            Metric::Euclidean => {
+                let a = self.norm(i);
+                for (k, d) in row.iter_mut().enumerate() {
+                    let b = self.norm(j0 + k);
+                    let distance = (a * a + b * b - 2.0 * *d as f64) as f32;
+                    *d = distance * distance;
+                }
+            }
+        }
     }
 
     /// The norm of row `i`.
@@ -340,18 +386,25 @@ impl<'a> Rows<'a> {
     /// nearest rows and largest squared distance, and the query-gallery block.
     fn all_pairs(&self, keep: usize) -> AllPairs {
         let (n, nq) = (self.len(), self.q.len());
-        let ng = n - nq;
+        let (ng, Tiling { tile: size, strip }) = (n - nq, self.tiling);
         let mut near = vec![Neighbours::new(keep); n];
         let mut query_gallery = vec![0.0f32; nq * ng];
-        let mut tile = vec![0.0f32; TILE.min(n) * n];
-        for i0 in (0..n).step_by(TILE) {
-            let (rows, width) = (TILE.min(n - i0), n - i0);
+        let mut tile = vec![0.0f32; size.min(n) * n];
+        for i0 in (0..n).step_by(size) {
+            let (rows, width) = (size.min(n - i0), n - i0);
             let block = &mut tile[..rows * width];
             self.squared_tile(i0, rows, block);
             let block = &*block;
             near[i0..i0 + rows].par_iter_mut().enumerate().for_each(|(r, nb)| {
-                nb.offer_run(keep, i0, &block[r * width..(r + 1) * width]);
+                let from = r / strip * strip;
+                nb.offer_run(keep, i0 + from, &block[r * width + from..(r + 1) * width]);
             });
+            // The tile's own strips serve the columns of the strips after them.
+            near[i0..i0 + rows]
+                .par_chunks_mut(strip)
+                .enumerate()
+                .skip(1)
+                .for_each(|(s, states)| serve_columns(states, keep, &block[..s * strip * width], width, s * strip, i0));
             near[i0 + rows..]
                 .par_chunks_mut(COLUMN_CHUNK)
                 .enumerate()
@@ -448,11 +501,14 @@ fn serve_columns(states: &mut [Neighbours], keep: usize, block: &[f32], width: u
     let mut threshold: Vec<f32> = states.iter().map(|s| s.threshold).collect();
     for r in 0..rows {
         let run = &block[r * width + c0..r * width + c0 + states.len()];
-        for k0 in update_max_and_find(run, &mut max, &threshold) {
-            for c in k0..(k0 + LANES).min(run.len()) {
-                let d2 = run[c];
-                if d2 <= threshold[c] {
-                    states[c].admit(keep, (i0 + r) as u32, d2);
+        for k0 in (0..run.len()).step_by(LANES) {
+            let k1 = (k0 + LANES).min(run.len());
+            if !raise_and_test(&run[k0..k1], &mut max[k0..k1], &threshold[k0..k1]) {
+                continue;
+            }
+            for c in k0..k1 {
+                if run[c] <= threshold[c] {
+                    states[c].admit(keep, (i0 + r) as u32, run[c]);
                     threshold[c] = states[c].threshold;
                 }
             }
@@ -466,26 +522,28 @@ fn serve_columns(states: &mut [Neighbours], keep: usize, block: &[f32], width: u
 /// Lanes of the vectorised scans.
 const LANES: usize = 16;
 
-/// Raises `max[c]` to `run[c]` (squared distances) and returns the starts of the
-/// groups of [`LANES`] entries where some `run[c] <= threshold[c]`.
-fn update_max_and_find(run: &[f32], max: &mut [f32], threshold: &[f32]) -> Vec<usize> {
-    let mut found = Vec::new();
-    let groups = run
-        .chunks(LANES)
-        .zip(max.chunks_mut(LANES))
-        .zip(threshold.chunks(LANES));
-    for (g, ((d, m), t)) in groups.enumerate() {
-        let mut hit = false;
-        for k in 0..d.len() {
-            let d2 = d[k];
-            m[k] = m[k].max(d2);
-            hit |= d2 <= t[k];
+/// Raises `max[k]` to `run[k]` (squared distances) and tells whether some
+/// `run[k] <= threshold[k]`: one vector pass for a whole group of [`LANES`].
+#[inline(always)]
+fn raise_and_test(run: &[f32], max: &mut [f32], threshold: &[f32]) -> bool {
+    if let (Ok(d), Ok(m), Ok(t)) = (
+        <&[f32; LANES]>::try_from(run),
+        <&mut [f32; LANES]>::try_from(&mut *max),
+        <&[f32; LANES]>::try_from(threshold),
+    ) {
+        let mut hit = [false; LANES];
+        for k in 0..LANES {
+            m[k] = m[k].max(d[k]);
+            hit[k] = d[k] <= t[k];
         }
-        if hit {
-            found.push(g * LANES);
-        }
+        return hit.iter().any(|&h| h);
     }
-    found
+    let mut hit = false;
+    for ((d, m), t) in run.iter().zip(max).zip(threshold) {
+        *m = m.max(*d);
+        hit |= d <= t;
+    }
+    hit
 }
 
 /// Local query expansion: each encoding averaged over its row's k2 nearest rows.
@@ -517,6 +575,7 @@ fn expand(encodings: &[SparseRow], initial_rank: &[Vec<u32>], k2: usize) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distance::row_norms;
 
     #[test]
     fn settings_parse_and_bad_ones_are_refused() {
@@ -524,6 +583,60 @@ mod tests {
         assert!("20,6".parse::<RerankParams>().is_err());
         assert!("20,30,0.3".parse::<RerankParams>().is_err());
         assert!("20,6,1.5".parse::<RerankParams>().is_err());
+    }
+
+    /// Distances of every query (gallery order) from a re-ranker cut as `tiling`.
+    fn reranked(q: &Features, g: &Features, kept: &[usize], metric: Metric, tiling: Tiling) -> Vec<f32> {
+        let r = Reranker::with_tiling(q, g, kept, metric, RerankParams::default(), tiling);
+        let mut out = vec![0.0; q.len() * g.len()];
+        r.distance_block(0, &mut out);
+        out
+    }
+
+    #[test]
+    fn every_tiling_gives_the_same_distances_up_to_rounding() {
+        // 37 queries and 90 gallery rows, some junk, in 8 dimensions.
+        let dim = 8;
+        let value = |i: usize| {
+            // splitmix64: well-spread values, so no two distances are near a tie.
+            let mut x = (i as u64).wrapping_add(0x9e3779b97f4a7c15);
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
+            ((x ^ (x >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 6.0 - 3.0
+        };
+        let qf: Vec<f32> = (0..37 * dim).map(value).collect();
+        let gf: Vec<f32> = (0..90 * dim).map(|i| value(i + 5000)).collect();
+        let (qn, gn) = (row_norms(&qf, dim), row_norms(&gf, dim));
+        let q = Features {
+            rows: &qf,
+            dim,
+            norms: &qn,
+        };
+        let g = Features {
+            rows: &gf,
+            dim,
+            norms: &gn,
+        };
+        let all: Vec<usize> = (0..90).collect();
+        let some: Vec<usize> = (0..90).filter(|j| j % 7 != 3).collect();
+        for metric in [Metric::Cosine, Metric::Euclidean] {
+            for kept in [&all, &some] {
+                // One tile holding everything in one strip: the plainest cut.
+                let want = reranked(&q, &g, kept, metric, Tiling { tile: 200, strip: 200 });
+                assert!(want.iter().filter(|d| d.is_finite()).count() == 37 * kept.len());
+                for (tile, strip) in [(1024, 256), (200, 5), (16, 5), (10, 10), (7, 3), (40, 1)] {
+                    let got = reranked(&q, &g, kept, metric, Tiling { tile, strip });
+                    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                    // GEMMs of other shapes round differently (an ulp or so); a
+                    // misplaced or missed entry moves distances by far more.
+                    assert!(
+                        diff <= 1e-6,
+                        "{metric}, {} kept, tiles of {tile} in strips of {strip}: {diff}",
+                        kept.len()
+                    );
+                }
+            }
+        }
     }
 
     #[test]
