@@ -496,6 +496,30 @@ impl<'a> Rows<'a> {
 /// `c0..`: the rows are read in contiguous runs, maxima and thresholds kept in
 /// arrays so that the common case (no admission) is a vectorised pass.
 fn serve_columns(states: &mut [Neighbours], keep: usize, block: &[f32], width: usize, c0: usize, i0: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { serve_columns_avx512(states, keep, block, width, c0, i0) };
+    }
+    serve_columns_portable(states, keep, block, width, c0, i0)
+}
+
+/// [`serve_columns`] compiled for AVX-512 (16 lanes in one register).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn serve_columns_avx512(
+    states: &mut [Neighbours],
+    keep: usize,
+    block: &[f32],
+    width: usize,
+    c0: usize,
+    i0: usize,
+) {
+    serve_columns_portable(states, keep, block, width, c0, i0)
+}
+
+#[inline(always)]
+fn serve_columns_portable(states: &mut [Neighbours], keep: usize, block: &[f32], width: usize, c0: usize, i0: usize) {
     let rows = block.len() / width;
     let mut max: Vec<f32> = states.iter().map(|s| s.max).collect();
     let mut threshold: Vec<f32> = states.iter().map(|s| s.threshold).collect();
