@@ -2,7 +2,10 @@
 //! PyTorch's `torch.optim.SGD`, with parameter groups.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor, Var};
+use num_traits::Float;
+use rayon::prelude::*;
+use reid_model::ops::Kernels;
 use serde::{Deserialize, Serialize};
 
 /// Optimiser settings (`[optim]` in a config).
@@ -79,37 +82,365 @@ impl Sgd {
     }
 
     /// One update with learning rate `lr` (before group multipliers). Parameters
-    /// without a gradient are left alone, as PyTorch does.
+    /// without a gradient are left alone, as PyTorch does. On the CPU each
+    /// parameter is updated in place in two passes (momentum, then parameter);
+    /// elsewhere (and under `REID_OPS=generic`) by tensor operations. Both round
+    /// the same operations in the same order, so they give the same bits.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        let SgdConfig {
-            momentum,
-            dampening,
-            nesterov,
-            ..
-        } = self.config;
+        self.step_with(grads, lr, Kernels::for_tensor)
+    }
+
+    /// [`Sgd::step`] with the implementation `kernels` picks for each parameter.
+    fn step_with(&mut self, grads: &GradStore, lr: f64, kernels: impl Fn(&Tensor) -> Kernels) -> Result<()> {
+        let config = self.config.clone();
         for p in &mut self.params {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let param = p.var.as_tensor().detach();
-            let mut d = grad.detach();
-            if p.weight_decay != 0.0 {
-                d = (d + (&param * p.weight_decay)?)?;
+            let rule = Rule::new(&config, p, lr);
+            match kernels(p.var.as_tensor()) {
+                Kernels::Fused => rule.update_in_place(p, &grad.contiguous()?)?,
+                Kernels::Generic => rule.update_by_tensors(p, grad)?,
             }
-            if momentum != 0.0 {
-                let buf = match p.momentum_buffer.take() {
-                    None => d.clone(),
-                    Some(b) => ((b * momentum)? + (&d * (1.0 - dampening))?)?,
-                };
-                d = if nesterov {
-                    (d + (&buf * momentum)?)?
-                } else {
-                    buf.clone()
-                };
-                p.momentum_buffer = Some(buf);
-            }
-            p.var.set(&(param - (d * (lr * p.lr_mult))?)?)?;
         }
         Ok(())
+    }
+}
+
+/// The update of one parameter: PyTorch's SGD with this group's settings.
+#[derive(Debug, Clone, Copy)]
+struct Rule {
+    lr: f64,
+    weight_decay: f64,
+    momentum: f64,
+    dampening: f64,
+    nesterov: bool,
+}
+
+impl Rule {
+    fn new(config: &SgdConfig, p: &SgdParam, lr: f64) -> Self {
+        Rule {
+            lr: lr * p.lr_mult,
+            weight_decay: p.weight_decay,
+            momentum: config.momentum,
+            dampening: config.dampening,
+            nesterov: config.nesterov,
+        }
+    }
+
+    /// The update as tensor operations (any device).
+    fn update_by_tensors(&self, p: &mut SgdParam, grad: &Tensor) -> Result<()> {
+        let param = p.var.as_tensor().detach();
+        let mut d = grad.detach();
+        if self.weight_decay != 0.0 {
+            d = (d + (&param * self.weight_decay)?)?;
+        }
+        if self.momentum != 0.0 {
+            let buf = match p.momentum_buffer.take() {
+                None => d.clone(),
+                Some(b) => ((b * self.momentum)? + (&d * (1.0 - self.dampening))?)?,
+            };
+            d = if self.nesterov {
+                (d + (&buf * self.momentum)?)?
+            } else {
+                buf.clone()
+            };
+            p.momentum_buffer = Some(buf);
+        }
+        p.var.set(&(param - (d * self.lr)?)?)
+    }
+
+    /// The update in place: the momentum buffer, then the parameter, each in one
+    /// pass (the first step's buffer is a fresh copy of the gradient with decay).
+    fn update_in_place(&self, p: &mut SgdParam, grad: &Tensor) -> Result<()> {
+        let param = p.var.as_tensor();
+        if self.momentum != 0.0 {
+            let buf = match p.momentum_buffer.take() {
+                None => grad.inplace_copy_with_decay(param, self.weight_decay)?,
+                Some(b) => {
+                    let b = b.contiguous()?;
+                    b.inplace_op3(grad, param, &MomentumPass(*self))?;
+                    b
+                }
+            };
+            param.inplace_op3(grad, &buf, &ParamPass(*self))?;
+            p.momentum_buffer = Some(buf);
+        } else {
+            // Without momentum the step is the gradient with decay: the pass reads
+            // it from `grad` in both operand places.
+            param.inplace_op3(grad, grad, &ParamPass(*self))?;
+        }
+        Ok(())
+    }
+
+    /// The gradient with weight decay, `g + p * wd` (as candle's affine rounds it).
+    #[inline(always)]
+    fn decayed<T: Float>(&self, g: T, p: T) -> T {
+        if self.weight_decay != 0.0 {
+            g + (p * T::from(self.weight_decay).expect("float") + T::zero())
+        } else {
+            g
+        }
+    }
+
+    /// `b * momentum + d * (1 - dampening)`.
+    #[inline(always)]
+    fn momentum_of<T: Float>(&self, b: T, d: T) -> T {
+        let m = T::from(self.momentum).expect("float");
+        let keep = T::from(1.0 - self.dampening).expect("float");
+        (b * m + T::zero()) + (d * keep + T::zero())
+    }
+
+    /// The new parameter from the decayed gradient `d` and the new buffer `b`.
+    #[inline(always)]
+    fn stepped<T: Float>(&self, p: T, d: T, b: T) -> T {
+        let direction = match (self.momentum != 0.0, self.nesterov) {
+            (false, _) => d,
+            (true, false) => b,
+            (true, true) => d + (b * T::from(self.momentum).expect("float") + T::zero()),
+        };
+        p - (direction * T::from(self.lr).expect("float") + T::zero())
+    }
+}
+
+/// Helpers for the first momentum buffer.
+trait DecayedCopy {
+    /// A fresh tensor `self + param * wd` (just `self`, copied, without decay).
+    fn inplace_copy_with_decay(&self, param: &Tensor, wd: f64) -> Result<Tensor>;
+}
+
+impl DecayedCopy for Tensor {
+    fn inplace_copy_with_decay(&self, param: &Tensor, wd: f64) -> Result<Tensor> {
+        match wd {
+            0.0 => self.copy(),
+            _ => self + (param * wd)?,
+        }
+    }
+}
+
+/// `buf <- buf * momentum + (g + p * wd) * (1 - dampening)` in place; operands
+/// (grad, param).
+struct MomentumPass(Rule);
+
+/// `p <- p - lr * direction` in place, the direction from (grad, buffer).
+struct ParamPass(Rule);
+
+/// The contiguous values of `storage` as `T`, or an error naming `op`.
+fn values<'a, T: candle_core::WithDType>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [T]> {
+    let data = T::cpu_storage_as_slice(storage)?;
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: operands must be contiguous"),
+    }
+}
+
+/// Runs `pass(dst, a, b)` over f32 or f64 storages of the same length.
+fn three_way(
+    op: &str,
+    dst: &mut CpuStorage,
+    dst_l: &Layout,
+    (a, a_l): (&CpuStorage, &Layout),
+    (b, b_l): (&CpuStorage, &Layout),
+    pass32: impl Fn(&mut [f32], &[f32], &[f32]),
+    pass64: impl Fn(&mut [f64], &[f64], &[f64]),
+) -> Result<()> {
+    let Some((lo, hi)) = dst_l.contiguous_offsets() else {
+        candle_core::bail!("{op}: the updated tensor must be contiguous");
+    };
+    match dst {
+        CpuStorage::F32(d) => {
+            let (a, b) = (values::<f32>(a, a_l, op)?, values::<f32>(b, b_l, op)?);
+            if a.len() != hi - lo || b.len() != hi - lo {
+                candle_core::bail!("{op}: operand sizes differ");
+            }
+            pass32(&mut d[lo..hi], a, b);
+        }
+        CpuStorage::F64(d) => {
+            let (a, b) = (values::<f64>(a, a_l, op)?, values::<f64>(b, b_l, op)?);
+            if a.len() != hi - lo || b.len() != hi - lo {
+                candle_core::bail!("{op}: operand sizes differ");
+            }
+            pass64(&mut d[lo..hi], a, b);
+        }
+        _ => candle_core::bail!("{op}: only f32 and f64 parameters are supported"),
+    }
+    Ok(())
+}
+
+/// Elements per parallel task of a pass.
+const CHUNK: usize = 1 << 16;
+
+impl InplaceOp3 for MomentumPass {
+    fn name(&self) -> &'static str {
+        "sgd-momentum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        a: &CpuStorage,
+        a_l: &Layout,
+        b: &CpuStorage,
+        b_l: &Layout,
+    ) -> Result<()> {
+        fn pass<T: Float + Send + Sync>(rule: &Rule, buf: &mut [T], grad: &[T], param: &[T]) {
+            buf.par_chunks_mut(CHUNK).enumerate().for_each(|(k, chunk)| {
+                let (g, p) = (&grad[k * CHUNK..], &param[k * CHUNK..]);
+                for ((b, &g), &p) in chunk.iter_mut().zip(g).zip(p) {
+                    *b = rule.momentum_of(*b, rule.decayed(g, p));
+                }
+            });
+        }
+        let rule = self.0;
+        three_way(
+            self.name(),
+            dst,
+            dst_l,
+            (a, a_l),
+            (b, b_l),
+            |d, a, b| pass(&rule, d, a, b),
+            |d, a, b| pass(&rule, d, a, b),
+        )
+    }
+}
+
+impl InplaceOp3 for ParamPass {
+    fn name(&self) -> &'static str {
+        "sgd-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        a: &CpuStorage,
+        a_l: &Layout,
+        b: &CpuStorage,
+        b_l: &Layout,
+    ) -> Result<()> {
+        fn pass<T: Float + Send + Sync>(rule: &Rule, param: &mut [T], grad: &[T], buf: &[T]) {
+            param.par_chunks_mut(CHUNK).enumerate().for_each(|(k, chunk)| {
+                let (g, b) = (&grad[k * CHUNK..], &buf[k * CHUNK..]);
+                for ((p, &g), &b) in chunk.iter_mut().zip(g).zip(b) {
+                    *p = rule.stepped(*p, rule.decayed(g, *p), b);
+                }
+            });
+        }
+        let rule = self.0;
+        three_way(
+            self.name(),
+            dst,
+            dst_l,
+            (a, a_l),
+            (b, b_l),
+            |d, a, b| pass(&rule, d, a, b),
+            |d, a, b| pass(&rule, d, a, b),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+
+    /// Values spread over [-1, 1) from a seeded linear congruential stream.
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// An optimiser over a weight [3, 5] (`id_classifier.weight`, a head) and a
+    /// bias [7] (backbone, 1-d), both of `dtype`.
+    fn optimiser(config: &SgdConfig, dtype: DType) -> Sgd {
+        let var = |n: usize, shape: &[usize], seed| {
+            let t = Tensor::from_vec(values(n, seed), shape, &Device::Cpu).unwrap();
+            Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+        };
+        let params = vec![
+            ("id_classifier.weight".to_string(), var(15, &[3, 5], 1)),
+            ("layer1.0.bn1.bias".to_string(), var(7, &[7], 2)),
+        ];
+        Sgd::new(params, config.clone())
+    }
+
+    /// Gradients of `sum(param * x)` with `x` from `seed`: `x` itself.
+    fn gradients(sgd: &Sgd, seed: u64) -> GradStore {
+        let mut loss: Option<Tensor> = None;
+        for (k, p) in sgd.params.iter().enumerate() {
+            let t = p.var.as_tensor();
+            let x = Tensor::from_vec(values(t.elem_count(), seed + k as u64), t.dims(), &Device::Cpu).unwrap();
+            let term = (t * x.to_dtype(t.dtype()).unwrap()).unwrap().sum_all().unwrap();
+            loss = Some(match loss {
+                None => term,
+                Some(l) => (l + term).unwrap(),
+            });
+        }
+        loss.unwrap().backward().unwrap()
+    }
+
+    fn bits(sgd: &Sgd) -> Vec<u64> {
+        let mut out = Vec::new();
+        for p in &sgd.params {
+            let mut tensors = vec![p.var.as_tensor().clone()];
+            tensors.extend(p.momentum_buffer.clone());
+            for t in tensors {
+                let v: Vec<f64> = t
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                out.extend(v.iter().map(|x| x.to_bits()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_in_place_update_gives_the_bits_of_the_tensor_operations() {
+        let configs = [
+            SgdConfig::default(),
+            SgdConfig {
+                nesterov: true,
+                backbone_lr_mult: 0.1,
+                no_decay_bn_bias: true,
+                ..SgdConfig::default()
+            },
+            SgdConfig {
+                dampening: 0.1,
+                weight_decay: 0.0,
+                ..SgdConfig::default()
+            },
+            SgdConfig {
+                momentum: 0.0,
+                ..SgdConfig::default()
+            },
+        ];
+        for (c, config) in configs.iter().enumerate() {
+            for dtype in [DType::F32, DType::F64] {
+                let (mut fused, mut tensors) = (optimiser(config, dtype), optimiser(config, dtype));
+                for step in 0..3 {
+                    let lr = 0.05 / (step + 1) as f64;
+                    fused
+                        .step_with(&gradients(&fused, 10 * step), lr, |_| Kernels::Fused)
+                        .unwrap();
+                    tensors
+                        .step_with(&gradients(&tensors, 10 * step), lr, |_| Kernels::Generic)
+                        .unwrap();
+                    assert_eq!(bits(&fused), bits(&tensors), "config {c}, {dtype:?}, step {step}");
+                }
+                let moved = bits(&fused) != bits(&optimiser(config, dtype));
+                assert!(moved, "config {c}: the parameters did not move");
+            }
+        }
     }
 }
