@@ -47,6 +47,10 @@ pub struct SgdParam {
     pub lr_mult: f64,
     pub weight_decay: f64,
     pub momentum_buffer: Option<Tensor>,
+    /// Memory for the first momentum buffer, taken before training allocates its
+    /// activations (CPU only): buffers made at the first step land between them
+    /// and raised the peak of a Res2Net-50 step by 6%.
+    spare: Option<Tensor>,
 }
 
 /// `torch.optim.SGD` over named parameters.
@@ -72,6 +76,9 @@ impl Sgd {
                     } else {
                         config.weight_decay
                     },
+                    spare: (config.momentum != 0.0 && var.device().is_cpu())
+                        .then(|| var.zeros_like())
+                        .and_then(|t| t.ok()),
                     name,
                     var,
                     momentum_buffer: None,
@@ -155,9 +162,13 @@ impl Rule {
     fn update_in_place(&self, p: &mut SgdParam, grad: &Tensor) -> Result<()> {
         let param = p.var.as_tensor();
         if self.momentum != 0.0 {
-            let buf = match p.momentum_buffer.take() {
-                None => grad.inplace_copy_with_decay(param, self.weight_decay)?,
-                Some(b) => {
+            let buf = match (p.momentum_buffer.take(), p.spare.take()) {
+                (None, Some(spare)) => {
+                    spare.inplace_op3(grad, param, &FirstMomentumPass(*self))?;
+                    spare
+                }
+                (None, None) => grad.inplace_copy_with_decay(param, self.weight_decay)?,
+                (Some(b), _) => {
                     let b = b.contiguous()?;
                     b.inplace_op3(grad, param, &MomentumPass(*self))?;
                     b
@@ -221,6 +232,9 @@ impl DecayedCopy for Tensor {
 /// `buf <- buf * momentum + (g + p * wd) * (1 - dampening)` in place; operands
 /// (grad, param).
 struct MomentumPass(Rule);
+
+/// `buf <- g + p * wd` in place (the first buffer); operands (grad, param).
+struct FirstMomentumPass(Rule);
 
 /// `p <- p - lr * direction` in place, the direction from (grad, buffer).
 struct ParamPass(Rule);
@@ -289,6 +303,41 @@ impl InplaceOp3 for MomentumPass {
                 let (g, p) = (&grad[k * CHUNK..], &param[k * CHUNK..]);
                 for ((b, &g), &p) in chunk.iter_mut().zip(g).zip(p) {
                     *b = rule.momentum_of(*b, rule.decayed(g, p));
+                }
+            });
+        }
+        let rule = self.0;
+        three_way(
+            self.name(),
+            dst,
+            dst_l,
+            (a, a_l),
+            (b, b_l),
+            |d, a, b| pass(&rule, d, a, b),
+            |d, a, b| pass(&rule, d, a, b),
+        )
+    }
+}
+
+impl InplaceOp3 for FirstMomentumPass {
+    fn name(&self) -> &'static str {
+        "sgd-first-momentum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        a: &CpuStorage,
+        a_l: &Layout,
+        b: &CpuStorage,
+        b_l: &Layout,
+    ) -> Result<()> {
+        fn pass<T: Float + Send + Sync>(rule: &Rule, buf: &mut [T], grad: &[T], param: &[T]) {
+            buf.par_chunks_mut(CHUNK).enumerate().for_each(|(k, chunk)| {
+                let (g, p) = (&grad[k * CHUNK..], &param[k * CHUNK..]);
+                for ((b, &g), &p) in chunk.iter_mut().zip(g).zip(p) {
+                    *b = rule.decayed(g, p);
                 }
             });
         }
