@@ -92,28 +92,38 @@ fn scratch<T: Float>(buf: &mut Vec<f64>, len: usize) -> &mut [T] {
     unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut T, len) }
 }
 
+/// The output positions `lo..hi` (of `out` positions) whose input position
+/// `o * stride + offset - padding` lies in `0..len`.
+fn inside(out: usize, len: usize, stride: usize, offset: usize, padding: usize) -> (usize, usize) {
+    // o * stride + offset >= padding, and o * stride + offset < len + padding.
+    let lo = padding.saturating_sub(offset).div_ceil(stride);
+    let hi = (len + padding).saturating_sub(offset).div_ceil(stride).min(out);
+    (lo.min(hi), hi)
+}
+
 /// Fills `cols` [C*k*k, OH*OW] from one image `x` [C, H, W].
 fn im2col<T: Float>(x: &[T], g: &Geometry, cols: &mut [T]) {
     let p = g.p();
     for c in 0..g.c {
         for ky in 0..g.k {
+            let (y_lo, y_hi) = inside(g.oh, g.h, g.stride, ky, g.padding);
             for kx in 0..g.k {
                 let row = &mut cols[((c * g.k + ky) * g.k + kx) * p..][..p];
-                for oy in 0..g.oh {
-                    let iy = (oy * g.stride + ky) as isize - g.padding as isize;
+                let (x_lo, x_hi) = inside(g.ow, g.w, g.stride, kx, g.padding);
+                row[..y_lo * g.ow].fill(T::zero());
+                row[y_hi * g.ow..].fill(T::zero());
+                for oy in y_lo..y_hi {
+                    let iy = oy * g.stride + ky - g.padding;
+                    let src = &x[(c * g.h + iy) * g.w..][..g.w];
                     let out = &mut row[oy * g.ow..(oy + 1) * g.ow];
-                    if iy < 0 || iy as usize >= g.h {
-                        out.iter_mut().for_each(|v| *v = T::zero());
-                        continue;
-                    }
-                    let src = &x[(c * g.h + iy as usize) * g.w..][..g.w];
-                    for (ox, v) in out.iter_mut().enumerate() {
-                        let ix = (ox * g.stride + kx) as isize - g.padding as isize;
-                        *v = if ix < 0 || ix as usize >= g.w {
-                            T::zero()
-                        } else {
-                            src[ix as usize]
-                        };
+                    out[..x_lo].fill(T::zero());
+                    out[x_hi..].fill(T::zero());
+                    let first = x_lo * g.stride + kx - g.padding;
+                    if g.stride == 1 {
+                        out[x_lo..x_hi].copy_from_slice(&src[first..first + x_hi - x_lo]);
+                    } else {
+                        let taken = src[first..].iter().step_by(g.stride);
+                        out[x_lo..x_hi].iter_mut().zip(taken).for_each(|(o, &v)| *o = v);
                     }
                 }
             }
@@ -132,20 +142,17 @@ fn col2im<T: Float>(cols: &[T], g: &Geometry, x: &mut [MaybeUninit<T>]) {
     let x = unsafe { &mut *(x as *mut [MaybeUninit<T>] as *mut [T]) };
     for c in 0..g.c {
         for ky in 0..g.k {
+            let (y_lo, y_hi) = inside(g.oh, g.h, g.stride, ky, g.padding);
             for kx in 0..g.k {
                 let row = &cols[((c * g.k + ky) * g.k + kx) * p..][..p];
-                for oy in 0..g.oh {
-                    let iy = (oy * g.stride + ky) as isize - g.padding as isize;
-                    if iy < 0 || iy as usize >= g.h {
-                        continue;
-                    }
-                    let dst = &mut x[(c * g.h + iy as usize) * g.w..][..g.w];
-                    for (ox, &v) in row[oy * g.ow..(oy + 1) * g.ow].iter().enumerate() {
-                        let ix = (ox * g.stride + kx) as isize - g.padding as isize;
-                        if ix >= 0 && (ix as usize) < g.w {
-                            dst[ix as usize] = dst[ix as usize] + v;
-                        }
-                    }
+                let (x_lo, x_hi) = inside(g.ow, g.w, g.stride, kx, g.padding);
+                for oy in y_lo..y_hi {
+                    let iy = oy * g.stride + ky - g.padding;
+                    let dst = &mut x[(c * g.h + iy) * g.w..][..g.w];
+                    let first = x_lo * g.stride + kx - g.padding;
+                    let values = &row[oy * g.ow + x_lo..oy * g.ow + x_hi];
+                    let targets = dst[first..].iter_mut().step_by(g.stride);
+                    targets.zip(values).for_each(|(d, &v)| *d = *d + v);
                 }
             }
         }
