@@ -5,6 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
 use reid_model::model::is_head;
+use reid_model::ops::{current_precision, with_precision};
 use reid_model::{LossWeights, PairLoss, PairTargets, ReidModel};
 use reid_sampling::PairBatch;
 
@@ -126,8 +127,34 @@ fn grad_norms(model: &ReidModel, loss: &PairLoss, w: &LossWeights, total: &GradS
 }
 
 /// Runs one step at learning rate `lr`; dropout masks come from `rng`. A
-/// non-finite loss stops the step before the update.
-pub fn train_step<R: Rng>(
+/// non-finite loss stops the step before the update. The step runs on a worker
+/// of rayon's global pool (see [`on_worker`]), in this thread's precision.
+pub fn train_step<R: Rng + Send>(
+    model: &ReidModel,
+    optimizer: &mut Sgd,
+    batch: &BatchTensors,
+    settings: StepSettings,
+    lr: f64,
+    rng: &mut R,
+) -> std::result::Result<StepStats, StepError> {
+    let precision = current_precision();
+    on_worker(|| {
+        with_precision(precision, || {
+            step_on_this_thread(model, optimizer, batch, settings, lr, rng)
+        })
+    })
+}
+
+/// Runs `f` on a worker of rayon's global pool (where it is, when already on
+/// one). The hundreds of parallel operations of a step then start from a worker
+/// as local jobs, instead of each being handed in from outside while the calling
+/// thread sleeps: a `res2net_tiny` bench on 2 cores went from about 30,000 waits
+/// to 4,000 per 30 steps, and from 147-196 to 207-215 images/s.
+pub fn on_worker<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    rayon::scope(|_| f())
+}
+
+fn step_on_this_thread<R: Rng>(
     model: &ReidModel,
     optimizer: &mut Sgd,
     batch: &BatchTensors,

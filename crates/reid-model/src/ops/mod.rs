@@ -100,6 +100,11 @@ pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
     result
 }
 
+/// The precision [`with_precision`] set on this thread (f32 by default).
+pub fn current_precision() -> Precision {
+    PRECISION.with(|p| p.get())
+}
+
 /// `op` on `operands`, in bf16 when [`with_precision`] asks for it and they are
 /// f32 (the result cast back to f32); as they are otherwise.
 pub fn in_compute_precision(
