@@ -299,7 +299,7 @@ unsafe fn columns_at_least_avx512(dots: &[f32], weights: &[f32], floor: f32, out
 }
 
 /// Gallery rows per GEMM call.
-const PANEL: usize = 8192;
+pub(crate) const PANEL: usize = 8192;
 
 /// Depth of one GEMM of [`Features::dot_tile`]: the dot products are summed over
 /// slices of this many dimensions, each slice by its own GEMM, so that no chain of

@@ -16,7 +16,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::distance::{gemm_nt, Features, Metric};
+use crate::distance::{gemm_nt, Features, Metric, PANEL};
 
 /// Re-ranking settings; torchreid's defaults are k1 = 20, k2 = 6, lambda = 0.3.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -74,9 +74,6 @@ impl Tiling {
     const DEFAULT: Tiling = Tiling { tile: 1024, strip: 256 };
 }
 
-/// Columns per GEMM call of a tile (gemm's packing buffers stay small).
-const PANEL: usize = 8192;
-
 /// Columns per task when a tile serves its columns.
 const COLUMN_CHUNK: usize = 256;
 
@@ -103,10 +100,13 @@ pub struct Reranker {
 /// rows are gathered once (junk in the all-pairs pass would cost a GEMM share
 /// twice its own).
 struct Rows<'a> {
-    q: &'a Features<'a>,
-    /// The kept gallery rows and their norms.
+    num_query: usize,
+    q_rows: &'a [f32],
+    /// The kept gallery rows.
     g_rows: Cow<'a, [f32]>,
-    g_norms: Cow<'a, [f64]>,
+    dim: usize,
+    /// The norm of every row, queries then kept gallery rows.
+    norms: Vec<f64>,
     metric: Metric,
     /// 1 / norm of every row (cosine only).
     inverse_norms: Vec<f64>,
@@ -183,7 +183,7 @@ impl Neighbours {
         }
     }
 
-    /// Offers a run of columns `j0..` at squared distances `run` (NaN: none).
+    /// Offers a run of columns `j0..` at squared distances `run`.
     fn offer_run(&mut self, keep: usize, j0: usize, run: &[f32]) {
         // Sixteen lanes for the maximum, which the compiler vectorises.
         let mut lanes = [f32::MIN; 16];
@@ -272,25 +272,26 @@ impl Reranker {
 
 impl<'a> Rows<'a> {
     fn new(q: &'a Features<'a>, g: &'a Features<'a>, kept: &[usize], metric: Metric, tiling: Tiling) -> Self {
-        let (g_rows, g_norms) = if kept.len() == g.len() {
-            (Cow::Borrowed(g.rows), Cow::Borrowed(g.norms))
-        } else {
-            let rows = kept.iter().flat_map(|&j| g.row(j).iter().copied()).collect();
-            (Cow::Owned(rows), Cow::Owned(kept.iter().map(|&j| g.norms[j]).collect()))
+        let g_rows = match kept.len() == g.len() {
+            true => Cow::Borrowed(g.rows),
+            false => Cow::Owned(kept.iter().flat_map(|&j| g.row(j).iter().copied()).collect()),
         };
+        let norms: Vec<f64> = q
+            .norms
+            .iter()
+            .copied()
+            .chain(kept.iter().map(|&j| g.norms[j]))
+            .collect();
         let inverse_norms = match metric {
-            Metric::Cosine => q
-                .norms
-                .iter()
-                .chain(&g_norms[..])
-                .map(|n| 1.0 / n.max(1e-300))
-                .collect(),
+            Metric::Cosine => norms.iter().map(|n| 1.0 / n.max(1e-300)).collect(),
             Metric::Euclidean => Vec::new(),
         };
         Rows {
-            q,
+            num_query: q.len(),
+            q_rows: q.rows,
             g_rows,
-            g_norms,
+            dim: q.dim,
+            norms,
             metric,
             inverse_norms,
             tiling,
@@ -299,21 +300,14 @@ impl<'a> Rows<'a> {
 
     /// Number of rows: queries and kept gallery rows.
     fn len(&self) -> usize {
-        self.q.len() + self.g_norms.len()
+        self.norms.len()
     }
 
-    /// The set of row `i` and its index there.
-    fn source(&self, i: usize) -> (Features<'_>, usize) {
-        match i.checked_sub(self.q.len()) {
-            None => (*self.q, i),
-            Some(j) => {
-                let g = Features {
-                    rows: &self.g_rows,
-                    dim: self.q.dim,
-                    norms: &self.g_norms,
-                };
-                (g, j)
-            }
+    /// The rows from row `i` to the end of its set (queries or gallery).
+    fn rows_from(&self, i: usize) -> &[f32] {
+        match i.checked_sub(self.num_query) {
+            None => &self.q_rows[i * self.dim..],
+            Some(j) => &self.g_rows[j * self.dim..],
         }
     }
 
@@ -337,16 +331,14 @@ impl<'a> Rows<'a> {
     /// `width`): up to four GEMMs, query or gallery rows against query or gallery
     /// rows, in panels of [`PANEL`] columns.
     fn dots(&self, rows: Range<usize>, cols: Range<usize>, out: &mut [f32], width: usize) {
-        let (nq, dim) = (self.q.len(), self.q.dim);
+        let (nq, dim) = (self.num_query, self.dim);
         let split = |r: &Range<usize>| [(r.start, r.end.min(nq)), (r.start.max(nq), r.end)];
         for (r0, r1) in split(&rows).into_iter().filter(|(a, b)| a < b) {
-            let (lhs, lr) = self.source(r0);
             for (c0, c1) in split(&cols).into_iter().filter(|(a, b)| a < b) {
-                let (rhs, rr) = self.source(c0);
                 for p0 in (0..c1 - c0).step_by(PANEL) {
                     let n = PANEL.min(c1 - c0 - p0);
                     let at = (r0 - rows.start) * width + (c0 - cols.start) + p0;
-                    let (l, r) = (&lhs.rows[lr * dim..], &rhs.rows[(rr + p0) * dim..]);
+                    let (l, r) = (self.rows_from(r0), self.rows_from(c0 + p0));
                     gemm_nt(r1 - r0, n, dim, &mut out[at..], width, false, l, dim, r, dim);
                 }
             }
@@ -365,9 +357,8 @@ impl<'a> Rows<'a> {
                 }
             }
             Metric::Euclidean => {
-                let a = self.norm(i);
-                for (k, d) in row.iter_mut().enumerate() {
-                    let b = self.norm(j0 + k);
+                let a = self.norms[i];
+                for (d, &b) in row.iter_mut().zip(&self.norms[j0..]) {
                     let distance = (a * a + b * b - 2.0 * *d as f64) as f32;
                     *d = distance * distance;
                 }
@@ -375,17 +366,11 @@ impl<'a> Rows<'a> {
         }
     }
 
-    /// The norm of row `i`.
-    fn norm(&self, i: usize) -> f64 {
-        let (set, j) = self.source(i);
-        set.norms[j]
-    }
-
     /// One pass over the upper triangle of the all-pairs distances, tile by tile
     /// (each tile serves its rows and, transposed, its columns): every row's `keep`
     /// nearest rows and largest squared distance, and the query-gallery block.
     fn all_pairs(&self, keep: usize) -> AllPairs {
-        let (n, nq) = (self.len(), self.q.len());
+        let (n, nq) = (self.len(), self.num_query);
         let (ng, Tiling { tile: size, strip }) = (n - nq, self.tiling);
         let mut near = vec![Neighbours::new(keep); n];
         let mut query_gallery = vec![0.0f32; nq * ng];
@@ -428,10 +413,10 @@ impl<'a> Rows<'a> {
 
     /// The original (squared, row-normalised) distance between rows i and j.
     fn original(&self, i: usize, j: usize, row_max: f32) -> f32 {
-        let ((a, ia), (b, ib)) = (self.source(i), self.source(j));
+        let (a, b) = (&self.rows_from(i)[..self.dim], &self.rows_from(j)[..self.dim]);
         // Sixteen partial sums, which the compiler vectorises.
         let mut acc = [0.0f32; 16];
-        let (x, y) = (a.row(ia).chunks_exact(16), b.row(ib).chunks_exact(16));
+        let (x, y) = (a.chunks_exact(16), b.chunks_exact(16));
         let tail: f32 = x.remainder().iter().zip(y.remainder()).map(|(x, y)| x * y).sum();
         for (x, y) in x.zip(y) {
             for k in 0..16 {
@@ -439,7 +424,7 @@ impl<'a> Rows<'a> {
             }
         }
         let dot = acc.iter().sum::<f32>() + tail;
-        let (na, nb) = (a.norms[ia], b.norms[ib]);
+        let (na, nb) = (self.norms[i], self.norms[j]);
         let d = match self.metric {
             Metric::Cosine => 1.0 - dot as f64 / (na * nb).max(1e-300),
             Metric::Euclidean => na * na + nb * nb - 2.0 * dot as f64,
