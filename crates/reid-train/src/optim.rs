@@ -48,8 +48,8 @@ pub struct SgdParam {
     pub weight_decay: f64,
     pub momentum_buffer: Option<Tensor>,
     /// Memory for the first momentum buffer, taken before training allocates its
-    /// activations (CPU only): buffers made at the first step land between them
-    /// and raised the peak of a Res2Net-50 step by 6%.
+    /// activations (in-place updates only): buffers made at the first step land
+    /// between them and raised the peak of a Res2Net-50 step by 6%.
     spare: Option<Tensor>,
 }
 
@@ -76,9 +76,11 @@ impl Sgd {
                     } else {
                         config.weight_decay
                     },
-                    spare: (config.momentum != 0.0 && var.device().is_cpu())
-                        .then(|| var.zeros_like())
-                        .and_then(|t| t.ok()),
+                    // A failed allocation here is tried again at the first step,
+                    // where its error is returned.
+                    spare: (config.momentum != 0.0 && Kernels::for_tensor(var.as_tensor()) == Kernels::Fused)
+                        .then(|| var.zeros_like().ok())
+                        .flatten(),
                     name,
                     var,
                     momentum_buffer: None,
@@ -158,29 +160,24 @@ impl Rule {
     }
 
     /// The update in place: the momentum buffer, then the parameter, each in one
-    /// pass (the first step's buffer is a fresh copy of the gradient with decay).
+    /// pass. The first buffer goes into the parameter's spare memory.
     fn update_in_place(&self, p: &mut SgdParam, grad: &Tensor) -> Result<()> {
         let param = p.var.as_tensor();
-        if self.momentum != 0.0 {
-            let buf = match (p.momentum_buffer.take(), p.spare.take()) {
-                (None, Some(spare)) => {
-                    spare.inplace_op3(grad, param, &FirstMomentumPass(*self))?;
-                    spare
-                }
-                (None, None) => grad.inplace_copy_with_decay(param, self.weight_decay)?,
-                (Some(b), _) => {
-                    let b = b.contiguous()?;
-                    b.inplace_op3(grad, param, &MomentumPass(*self))?;
-                    b
-                }
-            };
-            param.inplace_op3(grad, &buf, &ParamPass(*self))?;
-            p.momentum_buffer = Some(buf);
-        } else {
-            // Without momentum the step is the gradient with decay: the pass reads
-            // it from `grad` in both operand places.
-            param.inplace_op3(grad, grad, &ParamPass(*self))?;
+        let spare = p.spare.take();
+        if self.momentum == 0.0 {
+            // The step is the gradient with decay: `grad` fills both operand places.
+            return param.inplace_op3(grad, grad, &Pass(*self, PassKind::Param));
         }
+        let (buf, kind) = match p.momentum_buffer.take() {
+            Some(b) => (b.contiguous()?, PassKind::Momentum),
+            None => match spare {
+                Some(s) => (s, PassKind::FirstMomentum),
+                None => (param.zeros_like()?, PassKind::FirstMomentum),
+            },
+        };
+        buf.inplace_op3(grad, param, &Pass(*self, kind))?;
+        param.inplace_op3(grad, &buf, &Pass(*self, PassKind::Param))?;
+        p.momentum_buffer = Some(buf);
         Ok(())
     }
 
@@ -214,149 +211,53 @@ impl Rule {
     }
 }
 
-/// Helpers for the first momentum buffer.
-trait DecayedCopy {
-    /// A fresh tensor `self + param * wd` (just `self`, copied, without decay).
-    fn inplace_copy_with_decay(&self, param: &Tensor, wd: f64) -> Result<Tensor>;
+/// One pass of the in-place update over a tensor and two operands.
+#[derive(Debug, Clone, Copy)]
+enum PassKind {
+    /// `buf <- g + p * wd` (the first buffer); operands (grad, param).
+    FirstMomentum,
+    /// `buf <- buf * momentum + (g + p * wd) * (1 - dampening)`; operands (grad, param).
+    Momentum,
+    /// `p <- p - lr * direction`; operands (grad, buffer).
+    Param,
 }
 
-impl DecayedCopy for Tensor {
-    fn inplace_copy_with_decay(&self, param: &Tensor, wd: f64) -> Result<Tensor> {
-        match wd {
-            0.0 => self.copy(),
-            _ => self + (param * wd)?,
+/// A [`PassKind`] with the rule it applies.
+struct Pass(Rule, PassKind);
+
+impl Pass {
+    /// Writes every value of `dst` from itself and the same values of `a` and `b`.
+    fn apply<T: Float + Send + Sync>(&self, dst: &mut [T], a: &[T], b: &[T]) {
+        let r = self.0;
+        match self.1 {
+            PassKind::FirstMomentum => each(dst, a, b, |_, g, p| r.decayed(g, p)),
+            PassKind::Momentum => each(dst, a, b, |buf, g, p| r.momentum_of(buf, r.decayed(g, p))),
+            PassKind::Param => each(dst, a, b, |p, g, buf| r.stepped(p, r.decayed(g, p), buf)),
         }
     }
-}
-
-/// `buf <- buf * momentum + (g + p * wd) * (1 - dampening)` in place; operands
-/// (grad, param).
-struct MomentumPass(Rule);
-
-/// `buf <- g + p * wd` in place (the first buffer); operands (grad, param).
-struct FirstMomentumPass(Rule);
-
-/// `p <- p - lr * direction` in place, the direction from (grad, buffer).
-struct ParamPass(Rule);
-
-/// The contiguous values of `storage` as `T`, or an error naming `op`.
-fn values<'a, T: candle_core::WithDType>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [T]> {
-    let data = T::cpu_storage_as_slice(storage)?;
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: operands must be contiguous"),
-    }
-}
-
-/// Runs `pass(dst, a, b)` over f32 or f64 storages of the same length.
-fn three_way(
-    op: &str,
-    dst: &mut CpuStorage,
-    dst_l: &Layout,
-    (a, a_l): (&CpuStorage, &Layout),
-    (b, b_l): (&CpuStorage, &Layout),
-    pass32: impl Fn(&mut [f32], &[f32], &[f32]),
-    pass64: impl Fn(&mut [f64], &[f64], &[f64]),
-) -> Result<()> {
-    let Some((lo, hi)) = dst_l.contiguous_offsets() else {
-        candle_core::bail!("{op}: the updated tensor must be contiguous");
-    };
-    match dst {
-        CpuStorage::F32(d) => {
-            let (a, b) = (values::<f32>(a, a_l, op)?, values::<f32>(b, b_l, op)?);
-            if a.len() != hi - lo || b.len() != hi - lo {
-                candle_core::bail!("{op}: operand sizes differ");
-            }
-            pass32(&mut d[lo..hi], a, b);
-        }
-        CpuStorage::F64(d) => {
-            let (a, b) = (values::<f64>(a, a_l, op)?, values::<f64>(b, b_l, op)?);
-            if a.len() != hi - lo || b.len() != hi - lo {
-                candle_core::bail!("{op}: operand sizes differ");
-            }
-            pass64(&mut d[lo..hi], a, b);
-        }
-        _ => candle_core::bail!("{op}: only f32 and f64 parameters are supported"),
-    }
-    Ok(())
 }
 
 /// Elements per parallel task of a pass.
 const CHUNK: usize = 1 << 16;
 
-impl InplaceOp3 for MomentumPass {
-    fn name(&self) -> &'static str {
-        "sgd-momentum"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        a: &CpuStorage,
-        a_l: &Layout,
-        b: &CpuStorage,
-        b_l: &Layout,
-    ) -> Result<()> {
-        fn pass<T: Float + Send + Sync>(rule: &Rule, buf: &mut [T], grad: &[T], param: &[T]) {
-            buf.par_chunks_mut(CHUNK).enumerate().for_each(|(k, chunk)| {
-                let (g, p) = (&grad[k * CHUNK..], &param[k * CHUNK..]);
-                for ((b, &g), &p) in chunk.iter_mut().zip(g).zip(p) {
-                    *b = rule.momentum_of(*b, rule.decayed(g, p));
-                }
-            });
+/// `dst[i] <- f(dst[i], a[i], b[i])`, in parallel chunks.
+fn each<T: Float + Send + Sync>(dst: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T, T) -> T + Sync) {
+    dst.par_chunks_mut(CHUNK).enumerate().for_each(|(k, chunk)| {
+        let (a, b) = (&a[k * CHUNK..], &b[k * CHUNK..]);
+        for ((d, &x), &y) in chunk.iter_mut().zip(a).zip(b) {
+            *d = f(*d, x, y);
         }
-        let rule = self.0;
-        three_way(
-            self.name(),
-            dst,
-            dst_l,
-            (a, a_l),
-            (b, b_l),
-            |d, a, b| pass(&rule, d, a, b),
-            |d, a, b| pass(&rule, d, a, b),
-        )
-    }
+    });
 }
 
-impl InplaceOp3 for FirstMomentumPass {
-    fn name(&self) -> &'static str {
-        "sgd-first-momentum"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        a: &CpuStorage,
-        a_l: &Layout,
-        b: &CpuStorage,
-        b_l: &Layout,
-    ) -> Result<()> {
-        fn pass<T: Float + Send + Sync>(rule: &Rule, buf: &mut [T], grad: &[T], param: &[T]) {
-            buf.par_chunks_mut(CHUNK).enumerate().for_each(|(k, chunk)| {
-                let (g, p) = (&grad[k * CHUNK..], &param[k * CHUNK..]);
-                for ((b, &g), &p) in chunk.iter_mut().zip(g).zip(p) {
-                    *b = rule.decayed(g, p);
-                }
-            });
-        }
-        let rule = self.0;
-        three_way(
-            self.name(),
-            dst,
-            dst_l,
-            (a, a_l),
-            (b, b_l),
-            |d, a, b| pass(&rule, d, a, b),
-            |d, a, b| pass(&rule, d, a, b),
-        )
-    }
+/// The contiguous values of `storage` as `T`, or an error naming `op`.
+fn values<'a, T: candle_core::WithDType>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [T]> {
+    reid_model::ops::contiguous(T::cpu_storage_as_slice(storage)?, layout, op)
 }
 
-impl InplaceOp3 for ParamPass {
+impl InplaceOp3 for Pass {
     fn name(&self) -> &'static str {
-        "sgd-param"
+        "sgd-update"
     }
 
     fn cpu_fwd(
@@ -368,24 +269,28 @@ impl InplaceOp3 for ParamPass {
         b: &CpuStorage,
         b_l: &Layout,
     ) -> Result<()> {
-        fn pass<T: Float + Send + Sync>(rule: &Rule, param: &mut [T], grad: &[T], buf: &[T]) {
-            param.par_chunks_mut(CHUNK).enumerate().for_each(|(k, chunk)| {
-                let (g, b) = (&grad[k * CHUNK..], &buf[k * CHUNK..]);
-                for ((p, &g), &b) in chunk.iter_mut().zip(g).zip(b) {
-                    *p = rule.stepped(*p, rule.decayed(g, *p), b);
-                }
-            });
+        let op = self.name();
+        let Some((lo, hi)) = dst_l.contiguous_offsets() else {
+            candle_core::bail!("{op}: the updated tensor must be contiguous");
+        };
+        let sizes = |a: usize, b: usize| match a == hi - lo && b == hi - lo {
+            true => Ok(()),
+            false => Err(candle_core::Error::Msg(format!("{op}: operand sizes differ"))),
+        };
+        match dst {
+            CpuStorage::F32(d) => {
+                let (a, b) = (values::<f32>(a, a_l, op)?, values::<f32>(b, b_l, op)?);
+                sizes(a.len(), b.len())?;
+                self.apply(&mut d[lo..hi], a, b);
+            }
+            CpuStorage::F64(d) => {
+                let (a, b) = (values::<f64>(a, a_l, op)?, values::<f64>(b, b_l, op)?);
+                sizes(a.len(), b.len())?;
+                self.apply(&mut d[lo..hi], a, b);
+            }
+            _ => candle_core::bail!("{op}: only f32 and f64 parameters are supported"),
         }
-        let rule = self.0;
-        three_way(
-            self.name(),
-            dst,
-            dst_l,
-            (a, a_l),
-            (b, b_l),
-            |d, a, b| pass(&rule, d, a, b),
-            |d, a, b| pass(&rule, d, a, b),
-        )
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@ use candle_core::{Layout, Result};
 use rayon::prelude::*;
 
 /// The values of a contiguous `layout` in `data`; an error naming `op` otherwise.
-pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+pub fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{op}: operands must be contiguous"),
