@@ -150,7 +150,7 @@ pub fn train_step<R: Rng + Send>(
 /// as local jobs, instead of each being handed in from outside while the calling
 /// thread sleeps: a `res2net_tiny` bench on 2 cores went from about 30,000 waits
 /// to 4,000 per 30 steps, and from 147-196 to 207-215 images/s.
-pub fn on_worker<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+fn on_worker<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     rayon::scope(|_| f())
 }
 
