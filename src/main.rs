@@ -74,9 +74,9 @@ fn no_transparent_huge_pages() {
 
 /// candle runs large element-wise ops on a pool of its own, whose workers spin
 /// 25,000 rounds after each op before they sleep. Beside the training's rayon
-/// threads that spin holds a core: 12-14% of a `res2net_tiny` CPU step's samples
-/// on 2 cores. A short spin unless the user chose one (candle reads the variable
-/// when its pool starts, after this).
+/// threads that spin holds a core: 12-14% of a `res2net_tiny` step's samples in
+/// `reid bench train` on 2 cores. A short spin unless the user chose one (candle
+/// reads the variable when its pool starts, after this).
 fn short_candle_spin() {
     const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
     if std::env::var_os(VAR).is_none() {
