@@ -181,20 +181,25 @@ impl CustomOp3 for BatchNormTrain {
     }
 }
 
-/// Values per pass of [`masked_chunk`].
+/// Values per pass of [`masked_chunks`].
 const MASK_CHUNK: usize = 256;
 
-/// The gradient reaching the batch norm, through the ReLU when there is one (it
-/// passes where the output is positive), for a chunk of values, into `out`. A
-/// loop of its own so that it compiles to vector selects: inside the backward's
-/// loops the mask was a branch per value, mispredicted about half the time on
-/// ReLU outputs (most of their time in a `res2net_tiny` step).
-fn masked_chunk<'a, T: Float>(g: &[T], y: &[T], relu: bool, out: &'a mut [T; MASK_CHUNK]) -> &'a [T] {
-    let out = &mut out[..g.len()];
-    for ((o, &gv), &yv) in out.iter_mut().zip(g).zip(y) {
-        *o = if relu && yv <= T::zero() { T::zero() } else { gv };
+/// Calls `f(start, xs, kept)` for each chunk of up to [`MASK_CHUNK`] values of
+/// a plane from `start`: `xs` the inputs, `kept` the gradient reaching the batch
+/// norm, through the ReLU when there is one (it passes where the output is
+/// positive). The mask is a loop of its own so that it compiles to vector
+/// selects: inside the backward's loops it was a branch per value, mispredicted
+/// about half the time on ReLU outputs of random inputs.
+fn masked_chunks<T: Float>(x: &[T], y: &[T], g: &[T], relu: bool, mut f: impl FnMut(usize, &[T], &[T])) {
+    let mut kept = [T::zero(); MASK_CHUNK];
+    for start in (0..x.len()).step_by(MASK_CHUNK) {
+        let end = (start + MASK_CHUNK).min(x.len());
+        let kept = &mut kept[..end - start];
+        for ((k, &gv), &yv) in kept.iter_mut().zip(&g[start..end]).zip(&y[start..end]) {
+            *k = if relu && yv <= T::zero() { T::zero() } else { gv };
+        }
+        f(start, &x[start..end], kept);
     }
-    out
 }
 
 /// Per channel: sum(g * x_hat) and sum(g) as a [2, C] tensor, from (x, y, grad).
@@ -211,19 +216,19 @@ impl GradSums {
         let per = per_channel(n * c, c, |p| {
             let (mean, range) = (s.mean[p % c], p * hw..(p + 1) * hw);
             let (mut sg, mut sgx) = (0.0, 0.0);
-            let mut kept = [T::zero(); MASK_CHUNK];
-            let chunks = x[range.clone()].chunks(MASK_CHUNK);
-            for ((xs, ys), gs) in chunks
-                .zip(y[range.clone()].chunks(MASK_CHUNK))
-                .zip(g[range].chunks(MASK_CHUNK))
-            {
-                let kept = masked_chunk(gs, ys, self.relu, &mut kept);
-                for (&gv, &xv) in kept.iter().zip(xs) {
-                    let gm = gv.to_f64().unwrap();
-                    sg += gm;
-                    sgx += gm * (xv.to_f64().unwrap() - mean);
-                }
-            }
+            masked_chunks(
+                &x[range.clone()],
+                &y[range.clone()],
+                &g[range],
+                self.relu,
+                |_, xs, kept| {
+                    for (&gv, &xv) in kept.iter().zip(xs) {
+                        let gm = gv.to_f64().unwrap();
+                        sg += gm;
+                        sgx += gm * (xv.to_f64().unwrap() - mean);
+                    }
+                },
+            );
             [sgx, sg]
         });
         let invstd: Vec<f64> = s.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
@@ -278,17 +283,18 @@ impl InputGrad {
                 let invstd = 1.0 / (s.var[ch] + self.eps).sqrt();
                 let (mean, k) = (s.mean[ch], self.weight[ch] * invstd / n);
                 let (a, b) = (self.sum_g[ch], self.sum_gxhat[ch]);
-                let mut kept = [T::zero(); MASK_CHUNK];
-                let chunks = o.chunks_mut(MASK_CHUNK).zip(x[range.clone()].chunks(MASK_CHUNK));
-                for ((o, xs), (ys, gs)) in
-                    chunks.zip(y[range.clone()].chunks(MASK_CHUNK).zip(g[range].chunks(MASK_CHUNK)))
-                {
-                    let kept = masked_chunk(gs, ys, self.relu, &mut kept);
-                    for ((o, &xv), &gv) in o.iter_mut().zip(xs).zip(kept) {
-                        let xhat = (xv.to_f64().unwrap() - mean) * invstd;
-                        o.write(T::from(k * (n * gv.to_f64().unwrap() - a - xhat * b)).unwrap());
-                    }
-                }
+                masked_chunks(
+                    &x[range.clone()],
+                    &y[range.clone()],
+                    &g[range],
+                    self.relu,
+                    |start, xs, kept| {
+                        for ((o, &xv), &gv) in o[start..].iter_mut().zip(xs).zip(kept) {
+                            let xhat = (xv.to_f64().unwrap() - mean) * invstd;
+                            o.write(T::from(k * (n * gv.to_f64().unwrap() - a - xhat * b)).unwrap());
+                        }
+                    },
+                );
             })
         }
     }
