@@ -6,7 +6,8 @@ use candle_nn::VarBuilder;
 
 use crate::arch::{Arch, BlockKind};
 use crate::layers::{batch_norm, Conv, ConvBn};
-use crate::ops::{add_relu, avg_pool2d, channel_slice, max_pool2d};
+use crate::ops::pool::Window;
+use crate::ops::{add_relu, avg_pool2d, channel_slice};
 
 /// timm's `Bottle2neck`: a 1x1 convolution split into `scale` groups; the first
 /// `scale - 1` go through 3x3 convolutions, each after the previous group's output
@@ -220,9 +221,20 @@ impl Backbone {
         Ok(Backbone { arch, stem, stages })
     }
 
+    /// The stem: 7x7/2 convolution, batch norm, ReLU, 3x3/2 max pool (one op in
+    /// train mode on the CPU; see [`ConvBn::forward_relu_max_pool`]).
+    fn stem_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let pool = Window {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        };
+        self.stem.forward_relu_max_pool(x, train, pool)
+    }
+
     /// The outputs of layer1..layer4 for images `x` [N, 3, H, W].
     pub fn stage_outputs(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let mut y = max_pool2d(&self.stem.forward_t(x, train, true)?, 3, 2, 1)?;
+        let mut y = self.stem_forward(x, train)?;
         let mut outputs = Vec::with_capacity(4);
         for stage in &self.stages {
             for block in stage {
@@ -237,7 +249,7 @@ impl Backbone {
 impl ModuleT for Backbone {
     /// Pooled features `f` [N, C].
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = max_pool2d(&self.stem.forward_t(x, train, true)?, 3, 2, 1)?;
+        let mut y = self.stem_forward(x, train)?;
         for stage in &self.stages {
             for block in stage {
                 y = block.forward_t(&y, train)?;

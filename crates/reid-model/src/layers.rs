@@ -3,11 +3,14 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{Module, ModuleT, Result, Tensor, Var};
+use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use crate::ops::batch_norm::{BatchNormTrain, BatchStats, ChannelAffine};
-use crate::ops::{generic, Kernels};
+use crate::ops::conv::Conv2d;
+use crate::ops::pool::{max_pool2d_with, Window};
+use crate::ops::stem::{BatchNormReluMaxPool, Stem};
+use crate::ops::{current_precision, generic, Kernels, Precision};
 
 /// A bias-free 2-D convolution (`<name>.weight`, [out, in, k, k]).
 #[derive(Debug, Clone)]
@@ -112,16 +115,41 @@ impl BatchNorm {
     }
 
     /// The fused train-mode op, then the running-statistics update from the batch
-    /// statistics it computed (unbiased variance, as PyTorch).
+    /// statistics it computed.
     fn train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        let stats = Arc::new(Mutex::new(None));
-        let op = BatchNormTrain {
+        let op = self.train_op(relu);
+        let y = x.apply_op3(&self.weight, &self.bias, op.clone())?;
+        self.update_running(&op, x)?;
+        Ok(y)
+    }
+
+    /// Batch norm, ReLU, then max pooling with `window` (the stem): one fused op
+    /// in train mode on the CPU, the separate ops otherwise.
+    pub fn forward_relu_max_pool(&self, x: &Tensor, train: bool, window: Window) -> Result<Tensor> {
+        let kernels = Kernels::for_tensor(x);
+        if kernels == Kernels::Fused && train {
+            let x = x.contiguous()?;
+            let op = BatchNormReluMaxPool::new(self.train_op(true), window);
+            let y = x.apply_op3(&self.weight, &self.bias, op.clone())?;
+            self.update_running(&op.bn, &x)?;
+            return Ok(y);
+        }
+        let y = self.forward_with(kernels, x, train, true)?;
+        max_pool2d_with(kernels, &y, window)
+    }
+
+    fn train_op(&self, relu: bool) -> BatchNormTrain {
+        BatchNormTrain {
             eps: BN_EPS,
             relu,
-            stats: stats.clone(),
-        };
-        let y = x.apply_op3(&self.weight, &self.bias, op)?;
-        let BatchStats { mean, var, count } = stats.lock().expect("stats lock").clone().expect("forward ran");
+            stats: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The running statistics moved towards the batch statistics that `op`'s
+    /// forward on `x` computed (unbiased variance, as PyTorch).
+    fn update_running(&self, op: &BatchNormTrain, x: &Tensor) -> Result<()> {
+        let BatchStats { mean, var, count } = op.stats.lock().expect("stats lock").clone().expect("forward ran");
         let unbiased = count as f64 / (count as f64 - 1.0).max(1.0);
         let (dtype, device) = (x.dtype(), x.device());
         let mean = Tensor::from_vec(mean, self.weight.dims(), device)?.to_dtype(dtype)?;
@@ -129,8 +157,7 @@ impl BatchNorm {
         let rm = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
         let rv = ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (var * BN_MOMENTUM)?)?;
         self.running_mean.set(&rm)?;
-        self.running_var.set(&rv)?;
-        Ok(y)
+        self.running_var.set(&rv)
     }
 
     /// The learned scale and shift (`weight`, `bias`).
@@ -160,6 +187,34 @@ impl ConvBn {
     /// `conv` and `bn` under their own names in `vb` (e.g. `conv1` and `bn1`).
     pub fn new(conv: Conv, bn: BatchNorm) -> Self {
         ConvBn { conv, bn }
+    }
+
+    /// Convolution, batch norm, ReLU and max pooling with `window` (the stem):
+    /// one op in train mode on the CPU for f32 or f64 images that need no
+    /// gradient; the batch norm, ReLU and pool as one op for other inputs in
+    /// train mode; separate ops otherwise.
+    pub fn forward_relu_max_pool(&self, x: &Tensor, train: bool, window: Window) -> Result<Tensor> {
+        let whole = train
+            && Kernels::for_tensor(x) == Kernels::Fused
+            && !x.track_op()
+            && current_precision() == Precision::F32
+            && matches!(x.dtype(), DType::F32 | DType::F64);
+        if !whole {
+            return self.bn.forward_relu_max_pool(&self.conv.forward(x)?, train, window);
+        }
+        let conv = Conv2d {
+            stride: self.conv.stride,
+            padding: self.conv.padding,
+        };
+        let rest = BatchNormReluMaxPool::new(self.bn.train_op(true), window);
+        let op = Stem::new(conv, x.contiguous()?, rest);
+        let y = self
+            .conv
+            .weight
+            .contiguous()?
+            .apply_op3(&self.bn.weight, &self.bn.bias, op.clone())?;
+        self.bn.update_running(&op.rest.bn, &y)?;
+        Ok(y)
     }
 
     /// Convolution, batch norm (batch statistics when `train`), optional ReLU.

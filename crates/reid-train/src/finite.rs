@@ -5,20 +5,38 @@
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+/// Values per chunk of [`first_non_finite_in`]: a chunk is tested in one
+/// branch-free pass, and only a chunk that fails is searched value by value.
+const SCAN_CHUNK: usize = 4096;
+
+/// Tensors with more values than this are scanned on rayon's pool; smaller ones
+/// (most parameters) on the calling thread, where a parallel call costs more than
+/// the scan.
+const PARALLEL_SCAN: usize = 1 << 18;
+
+/// The first value of `v` that is NaN or infinite.
+fn first_non_finite_in<T: Copy + Into<f64> + Sync>(v: &[T]) -> Option<f64> {
+    let first_in = |c: &[T]| -> Option<f64> {
+        // `|` (not a short-circuit) keeps the test a vector loop.
+        let bad = c.iter().fold(false, |bad, &x| bad | !x.into().is_finite());
+        bad.then(|| c.iter().map(|&x| x.into()).find(|x| !x.is_finite()))
+            .flatten()
+    };
+    if v.len() > PARALLEL_SCAN {
+        v.par_chunks(SCAN_CHUNK).find_map_first(first_in)
+    } else {
+        v.chunks(SCAN_CHUNK).find_map(first_in)
+    }
+}
+
 /// The first non-finite value of a contiguous f32 or f64 CPU tensor (`Some(None)`
 /// when all are finite); `None` when the tensor is not of that kind.
 fn scan_cpu(t: &Tensor) -> Option<Option<f64>> {
     let (storage, layout) = t.storage_and_layout();
     let (start, end) = layout.contiguous_offsets()?;
-    let first = |v: &[f64]| v.par_iter().find_first(|x| !x.is_finite()).copied();
     match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Some(
-            v[start..end]
-                .par_iter()
-                .find_first(|x| !x.is_finite())
-                .map(|x| *x as f64),
-        ),
-        Storage::Cpu(CpuStorage::F64(v)) => Some(first(&v[start..end])),
+        Storage::Cpu(CpuStorage::F32(v)) => Some(first_non_finite_in(&v[start..end])),
+        Storage::Cpu(CpuStorage::F64(v)) => Some(first_non_finite_in(&v[start..end])),
         _ => None,
     }
 }
@@ -71,5 +89,19 @@ mod tests {
         );
         let (name, v) = first_non_finite([("a", &ok), ("t", &transposed)]).unwrap().unwrap();
         assert!(name == "t" && v.is_nan(), "found through the reduction");
+    }
+
+    #[test]
+    fn finds_the_first_bad_value_in_small_and_large_tensors() {
+        for len in [1, SCAN_CHUNK + 3, PARALLEL_SCAN + 5 * SCAN_CHUNK + 7] {
+            let mut v = vec![0.5f32; len];
+            assert_eq!(first_non_finite_in(&v), None, "len {len}");
+            v[len - 1] = f32::NEG_INFINITY;
+            assert_eq!(first_non_finite_in(&v), Some(f64::NEG_INFINITY), "len {len}");
+            v[len / 2] = f32::INFINITY;
+            assert_eq!(first_non_finite_in(&v), Some(f64::INFINITY), "len {len}: the first one");
+            v[len / 3] = f32::NAN;
+            assert!(first_non_finite_in(&v).unwrap().is_nan(), "len {len}");
+        }
     }
 }

@@ -11,7 +11,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::{contiguous, filled_in_chunks};
+use super::filled_in_chunks;
+use crate::widest;
 
 /// Per-channel mean and biased variance of one forward.
 #[derive(Debug, Clone, Default)]
@@ -46,11 +47,13 @@ fn per_channel(planes: usize, c: usize, f: impl Fn(usize) -> [f64; 2] + Sync) ->
 fn batch_stats<T: Float + Sync>(x: &[T], (n, c, hw): (usize, usize, usize)) -> BatchStats {
     let count = n * hw;
     let plane = |p: usize| &x[p * hw..(p + 1) * hw];
-    let sums = per_channel(n * c, c, |p| [plane(p).iter().map(|v| v.to_f64().unwrap()).sum(), 0.0]);
+    let sums = per_channel(n * c, c, |p| {
+        widest!([plane(p).iter().map(|v| v.to_f64().unwrap()).sum(), 0.0])
+    });
     let mean: Vec<f64> = sums.iter().map(|s| s[0] / count as f64).collect();
     let sq = per_channel(n * c, c, |p| {
         let m = mean[p % c];
-        [plane(p).iter().map(|v| (v.to_f64().unwrap() - m).powi(2)).sum(), 0.0]
+        widest!([plane(p).iter().map(|v| (v.to_f64().unwrap() - m).powi(2)).sum(), 0.0])
     });
     let var = sq.iter().map(|s| s[0] / count as f64).collect();
     BatchStats { mean, var, count }
@@ -69,41 +72,18 @@ fn affine<T: Float + Send + Sync>(
         filled_in_chunks(x.len(), hw, |plane, yo| {
             let ch = plane % c;
             let (s, b) = (T::from(scale[ch]).unwrap(), T::from(shift[ch]).unwrap());
-            for (o, &v) in yo.iter_mut().zip(&x[plane * hw..(plane + 1) * hw]) {
-                let r = v * s + b;
-                o.write(if relu && r <= T::zero() { T::zero() } else { r });
-            }
+            widest!({
+                for (o, &v) in yo.iter_mut().zip(&x[plane * hw..(plane + 1) * hw]) {
+                    let r = v * s + b;
+                    o.write(if relu && r <= T::zero() { T::zero() } else { r });
+                }
+            })
         })
     }
 }
 
 fn to_f64<T: Float>(v: &[T]) -> Vec<f64> {
     v.iter().map(|x| x.to_f64().unwrap()).collect()
-}
-
-/// Runs `$body` with three f32 or three f64 slices.
-macro_rules! three_floats {
-    ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
-        match ($s1, $s2, $s3) {
-            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
-                let ($a, $b, $c) = (
-                    contiguous(a, $l1, $op)?,
-                    contiguous(b, $l2, $op)?,
-                    contiguous(c, $l3, $op)?,
-                );
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
-                let ($a, $b, $c) = (
-                    contiguous(a, $l1, $op)?,
-                    contiguous(b, $l2, $op)?,
-                    contiguous(c, $l3, $op)?,
-                );
-                CpuStorage::F64($body)
-            }
-            _ => candle_core::bail!("{}: operands must all be f32 or all f64", $op),
-        }
-    };
 }
 
 /// Train-mode batch norm of (x, weight, bias), optionally with ReLU; the batch
@@ -116,7 +96,13 @@ pub struct BatchNormTrain {
 }
 
 impl BatchNormTrain {
-    fn forward<T: Float + Send + Sync>(&self, x: &[T], w: &[T], b: &[T], d: (usize, usize, usize)) -> Vec<T> {
+    pub(crate) fn forward<T: Float + Send + Sync>(
+        &self,
+        x: &[T],
+        w: &[T],
+        b: &[T],
+        d: (usize, usize, usize),
+    ) -> Vec<T> {
         let stats = batch_stats(x, d);
         let (w, b) = (to_f64(w), to_f64(b));
         let scale: Vec<f64> = (0..d.1).map(|c| w[c] / (stats.var[c] + self.eps).sqrt()).collect();
@@ -124,6 +110,40 @@ impl BatchNormTrain {
         let y = affine(x, d, &scale, &shift, self.relu);
         *self.stats.lock().expect("stats lock") = Some(stats);
         y
+    }
+
+    /// The gradients of (x, weight, bias) from the output `y` and its gradient;
+    /// x's only when `input_grad`.
+    pub(crate) fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+        input_grad: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = self.stats.lock().expect("stats lock").clone().expect("the forward ran");
+        let grad = grad.contiguous()?;
+        let sums_op = GradSums {
+            eps: self.eps,
+            relu: self.relu,
+            stats: stats.clone(),
+        };
+        let sums = x.apply_op3_no_bwd(y, &grad, &sums_op)?;
+        let (sum_gxhat, sum_g) = (sums.get(0)?, sums.get(1)?);
+        let input_op = InputGrad {
+            eps: self.eps,
+            relu: self.relu,
+            stats,
+            weight: to_f64(&w.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?),
+            sum_gxhat: sum_gxhat.to_dtype(candle_core::DType::F64)?.to_vec1()?,
+            sum_g: sum_g.to_dtype(candle_core::DType::F64)?.to_vec1()?,
+        };
+        let grad_x = match input_grad {
+            true => Some(x.apply_op3_no_bwd(y, &grad, &input_op)?),
+            false => None,
+        };
+        Ok((grad_x, Some(sum_gxhat), Some(sum_g)))
     }
 }
 
@@ -155,29 +175,7 @@ impl CustomOp3 for BatchNormTrain {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let stats = self.stats.lock().expect("stats lock").clone().expect("the forward ran");
-        let grad = grad.contiguous()?;
-        let sums_op = GradSums {
-            eps: self.eps,
-            relu: self.relu,
-            stats: stats.clone(),
-        };
-        let sums = x.apply_op3_no_bwd(y, &grad, &sums_op)?;
-        let (sum_gxhat, sum_g) = (sums.get(0)?, sums.get(1)?);
-        let input_op = InputGrad {
-            eps: self.eps,
-            relu: self.relu,
-            stats,
-            weight: to_f64(&w.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?),
-            sum_gxhat: sum_gxhat.to_dtype(candle_core::DType::F64)?.to_vec1()?,
-            sum_g: sum_g.to_dtype(candle_core::DType::F64)?.to_vec1()?,
-        };
-        let grad_x = if x.track_op() {
-            Some(x.apply_op3_no_bwd(y, &grad, &input_op)?)
-        } else {
-            None
-        };
-        Ok((grad_x, Some(sum_gxhat), Some(sum_g)))
+        self.backward(x, w, y, grad, x.track_op())
     }
 }
 
@@ -190,6 +188,7 @@ const MASK_CHUNK: usize = 256;
 /// positive). The mask is a loop of its own so that it compiles to vector
 /// selects: inside the backward's loops it was a branch per value, mispredicted
 /// about half the time on ReLU outputs of random inputs.
+#[inline(always)]
 fn masked_chunks<T: Float>(x: &[T], y: &[T], g: &[T], relu: bool, mut f: impl FnMut(usize, &[T], &[T])) {
     let mut kept = [T::zero(); MASK_CHUNK];
     for start in (0..x.len()).step_by(MASK_CHUNK) {
@@ -216,7 +215,7 @@ impl GradSums {
         let per = per_channel(n * c, c, |p| {
             let (mean, range) = (s.mean[p % c], p * hw..(p + 1) * hw);
             let (mut sg, mut sgx) = (0.0, 0.0);
-            masked_chunks(
+            widest!(masked_chunks(
                 &x[range.clone()],
                 &y[range.clone()],
                 &g[range],
@@ -228,7 +227,7 @@ impl GradSums {
                         sgx += gm * (xv.to_f64().unwrap() - mean);
                     }
                 },
-            );
+            ));
             [sgx, sg]
         });
         let invstd: Vec<f64> = s.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
@@ -283,7 +282,7 @@ impl InputGrad {
                 let invstd = 1.0 / (s.var[ch] + self.eps).sqrt();
                 let (mean, k) = (s.mean[ch], self.weight[ch] * invstd / n);
                 let (a, b) = (self.sum_g[ch], self.sum_gxhat[ch]);
-                masked_chunks(
+                widest!(masked_chunks(
                     &x[range.clone()],
                     &y[range.clone()],
                     &g[range],
@@ -294,7 +293,7 @@ impl InputGrad {
                             o.write(T::from(k * (n * gv.to_f64().unwrap() - a - xhat * b)).unwrap());
                         }
                     },
-                );
+                ));
             })
         }
     }

@@ -102,6 +102,7 @@ fn inside(out: usize, len: usize, stride: usize, offset: usize, padding: usize) 
 }
 
 /// Fills `cols` [C*k*k, OH*OW] from one image `x` [C, H, W].
+#[inline(always)]
 fn im2col<T: Float>(x: &[T], g: &Geometry, cols: &mut [T]) {
     let p = g.p();
     for c in 0..g.c {
@@ -119,15 +120,35 @@ fn im2col<T: Float>(x: &[T], g: &Geometry, cols: &mut [T]) {
                     out[..x_lo].fill(T::zero());
                     out[x_hi..].fill(T::zero());
                     let first = x_lo * g.stride + kx - g.padding;
-                    if g.stride == 1 {
-                        out[x_lo..x_hi].copy_from_slice(&src[first..first + x_hi - x_lo]);
-                    } else {
-                        let taken = src[first..].iter().step_by(g.stride);
-                        out[x_lo..x_hi].iter_mut().zip(taken).for_each(|(o, &v)| *o = v);
-                    }
+                    copy_strided(&src[first..], g.stride, &mut out[x_lo..x_hi]);
                 }
             }
         }
+    }
+}
+
+/// `out[j] = src[j * stride]` for every `j` of `out`. Stride 2 (every strided
+/// convolution of the backbones) is a loop over pairs, which compiles to vector
+/// shuffles; `step_by` did not vectorise.
+#[inline(always)]
+fn copy_strided<T: Float>(src: &[T], stride: usize, out: &mut [T]) {
+    match stride {
+        1 => out.copy_from_slice(&src[..out.len()]),
+        2 => {
+            // Whole pairs first (a shuffle per vector), then the last value of
+            // a row whose final pair is cut short.
+            let pairs = (src.len() / 2).min(out.len());
+            for (o, pair) in out[..pairs].iter_mut().zip(src.chunks_exact(2)) {
+                *o = pair[0];
+            }
+            for (j, o) in out.iter_mut().enumerate().skip(pairs) {
+                *o = src[2 * j];
+            }
+        }
+        _ => out
+            .iter_mut()
+            .zip(src.iter().step_by(stride))
+            .for_each(|(o, &v)| *o = v),
     }
 }
 
@@ -236,7 +257,7 @@ fn forward<T: 'static + Float + Send + Sync>(x: &[T], weight: &[T], g: &Geometry
             } else {
                 COLS.with_borrow_mut(|cols| {
                     let cols = scratch(cols, ckk * p);
-                    im2col(image, g, cols);
+                    crate::widest!(im2col(image, g, cols));
                     gemm_into(g.o, p, ckk, y, false, weight, false, cols, false);
                 });
             }
@@ -284,7 +305,7 @@ fn backward_weight<T: 'static + Float + Send + Sync>(x: &[T], grad_out: &[T], g:
                 let columns: &[T] = if g.direct() {
                     img
                 } else {
-                    im2col(img, g, &mut cols);
+                    crate::widest!(im2col(img, g, &mut cols));
                     &cols
                 };
                 let gy = &grad_out[i * g.o * p..(i + 1) * g.o * p];
@@ -308,6 +329,17 @@ fn backward_weight<T: 'static + Float + Send + Sync>(x: &[T], grad_out: &[T], g:
         total.iter_mut().zip(part).for_each(|(t, v)| *t = *t + *v);
     }
     total
+}
+
+/// The convolution of the values of `x` (of shape `x_dims`) with `weight` (of
+/// shape `weight_dims`), and the output's shape.
+pub(crate) fn forward_values<T: 'static + Float + Send + Sync>(
+    (x, x_dims): (&[T], &[usize]),
+    (weight, weight_dims): (&[T], &[usize]),
+    conv: Conv2d,
+) -> Result<(Vec<T>, [usize; 4])> {
+    let g = Geometry::new(x_dims, weight_dims, conv.stride, conv.padding)?;
+    Ok((forward(x, weight, &g), [g.n, g.o, g.oh, g.ow]))
 }
 
 /// Convolution of (input [N, C, H, W], weight [O, C, k, k]) without bias.

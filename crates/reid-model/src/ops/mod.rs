@@ -56,6 +56,31 @@ macro_rules! two_floats {
     };
 }
 
+/// Runs `$body` with three f32 or three f64 slices.
+macro_rules! three_floats {
+    ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
+        match ($s1, $s2, $s3) {
+            (candle_core::CpuStorage::F32(a), candle_core::CpuStorage::F32(b), candle_core::CpuStorage::F32(c)) => {
+                let ($a, $b, $c) = (
+                    $crate::ops::contiguous(a, $l1, $op)?,
+                    $crate::ops::contiguous(b, $l2, $op)?,
+                    $crate::ops::contiguous(c, $l3, $op)?,
+                );
+                candle_core::CpuStorage::F32($body)
+            }
+            (candle_core::CpuStorage::F64(a), candle_core::CpuStorage::F64(b), candle_core::CpuStorage::F64(c)) => {
+                let ($a, $b, $c) = (
+                    $crate::ops::contiguous(a, $l1, $op)?,
+                    $crate::ops::contiguous(b, $l2, $op)?,
+                    $crate::ops::contiguous(c, $l3, $op)?,
+                );
+                candle_core::CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: operands must all be f32 or all f64", $op),
+        }
+    };
+}
+
 pub mod batch_norm;
 pub mod channels;
 pub mod conv;
@@ -64,6 +89,8 @@ pub mod cuda;
 pub mod generic;
 pub mod pool;
 pub mod residual;
+pub mod simd;
+pub mod stem;
 
 /// The dtype convolutions and matrix products compute in: `bf16` is mixed
 /// precision (f32 weights, optimiser state, batch-norm statistics and losses;

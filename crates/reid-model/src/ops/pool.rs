@@ -56,6 +56,61 @@ fn window_argmax<T: Float>(plane: &[T], w: usize, ys: (usize, usize), xs: (usize
     at
 }
 
+/// Max pooling of one plane `x` [H, W] into `out` and `at` [OH, OW], window by
+/// window.
+fn max_pool_plane<T: Float>(x: &[T], (h, w): (usize, usize), win: Window, out: &mut [T], at: &mut [u32]) {
+    let (oh, ow) = (win.out_len(h), win.out_len(w));
+    for oy in 0..oh {
+        let (y0, y1, _) = win.span(oy, h);
+        for ox in 0..ow {
+            let (x0, x1, _) = win.span(ox, w);
+            let i = window_argmax(x, w, (y0, y1), (x0, x1));
+            out[oy * ow + ox] = x[i];
+            at[oy * ow + ox] = i as u32;
+        }
+    }
+}
+
+/// [`max_pool_plane`] for stride 2 (the stem's pool), a row of outputs at a
+/// time: each window position updates every output of the row, a loop that
+/// compiles to vector compares and blends instead of a mispredicted branch per
+/// value. Each input row is copied into a buffer padded with -inf, which never
+/// wins, so the result is [`window_argmax`]'s: the first maximum in row-major
+/// order, or the first NaN.
+#[inline(always)]
+fn max_pool_plane_stride2<T: Float>(x: &[T], (h, w): (usize, usize), win: Window, out: &mut [T], at: &mut [u32]) {
+    let (oh, ow, (k, p)) = (win.out_len(h), win.out_len(w), (win.kernel, win.padding));
+    // Room for 2 * ow values from every window column kx < k.
+    let mut row = vec![T::neg_infinity(); (2 * ow + k).max(w + p)];
+    for oy in 0..oh {
+        let (y0, y1, _) = win.span(oy, h);
+        let (best, arg) = (&mut out[oy * ow..][..ow], &mut at[oy * ow..][..ow]);
+        for (ox, (b, a)) in best.iter_mut().zip(arg.iter_mut()).enumerate() {
+            *b = T::neg_infinity();
+            *a = (y0 * w + win.span(ox, w).0) as u32;
+        }
+        for y in y0..y1 {
+            row[p..p + w].copy_from_slice(&x[y * w..(y + 1) * w]);
+            for kx in 0..k {
+                // Input column of output 0 for this kx (wraps below 0 in padding,
+                // whose -inf is never taken).
+                let first = (y * w + kx) as u32;
+                let values = row[kx..kx + 2 * ow].chunks_exact(2);
+                for (ox, ((b, a), pair)) in best.iter_mut().zip(arg.iter_mut()).zip(values).enumerate() {
+                    let v = pair[0];
+                    let take = v > *b || (v.is_nan() && !b.is_nan());
+                    *b = if take { v } else { *b };
+                    *a = if take {
+                        first.wrapping_add(2 * ox as u32).wrapping_sub(p as u32)
+                    } else {
+                        *a
+                    };
+                }
+            }
+        }
+    }
+}
+
 /// Max pooling: `x.apply_op1(MaxPool2d::new(window))`. The forward keeps the
 /// position of each window's maximum for the backward.
 #[derive(Debug, Clone)]
@@ -72,7 +127,11 @@ impl MaxPool2d {
         }
     }
 
-    fn forward<T: Float + Send + Sync>(&self, x: &[T], (n, c, h, w): (usize, usize, usize, usize)) -> Vec<T> {
+    pub(crate) fn forward<T: Float + Send + Sync>(
+        &self,
+        x: &[T],
+        (n, c, h, w): (usize, usize, usize, usize),
+    ) -> Vec<T> {
         let win = self.window;
         let (oh, ow) = (win.out_len(h), win.out_len(w));
         let mut out = vec![T::zero(); n * c * oh * ow];
@@ -81,18 +140,27 @@ impl MaxPool2d {
             .zip(at.par_chunks_mut(oh * ow))
             .zip(x.par_chunks(h * w))
             .for_each(|((o, a), plane)| {
-                for oy in 0..oh {
-                    let (y0, y1, _) = win.span(oy, h);
-                    for ox in 0..ow {
-                        let (x0, x1, _) = win.span(ox, w);
-                        let i = window_argmax(plane, w, (y0, y1), (x0, x1));
-                        o[oy * ow + ox] = plane[i];
-                        a[oy * ow + ox] = i as u32;
-                    }
+                if win.stride == 2 {
+                    crate::widest!(max_pool_plane_stride2(plane, (h, w), win, o, a))
+                } else {
+                    max_pool_plane(plane, (h, w), win, o, a)
                 }
             });
         *self.argmax.lock().expect("argmax lock") = at;
         out
+    }
+}
+
+impl MaxPool2d {
+    /// The gradient of the pool's input `arg` from the output gradient.
+    pub(crate) fn input_grad(&self, arg: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = arg.dims4()?;
+        let argmax = self.argmax.lock().expect("argmax lock").clone();
+        let op = MaxPool2dBackward {
+            input_hw: (h, w),
+            argmax,
+        };
+        grad.contiguous()?.apply_op1_no_bwd(&op)
     }
 }
 
@@ -109,13 +177,7 @@ impl CustomOp1 for MaxPool2d {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (_, _, h, w) = arg.dims4()?;
-        let argmax = self.argmax.lock().expect("argmax lock").clone();
-        let op = MaxPool2dBackward {
-            input_hw: (h, w),
-            argmax,
-        };
-        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&op)?))
+        Ok(Some(self.input_grad(arg, grad_res)?))
     }
 }
 
@@ -331,6 +393,52 @@ mod tests {
                 "element {i}: {numeric} vs {}",
                 analytic[i]
             );
+        }
+    }
+
+    /// The row-at-a-time stride-2 pool against the window-by-window one, on
+    /// values with many ties, infinities and NaNs, with and without padding.
+    #[test]
+    fn the_stride_2_rows_pick_the_windows_maxima() {
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            match (state >> 33) % 11 {
+                0 => f32::NAN,
+                1 => f32::NEG_INFINITY,
+                2 => f32::INFINITY,
+                r => r as f32 - 6.0,
+            }
+        };
+        for (h, w, kernel, padding) in [
+            (9, 7, 3, 1),
+            (8, 8, 3, 1),
+            (6, 5, 2, 0),
+            (7, 9, 3, 0),
+            (5, 5, 4, 1),
+            (1, 1, 1, 0),
+        ] {
+            let win = Window {
+                kernel,
+                stride: 2,
+                padding,
+            };
+            let (oh, ow) = (win.out_len(h), win.out_len(w));
+            for trial in 0..20 {
+                let mut x: Vec<f32> = (0..h * w).map(|_| next()).collect();
+                if trial % 4 == 0 {
+                    x.iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+                }
+                let (mut o1, mut a1) = (vec![0.0; oh * ow], vec![0; oh * ow]);
+                let (mut o2, mut a2) = (vec![0.0; oh * ow], vec![0; oh * ow]);
+                max_pool_plane(&x, (h, w), win, &mut o1, &mut a1);
+                max_pool_plane_stride2(&x, (h, w), win, &mut o2, &mut a2);
+                assert_eq!(a1, a2, "{h}x{w} k{kernel} p{padding}, trial {trial}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&o1), bits(&o2), "{h}x{w} k{kernel} p{padding}, trial {trial}");
+            }
         }
     }
 
