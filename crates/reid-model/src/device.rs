@@ -25,11 +25,14 @@ impl DeviceSpec {
                         "--device {self}: this reid was built without CUDA; build it with `cargo build --release --features cuda,cudnn` (docs/GPU.md)"
                     );
                 }
-                Device::new_cuda(n).map_err(|e| {
+                let device = Device::new_cuda_with_stream(n).map_err(|e| {
                     candle_core::Error::Msg(format!(
                         "--device {self}: cannot open CUDA device {n} ({e}); check the GPU and its driver with nvidia-smi, and that LD_LIBRARY_PATH holds the CUDA libraries (docs/GPU.md)"
                     ))
-                })
+                })?;
+                #[cfg(feature = "cuda")]
+                cuda_setup::tune(&device)?;
+                Ok(device)
             }
         }
     }
@@ -90,5 +93,51 @@ mod tests {
         assert!("gpu".parse::<DeviceSpec>().is_err());
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
         assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
+    }
+}
+
+/// The settings of a CUDA device opened by [`DeviceSpec::open`].
+#[cfg(feature = "cuda")]
+mod cuda_setup {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::Device;
+
+    fn env_on(name: &str) -> bool {
+        std::env::var(name).as_deref() == Ok("1")
+    }
+
+    /// All of the device's work goes through one stream (`new_cuda_with_stream`),
+    /// in the order the host issues it, so cudarc's per-buffer events (created with
+    /// every allocation and recorded at every launch, to order several streams) are
+    /// turned off unless `REID_CUDA_EVENTS=1`. The stream-ordered memory pool keeps
+    /// what it has allocated across synchronisations (by default it hands memory
+    /// back to the driver at each one) unless `REID_CUDA_POOL_TRIM=1`.
+    pub fn tune(device: &Device) -> candle_core::Result<()> {
+        let cuda = device.as_cuda_device()?;
+        if !env_on("REID_CUDA_EVENTS") {
+            // SAFETY: this device has one stream, so stream order alone orders every
+            // use of a buffer after its allocation and before its free.
+            unsafe { cuda.disable_event_tracking() };
+        }
+        if !env_on("REID_CUDA_POOL_TRIM") {
+            let stream = cuda.cuda_stream();
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            let mut keep = u64::MAX;
+            // SAFETY: `pool` and `keep` outlive the calls, which read and write only them.
+            let status = unsafe {
+                match sys::cuDeviceGetDefaultMemPool(&mut pool, stream.context().cu_device()) {
+                    sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
+                        pool,
+                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                        (&mut keep as *mut u64).cast(),
+                    ),
+                    other => other,
+                }
+            };
+            if status != sys::CUresult::CUDA_SUCCESS {
+                tracing::warn!("CUDA memory pool: cannot set its release threshold ({status:?})");
+            }
+        }
+        Ok(())
     }
 }

@@ -90,7 +90,13 @@ impl BatchNorm {
     /// running ones) when `train`, else with the running statistics; then ReLU if
     /// `relu`.
     pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        self.forward_with(Kernels::for_tensor(x), x, train, relu)
+        self.forward_with(Self::kernels(x), x, train, relu)
+    }
+
+    /// The fused ops where this device has them for `x` (the CPU; CUDA for f32
+    /// and f64), else candle-nn's batch norm.
+    fn kernels(x: &Tensor) -> Kernels {
+        Kernels::choose(x, crate::ops::cuda_batch_norm_kernels(x.dtype()))
     }
 
     /// [`BatchNorm::forward_t`] with the given kernels.
@@ -134,7 +140,7 @@ impl BatchNorm {
             self.update_running(&op.bn, &x)?;
             return Ok(y);
         }
-        let y = self.forward_with(kernels, x, train, true)?;
+        let y = self.forward_with(Self::kernels(x), x, train, true)?;
         max_pool2d_with(kernels, &y, window)
     }
 

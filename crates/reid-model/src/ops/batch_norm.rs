@@ -11,8 +11,17 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+use super::batch_norm_cuda as cuda;
 use super::filled_in_chunks;
 use crate::widest;
+#[cfg(feature = "cuda")]
+use candle_core::{
+    backend::BackendStorage,
+    cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr},
+    cuda_backend::{CudaDType, CudaDevice},
+    CudaStorage, DType, WithDType,
+};
 
 /// Per-channel mean and biased variance of one forward.
 #[derive(Debug, Clone, Default)]
@@ -104,12 +113,34 @@ impl BatchNormTrain {
         d: (usize, usize, usize),
     ) -> Vec<T> {
         let stats = batch_stats(x, d);
-        let (w, b) = (to_f64(w), to_f64(b));
-        let scale: Vec<f64> = (0..d.1).map(|c| w[c] / (stats.var[c] + self.eps).sqrt()).collect();
-        let shift: Vec<f64> = (0..d.1).map(|c| b[c] - stats.mean[c] * scale[c]).collect();
+        let (scale, shift) = self.scale_shift(&stats, &to_f64(w), &to_f64(b));
         let y = affine(x, d, &scale, &shift, self.relu);
         *self.stats.lock().expect("stats lock") = Some(stats);
         y
+    }
+
+    /// Per channel: `weight / sqrt(var + eps)` and `bias - mean * scale`.
+    fn scale_shift(&self, stats: &BatchStats, w: &[f64], b: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let scale: Vec<f64> = (0..w.len()).map(|c| w[c] / (stats.var[c] + self.eps).sqrt()).collect();
+        let shift = (0..w.len()).map(|c| b[c] - stats.mean[c] * scale[c]).collect();
+        (scale, shift)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_forward<T: Float + WithDType + DeviceRepr + CudaDType>(
+        &self,
+        dev: &CudaDevice,
+        [x, w, b]: [(&CudaStorage, &Layout); 3],
+        d: (usize, usize, usize),
+    ) -> Result<CudaSlice<T>> {
+        let x = cuda::view::<T>(x.0, x.1)?;
+        let stats = cuda::stats(dev, &x, d)?;
+        let w = to_f64(&dev.clone_dtoh(&cuda::view::<T>(w.0, w.1)?)?);
+        let b = to_f64(&dev.clone_dtoh(&cuda::view::<T>(b.0, b.1)?)?);
+        let (scale, shift) = self.scale_shift(&stats, &w, &b);
+        let y = cuda::affine(dev, &x, d, &scale, &shift, self.relu)?;
+        *self.stats.lock().expect("stats lock") = Some(stats);
+        Ok(y)
     }
 
     /// The gradients of (x, weight, bias) from the output `y` and its gradient;
@@ -164,6 +195,27 @@ impl CustomOp3 for BatchNormTrain {
         let d = dims(l1, self.name())?;
         let y = three_floats!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, w, b| self
             .forward(x, w, b, d));
+        Ok((y, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let d = dims(l1, self.name())?;
+        let dev = s1.device.clone();
+        let args = [(s1, l1), (s2, l2), (s3, l3)];
+        let y = match s1.dtype() {
+            DType::F32 => CudaStorage::wrap_cuda_slice(self.cuda_forward::<f32>(&dev, args, d)?, dev),
+            DType::F64 => CudaStorage::wrap_cuda_slice(self.cuda_forward::<f64>(&dev, args, d)?, dev),
+            dt => candle_core::bail!("{}: {dt:?} on CUDA (f32 and f64 only)", self.name()),
+        };
         Ok((y, l1.shape().clone()))
     }
 
@@ -256,6 +308,35 @@ impl CustomOp3 for GradSums {
             .sums(x, y, g, d));
         Ok((out, Shape::from((2, d.1))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let d = dims(l1, self.name())?;
+        let s = &self.stats;
+        let invstd = s.var.iter().map(|v| 1.0 / (v + self.eps).sqrt());
+        let mean_invstd: Vec<f64> = s.mean.iter().copied().chain(invstd).collect();
+        let dev = s1.device.clone();
+        let out = match s1.dtype() {
+            DType::F32 => {
+                let xyg = (&cuda::view(s1, l1)?, &cuda::view(s2, l2)?, &cuda::view(s3, l3)?);
+                CudaStorage::wrap_cuda_slice(cuda::grad_sums::<f32>(&dev, xyg, d, &mean_invstd, self.relu)?, dev)
+            }
+            DType::F64 => {
+                let xyg = (&cuda::view(s1, l1)?, &cuda::view(s2, l2)?, &cuda::view(s3, l3)?);
+                CudaStorage::wrap_cuda_slice(cuda::grad_sums::<f64>(&dev, xyg, d, &mean_invstd, self.relu)?, dev)
+            }
+            dt => candle_core::bail!("{}: {dt:?} on CUDA (f32 and f64 only)", self.name()),
+        };
+        Ok((out, Shape::from((2, d.1))))
+    }
 }
 
 /// The input gradient of train-mode batch norm from (x, y, grad):
@@ -271,6 +352,16 @@ struct InputGrad {
 }
 
 impl InputGrad {
+    /// [mean; invstd; k; a; b] per channel, as the CUDA kernel takes them.
+    #[cfg(feature = "cuda")]
+    fn cuda_params(&self) -> Vec<f64> {
+        let s = &self.stats;
+        let invstd: Vec<f64> = s.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let k = self.weight.iter().zip(&invstd).map(|(w, i)| w * i / s.count as f64);
+        let k: Vec<f64> = k.collect();
+        [&s.mean[..], &invstd, &k, &self.sum_g, &self.sum_gxhat].concat()
+    }
+
     fn backward<T: Float + Send + Sync>(&self, x: &[T], y: &[T], g: &[T], (_, c, hw): (usize, usize, usize)) -> Vec<T> {
         let s = &self.stats;
         let n = s.count as f64;
@@ -318,6 +409,33 @@ impl CustomOp3 for InputGrad {
             .backward(x, y, g, d));
         Ok((out, l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let d = dims(l1, self.name())?;
+        let params = self.cuda_params();
+        let dev = s1.device.clone();
+        let dx = match s1.dtype() {
+            DType::F32 => {
+                let xyg = (&cuda::view(s1, l1)?, &cuda::view(s2, l2)?, &cuda::view(s3, l3)?);
+                CudaStorage::wrap_cuda_slice(cuda::input_grad::<f32>(&dev, xyg, d, &params, self.relu)?, dev)
+            }
+            DType::F64 => {
+                let xyg = (&cuda::view(s1, l1)?, &cuda::view(s2, l2)?, &cuda::view(s3, l3)?);
+                CudaStorage::wrap_cuda_slice(cuda::input_grad::<f64>(&dev, xyg, d, &params, self.relu)?, dev)
+            }
+            dt => candle_core::bail!("{}: {dt:?} on CUDA (f32 and f64 only)", self.name()),
+        };
+        Ok((dx, l1.shape().clone()))
+    }
 }
 
 /// Eval-mode batch norm as `x * scale[c] + shift[c]` (then ReLU if asked), from
@@ -349,6 +467,36 @@ impl CustomOp3 for ChannelAffine {
             &to_f64(b),
             self.relu
         ));
+        Ok((y, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let d = dims(l1, self.name())?;
+        let dev = s1.device.clone();
+        let y = match s1.dtype() {
+            DType::F32 => {
+                let f = |s, l| Ok::<_, candle_core::Error>(to_f64(&dev.clone_dtoh(&cuda::view::<f32>(s, l)?)?));
+                let (scale, shift) = (f(s2, l2)?, f(s3, l3)?);
+                let y = cuda::affine(&dev, &cuda::view::<f32>(s1, l1)?, d, &scale, &shift, self.relu)?;
+                CudaStorage::wrap_cuda_slice(y, dev)
+            }
+            DType::F64 => {
+                let f = |s, l| Ok::<_, candle_core::Error>(to_f64(&dev.clone_dtoh(&cuda::view::<f64>(s, l)?)?));
+                let (scale, shift) = (f(s2, l2)?, f(s3, l3)?);
+                let y = cuda::affine(&dev, &cuda::view::<f64>(s1, l1)?, d, &scale, &shift, self.relu)?;
+                CudaStorage::wrap_cuda_slice(y, dev)
+            }
+            dt => candle_core::bail!("{}: {dt:?} on CUDA (f32 and f64 only)", self.name()),
+        };
         Ok((y, l1.shape().clone()))
     }
 }

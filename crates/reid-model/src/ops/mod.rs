@@ -82,6 +82,8 @@ macro_rules! three_floats {
 }
 
 pub mod batch_norm;
+#[cfg(feature = "cuda")]
+mod batch_norm_cuda;
 pub mod channels;
 pub mod conv;
 #[cfg(feature = "cudnn")]
@@ -160,6 +162,12 @@ pub fn set_tf32(allowed: bool) {
 
 /// Whether this build has fused CUDA convolutions (the `cudnn` feature).
 pub const CUDA_CONV_KERNELS: bool = cfg!(feature = "cudnn");
+
+/// Whether this build has fused CUDA batch norm (+ ReLU) for `dtype` (the `cuda`
+/// feature; f32 and f64).
+pub fn cuda_batch_norm_kernels(dtype: candle_core::DType) -> bool {
+    cfg!(feature = "cuda") && matches!(dtype, candle_core::DType::F32 | candle_core::DType::F64)
+}
 
 /// Which implementation the ops run: the fused kernels of this crate, or the
 /// device-generic compositions of [`generic`].

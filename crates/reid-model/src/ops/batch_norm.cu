@@ -1,0 +1,111 @@
+// The CUDA kernels of the batch-norm ops (ops/batch_norm_cuda.rs), compiled by
+// NVRTC when first used. Tensors are contiguous [N, C, HW] with fewer than 2^31
+// values. Per-channel sums run in one block per channel, in double, in a fixed
+// order (the same bits every run). The element-wise products and sums round as
+// the CPU kernels do (no fused multiply-add where the CPU has none).
+
+#define BLOCK 256
+
+// The sum of `v` over the block; every thread gets it.
+__device__ double block_sum(double v, double* shared) {
+    shared[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = BLOCK / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+        __syncthreads();
+    }
+    double r = shared[0];
+    __syncthreads();
+    return r;
+}
+
+// Index of the i-th value of channel `ch` in [N, C, HW].
+__device__ unsigned int at(unsigned int i, unsigned int ch, unsigned int c, unsigned int hw) {
+    return ((i / hw) * c + ch) * hw + i % hw;
+}
+
+// out[ch] = mean, out[c + ch] = biased variance (two passes).
+#define STATS(T, NAME)                                                              \
+extern "C" __global__ void NAME(const T* x, double* out, unsigned int n,           \
+                                unsigned int c, unsigned int hw) {                  \
+    __shared__ double shared[BLOCK];                                                \
+    unsigned int ch = blockIdx.x, count = n * hw;                                   \
+    double s = 0.0;                                                                 \
+    for (unsigned int i = threadIdx.x; i < count; i += BLOCK)                       \
+        s += (double)x[at(i, ch, c, hw)];                                           \
+    double mean = block_sum(s, shared) / (double)count;                             \
+    double q = 0.0;                                                                 \
+    for (unsigned int i = threadIdx.x; i < count; i += BLOCK) {                     \
+        double d = (double)x[at(i, ch, c, hw)] - mean;                              \
+        q = __dadd_rn(q, __dmul_rn(d, d));                                          \
+    }                                                                               \
+    q = block_sum(q, shared);                                                       \
+    if (threadIdx.x == 0) {                                                         \
+        out[ch] = mean;                                                             \
+        out[c + ch] = q / (double)count;                                            \
+    }                                                                               \
+}
+
+// y = x * scale[ch] + shift[ch] (ss = [scale; shift]), then ReLU if asked.
+#define AFFINE(T, NAME, MUL, ADD)                                                   \
+extern "C" __global__ void NAME(const T* x, T* y, const double* ss,                \
+                                unsigned int total, unsigned int c,                 \
+                                unsigned int hw, int relu) {                        \
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;        \
+         i += blockDim.x * gridDim.x) {                                             \
+        unsigned int ch = (i / hw) % c;                                             \
+        T r = ADD(MUL(x[i], (T)ss[ch]), (T)ss[c + ch]);                             \
+        y[i] = (relu && r <= (T)0) ? (T)0 : r;                                      \
+    }                                                                               \
+}
+
+// Per channel, with g' the gradient through the ReLU (zero where y <= 0):
+// out[ch] = sum(g' * (x - mean)) * invstd, out[c + ch] = sum(g');
+// ms = [mean; invstd].
+#define GRAD_SUMS(T, NAME)                                                          \
+extern "C" __global__ void NAME(const T* x, const T* y, const T* g, T* out,        \
+                                const double* ms, unsigned int n, unsigned int c,   \
+                                unsigned int hw, int relu) {                        \
+    __shared__ double shared[BLOCK];                                                \
+    unsigned int ch = blockIdx.x, count = n * hw;                                   \
+    double mean = ms[ch], sg = 0.0, sgx = 0.0;                                      \
+    for (unsigned int i = threadIdx.x; i < count; i += BLOCK) {                     \
+        unsigned int k = at(i, ch, c, hw);                                          \
+        double gv = (relu && y[k] <= (T)0) ? 0.0 : (double)g[k];                    \
+        sg += gv;                                                                   \
+        sgx = __dadd_rn(sgx, __dmul_rn(gv, (double)x[k] - mean));                   \
+    }                                                                               \
+    sg = block_sum(sg, shared);                                                     \
+    sgx = block_sum(sgx, shared);                                                   \
+    if (threadIdx.x == 0) {                                                         \
+        out[ch] = (T)(sgx * ms[c + ch]);                                            \
+        out[c + ch] = (T)sg;                                                        \
+    }                                                                               \
+}
+
+// dx = k * (count * g' - a - x_hat * b), x_hat = (x - mean) * invstd;
+// p = [mean; invstd; k; a; b], k = weight * invstd / count, a = sum(g'),
+// b = sum(g' * x_hat).
+#define INPUT_GRAD(T, NAME)                                                         \
+extern "C" __global__ void NAME(const T* x, const T* y, const T* g, T* dx,         \
+                                const double* p, double count, unsigned int total,  \
+                                unsigned int c, unsigned int hw, int relu) {        \
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;        \
+         i += blockDim.x * gridDim.x) {                                             \
+        unsigned int ch = (i / hw) % c;                                             \
+        double xhat = __dmul_rn((double)x[i] - p[ch], p[c + ch]);                   \
+        double gv = (relu && y[i] <= (T)0) ? 0.0 : (double)g[i];                    \
+        double inner = __dsub_rn(__dsub_rn(__dmul_rn(count, gv), p[3 * c + ch]),    \
+                                 __dmul_rn(xhat, p[4 * c + ch]));                   \
+        dx[i] = (T)__dmul_rn(p[2 * c + ch], inner);                                 \
+    }                                                                               \
+}
+
+STATS(float, bn_stats_f32)
+STATS(double, bn_stats_f64)
+AFFINE(float, bn_affine_f32, __fmul_rn, __fadd_rn)
+AFFINE(double, bn_affine_f64, __dmul_rn, __dadd_rn)
+GRAD_SUMS(float, bn_grad_sums_f32)
+GRAD_SUMS(double, bn_grad_sums_f64)
+INPUT_GRAD(float, bn_input_grad_f32)
+INPUT_GRAD(double, bn_input_grad_f64)
