@@ -53,8 +53,10 @@ bench "train b64 no-tf32 [tuned]" -- train --device cuda --no-tf32 "${shape[@]}"
 echo "== utilisation and host stacks during a training bench"
 nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 100 > "$out/util.txt" 2>&1 &
 smi=$!
-timeout 90 "$bin" bench train --device cuda "${shape[@]}" --batch 64 --iters 30 --warmup 3 > "$out/train-long.log" 2>&1 &
+# Not under `timeout`: cuda-gdb must attach to reid itself, not to its parent.
+"$bin" bench train --device cuda "${shape[@]}" --batch 64 --iters 30 --warmup 3 > "$out/train-long.log" 2>&1 &
 pid=$!
+(sleep 90; kill "$pid" 2>/dev/null) &
 sleep 12
 for i in 1 2 3; do
   echo "-- stack sample $i"
@@ -72,9 +74,11 @@ timeout 60 ncu --clock-control none --launch-skip 3000 --launch-count 200 --metr
 echo "ncu exit $?"
 python3 - "$out/ncu.csv" <<'PY'
 import csv, sys, collections
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-if not rows:
+rows = list(csv.reader(open(sys.argv[1])))
+start = next((i for i, r in enumerate(rows) if "Kernel Name" in r), None)
+if start is None:
     print("no ncu rows"); sys.exit()
+rows = [r for r in rows[start:] if len(r) == len(rows[start])]
 head = rows[0]
 k, v = head.index("Kernel Name"), head.index("Metric Value")
 by = collections.defaultdict(lambda: [0, 0.0])
