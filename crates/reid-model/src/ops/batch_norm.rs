@@ -17,10 +17,9 @@ use super::filled_in_chunks;
 use crate::widest;
 #[cfg(feature = "cuda")]
 use candle_core::{
-    backend::BackendStorage,
-    cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr},
+    cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr},
     cuda_backend::{CudaDType, CudaDevice},
-    CudaStorage, DType, WithDType,
+    CudaStorage, WithDType,
 };
 
 /// Per-channel mean and biased variance of one forward.
@@ -130,15 +129,13 @@ impl BatchNormTrain {
     fn cuda_forward<T: Float + WithDType + DeviceRepr + CudaDType>(
         &self,
         dev: &CudaDevice,
-        [x, w, b]: [(&CudaStorage, &Layout); 3],
+        [x, w, b]: [&CudaView<T>; 3],
         d: (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
-        let x = cuda::view::<T>(x.0, x.1)?;
-        let stats = cuda::stats(dev, &x, d)?;
-        let w = to_f64(&dev.clone_dtoh(&cuda::view::<T>(w.0, w.1)?)?);
-        let b = to_f64(&dev.clone_dtoh(&cuda::view::<T>(b.0, b.1)?)?);
+        let stats = cuda::stats(dev, x, d)?;
+        let (w, b) = (to_f64(&dev.clone_dtoh(w)?), to_f64(&dev.clone_dtoh(b)?));
         let (scale, shift) = self.scale_shift(&stats, &w, &b);
-        let y = cuda::affine(dev, &x, d, &scale, &shift, self.relu)?;
+        let y = cuda::affine(dev, x, d, &scale, &shift, self.relu)?;
         *self.stats.lock().expect("stats lock") = Some(stats);
         Ok(y)
     }
@@ -209,13 +206,9 @@ impl CustomOp3 for BatchNormTrain {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let d = dims(l1, self.name())?;
-        let dev = s1.device.clone();
-        let args = [(s1, l1), (s2, l2), (s3, l3)];
-        let y = match s1.dtype() {
-            DType::F32 => CudaStorage::wrap_cuda_slice(self.cuda_forward::<f32>(&dev, args, d)?, dev),
-            DType::F64 => CudaStorage::wrap_cuda_slice(self.cuda_forward::<f64>(&dev, args, d)?, dev),
-            dt => candle_core::bail!("{}: {dt:?} on CUDA (f32 and f64 only)", self.name()),
-        };
+        let dev = &s1.device;
+        let y = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, w, b| self
+            .cuda_forward(dev, [x, w, b], d)?);
         Ok((y, l1.shape().clone()))
     }
 
@@ -323,18 +316,10 @@ impl CustomOp3 for GradSums {
         let s = &self.stats;
         let invstd = s.var.iter().map(|v| 1.0 / (v + self.eps).sqrt());
         let mean_invstd: Vec<f64> = s.mean.iter().copied().chain(invstd).collect();
-        let dev = s1.device.clone();
-        let out = match s1.dtype() {
-            DType::F32 => {
-                let xyg = (&cuda::view(s1, l1)?, &cuda::view(s2, l2)?, &cuda::view(s3, l3)?);
-                CudaStorage::wrap_cuda_slice(cuda::grad_sums::<f32>(&dev, xyg, d, &mean_invstd, self.relu)?, dev)
-            }
-            DType::F64 => {
-                let xyg = (&cuda::view(s1, l1)?, &cuda::view(s2, l2)?, &cuda::view(s3, l3)?);
-                CudaStorage::wrap_cuda_slice(cuda::grad_sums::<f64>(&dev, xyg, d, &mean_invstd, self.relu)?, dev)
-            }
-            dt => candle_core::bail!("{}: {dt:?} on CUDA (f32 and f64 only)", self.name()),
-        };
+        let dev = &s1.device;
+        let out = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, y, g| {
+            cuda::grad_sums(dev, (x, y, g), d, &mean_invstd, self.relu)?
+        });
         Ok((out, Shape::from((2, d.1))))
     }
 }
@@ -422,18 +407,10 @@ impl CustomOp3 for InputGrad {
     ) -> Result<(CudaStorage, Shape)> {
         let d = dims(l1, self.name())?;
         let params = self.cuda_params();
-        let dev = s1.device.clone();
-        let dx = match s1.dtype() {
-            DType::F32 => {
-                let xyg = (&cuda::view(s1, l1)?, &cuda::view(s2, l2)?, &cuda::view(s3, l3)?);
-                CudaStorage::wrap_cuda_slice(cuda::input_grad::<f32>(&dev, xyg, d, &params, self.relu)?, dev)
-            }
-            DType::F64 => {
-                let xyg = (&cuda::view(s1, l1)?, &cuda::view(s2, l2)?, &cuda::view(s3, l3)?);
-                CudaStorage::wrap_cuda_slice(cuda::input_grad::<f64>(&dev, xyg, d, &params, self.relu)?, dev)
-            }
-            dt => candle_core::bail!("{}: {dt:?} on CUDA (f32 and f64 only)", self.name()),
-        };
+        let dev = &s1.device;
+        let dx = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, y, g| {
+            cuda::input_grad(dev, (x, y, g), d, &params, self.relu)?
+        });
         Ok((dx, l1.shape().clone()))
     }
 }
@@ -481,22 +458,11 @@ impl CustomOp3 for ChannelAffine {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let d = dims(l1, self.name())?;
-        let dev = s1.device.clone();
-        let y = match s1.dtype() {
-            DType::F32 => {
-                let f = |s, l| Ok::<_, candle_core::Error>(to_f64(&dev.clone_dtoh(&cuda::view::<f32>(s, l)?)?));
-                let (scale, shift) = (f(s2, l2)?, f(s3, l3)?);
-                let y = cuda::affine(&dev, &cuda::view::<f32>(s1, l1)?, d, &scale, &shift, self.relu)?;
-                CudaStorage::wrap_cuda_slice(y, dev)
-            }
-            DType::F64 => {
-                let f = |s, l| Ok::<_, candle_core::Error>(to_f64(&dev.clone_dtoh(&cuda::view::<f64>(s, l)?)?));
-                let (scale, shift) = (f(s2, l2)?, f(s3, l3)?);
-                let y = cuda::affine(&dev, &cuda::view::<f64>(s1, l1)?, d, &scale, &shift, self.relu)?;
-                CudaStorage::wrap_cuda_slice(y, dev)
-            }
-            dt => candle_core::bail!("{}: {dt:?} on CUDA (f32 and f64 only)", self.name()),
-        };
+        let dev = &s1.device;
+        let y = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, scale, shift| {
+            let (scale, shift) = (to_f64(&dev.clone_dtoh(scale)?), to_f64(&dev.clone_dtoh(shift)?));
+            cuda::affine(dev, x, d, &scale, &shift, self.relu)?
+        });
         Ok((y, l1.shape().clone()))
     }
 }

@@ -81,6 +81,35 @@ macro_rules! three_floats {
     };
 }
 
+/// Runs `$body` with three contiguous f32 or three f64 CUDA views (the CUDA
+/// side of `three_floats!`); `$body` gives a `CudaSlice`, wrapped for `$dev`.
+#[cfg(feature = "cuda")]
+macro_rules! three_cuda_floats {
+    ($op:expr, $dev:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {{
+        use candle_core::backend::BackendStorage;
+        use $crate::ops::batch_norm_cuda::view;
+        match $s1.dtype() {
+            candle_core::DType::F32 => {
+                let ($a, $b, $c) = (
+                    &view::<f32>($s1, $l1)?,
+                    &view::<f32>($s2, $l2)?,
+                    &view::<f32>($s3, $l3)?,
+                );
+                candle_core::CudaStorage::wrap_cuda_slice($body, $dev.clone())
+            }
+            candle_core::DType::F64 => {
+                let ($a, $b, $c) = (
+                    &view::<f64>($s1, $l1)?,
+                    &view::<f64>($s2, $l2)?,
+                    &view::<f64>($s3, $l3)?,
+                );
+                candle_core::CudaStorage::wrap_cuda_slice($body, $dev.clone())
+            }
+            dt => candle_core::bail!("{}: {dt:?} on CUDA (f32 and f64 only)", $op),
+        }
+    }};
+}
+
 pub mod batch_norm;
 #[cfg(feature = "cuda")]
 mod batch_norm_cuda;
