@@ -23,20 +23,7 @@ bin=${2:-.cuda/reid.xz}
 mkdir -p "$out"
 started=$(date +%s)
 
-if [[ "$bin" == *.xz ]]; then
-  xz -d -c "$bin" > "$out/reid" && chmod +x "$out/reid" && bin=$out/reid
-fi
-# The CUDA libraries: the system's, else those of torch's nvidia wheels.
-libs=$(python3 - <<'PY' 2>/dev/null
-import glob, os, site
-dirs = set()
-for sp in site.getsitepackages() + [site.getusersitepackages()]:
-    for pattern in ("nvidia/*/lib", "nvidia/cu*/lib", "torch/lib"):
-        dirs.update(d for d in glob.glob(os.path.join(sp, pattern)) if os.path.isdir(d))
-print(":".join(sorted(dirs)))
-PY
-)
-export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source scripts/gpu-env.sh
 
 # step NAME SECONDS COMMAND...: runs with a time limit, keeps its log, and records
 # (name, exit status, seconds, and the last JSON line it printed) for the report.

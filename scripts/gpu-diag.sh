@@ -20,17 +20,7 @@ cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu-diag.sh OUT_DIR [REID_BINARY_OR_XZ]}
 bin=${2:-.cuda/reid.xz}
 mkdir -p "$out"
-if [[ "$bin" == *.xz ]]; then
-  xz -d -c "$bin" > "$out/reid" && chmod +x "$out/reid" && bin=$out/reid
-fi
-libs=$(python3 -c '
-import glob, os, site
-d = set()
-for sp in site.getsitepackages() + [site.getusersitepackages()]:
-    for p in ("nvidia/*/lib", "nvidia/cu*/lib", "torch/lib"):
-        d.update(x for x in glob.glob(os.path.join(sp, p)) if os.path.isdir(x))
-print(":".join(sorted(d)))' 2>/dev/null)
-export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source scripts/gpu-env.sh
 log=$out/diag.log
 exec > >(tee -a "$log") 2>&1
 
