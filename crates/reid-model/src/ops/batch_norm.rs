@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::Float;
-use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::batch_norm_cuda as cuda;
 use super::filled_in_chunks;
+use super::plane_sums::{grad_sums, per_channel, per_lane, rows, sums};
 use crate::widest;
 #[cfg(feature = "cuda")]
 use candle_core::{
@@ -40,28 +40,12 @@ fn dims(layout: &Layout, op: &str) -> Result<(usize, usize, usize)> {
     }
 }
 
-/// Per-plane values of `f` over each (n, c) plane, summed per channel in plane
-/// order (a fixed order: the result does not depend on the thread count).
-fn per_channel(planes: usize, c: usize, f: impl Fn(usize) -> [f64; 2] + Sync) -> Vec<[f64; 2]> {
-    let partial: Vec<[f64; 2]> = (0..planes).into_par_iter().map(&f).collect();
-    let mut out = vec![[0.0; 2]; c];
-    for (p, v) in partial.iter().enumerate() {
-        out[p % c][0] += v[0];
-        out[p % c][1] += v[1];
-    }
-    out
-}
-
-fn batch_stats<T: Float + Sync>(x: &[T], (n, c, hw): (usize, usize, usize)) -> BatchStats {
+fn batch_stats<T: Float + Sync + 'static>(x: &[T], (n, c, hw): (usize, usize, usize)) -> BatchStats {
     let count = n * hw;
-    let plane = |p: usize| &x[p * hw..(p + 1) * hw];
-    let sums = per_channel(n * c, c, |p| {
-        widest!([plane(p).iter().map(|v| v.to_f64().unwrap()).sum(), 0.0])
-    });
-    let mean: Vec<f64> = sums.iter().map(|s| s[0] / count as f64).collect();
-    let sq = per_channel(n * c, c, |p| {
-        let m = mean[p % c];
-        widest!([plane(p).iter().map(|v| (v.to_f64().unwrap() - m).powi(2)).sum(), 0.0])
+    let total = per_channel((n, c, hw), |g| sums(rows(x, g, hw), None).map(|s| [s, 0.0]));
+    let mean: Vec<f64> = total.iter().map(|s| s[0] / count as f64).collect();
+    let sq = per_channel((n, c, hw), |g| {
+        sums(rows(x, g, hw), Some(per_lane(&mean, g))).map(|s| [s, 0.0])
     });
     let var = sq.iter().map(|s| s[0] / count as f64).collect();
     BatchStats { mean, var, count }
@@ -104,7 +88,7 @@ pub struct BatchNormTrain {
 }
 
 impl BatchNormTrain {
-    pub(crate) fn forward<T: Float + Send + Sync>(
+    pub(crate) fn forward<T: Float + Send + Sync + 'static>(
         &self,
         x: &[T],
         w: &[T],
@@ -255,25 +239,18 @@ struct GradSums {
 }
 
 impl GradSums {
-    fn sums<T: Float + Send + Sync>(&self, x: &[T], y: &[T], g: &[T], (n, c, hw): (usize, usize, usize)) -> Vec<T> {
+    fn sums<T: Float + Send + Sync + 'static>(
+        &self,
+        x: &[T],
+        y: &[T],
+        g: &[T],
+        (n, c, hw): (usize, usize, usize),
+    ) -> Vec<T> {
         let s = &self.stats;
-        let per = per_channel(n * c, c, |p| {
-            let (mean, range) = (s.mean[p % c], p * hw..(p + 1) * hw);
-            let (mut sg, mut sgx) = (0.0, 0.0);
-            widest!(masked_chunks(
-                &x[range.clone()],
-                &y[range.clone()],
-                &g[range],
-                self.relu,
-                |_, xs, kept| {
-                    for (&gv, &xv) in kept.iter().zip(xs) {
-                        let gm = gv.to_f64().unwrap();
-                        sg += gm;
-                        sgx += gm * (xv.to_f64().unwrap() - mean);
-                    }
-                },
-            ));
-            [sgx, sg]
+        let per = per_channel((n, c, hw), |grp| {
+            let (xs, ys, gs) = (rows(x, grp, hw), rows(y, grp, hw), rows(g, grp, hw));
+            let mean = per_lane(&s.mean, grp);
+            grad_sums(xs, ys, gs, self.relu, mean)
         });
         let invstd: Vec<f64> = s.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         let first = per.iter().zip(&invstd).map(|(v, i)| T::from(v[0] * i).unwrap());

@@ -118,6 +118,7 @@ pub mod conv;
 #[cfg(feature = "cudnn")]
 pub mod cuda;
 pub mod generic;
+mod plane_sums;
 pub mod pool;
 pub mod residual;
 pub mod simd;
