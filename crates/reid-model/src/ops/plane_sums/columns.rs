@@ -15,38 +15,36 @@ type Pair = [__m256d; 2];
 /// Positions `at..at + 8` of the 8 rows, one vector per position.
 #[inline(always)]
 unsafe fn columns(r: &Rows<f32>, at: usize) -> [__m256; 8] {
-    let v: [__m256; 8] = std::array::from_fn(|k| _mm256_loadu_ps(r[k][at..at + 8].as_ptr()));
+    let mut v = [_mm256_setzero_ps(); 8];
+    for (v, row) in v.iter_mut().zip(r) {
+        *v = _mm256_loadu_ps(row[at..at + 8].as_ptr());
+    }
     transpose(v)
 }
 
 /// The 8 x 8 transpose: out[j][k] = v[k][j].
 #[inline(always)]
 unsafe fn transpose(v: [__m256; 8]) -> [__m256; 8] {
-    let t: [__m256; 8] = std::array::from_fn(|i| {
-        let (a, b) = (v[i / 2 * 2], v[i / 2 * 2 + 1]);
-        if i % 2 == 0 {
-            _mm256_unpacklo_ps(a, b)
-        } else {
-            _mm256_unpackhi_ps(a, b)
-        }
-    });
+    let mut t = [_mm256_setzero_ps(); 8];
+    for i in 0..4 {
+        t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
     // u[0..4] from rows 0-3, u[4..8] from rows 4-7: positions 0-3 (and 4-7
     // in the upper halves) of four rows each.
-    let u: [__m256; 8] = std::array::from_fn(|i| {
-        let (a, b) = (t[i / 4 * 4 + (i % 4) / 2], t[i / 4 * 4 + (i % 4) / 2 + 2]);
-        if i % 2 == 0 {
-            _mm256_shuffle_ps::<0x44>(a, b)
-        } else {
-            _mm256_shuffle_ps::<0xEE>(a, b)
-        }
-    });
-    std::array::from_fn(|j| {
-        if j < 4 {
-            _mm256_permute2f128_ps::<0x20>(u[j], u[j + 4])
-        } else {
-            _mm256_permute2f128_ps::<0x31>(u[j - 4], u[j])
-        }
-    })
+    let mut u = [_mm256_setzero_ps(); 8];
+    for h in [0, 4] {
+        u[h] = _mm256_shuffle_ps::<0x44>(t[h], t[h + 2]);
+        u[h + 1] = _mm256_shuffle_ps::<0xEE>(t[h], t[h + 2]);
+        u[h + 2] = _mm256_shuffle_ps::<0x44>(t[h + 1], t[h + 3]);
+        u[h + 3] = _mm256_shuffle_ps::<0xEE>(t[h + 1], t[h + 3]);
+    }
+    let mut out = [_mm256_setzero_ps(); 8];
+    for j in 0..4 {
+        out[j] = _mm256_permute2f128_ps::<0x20>(u[j], u[j + 4]);
+        out[j + 4] = _mm256_permute2f128_ps::<0x31>(u[j], u[j + 4]);
+    }
+    out
 }
 
 #[inline(always)]
@@ -79,7 +77,7 @@ unsafe fn store(p: Pair) -> [f64; LANES] {
 pub(super) unsafe fn sum(r: Rows<f32>, centre: Option<[f64; LANES]>, acc: [f64; LANES]) -> [f64; LANES] {
     let len = r[0].len();
     let (mut acc, m) = (load(&acc), load(&centre.unwrap_or([0.0; LANES])));
-    for at in (0..len / 8).map(|b| b * 8) {
+    for at in (0..len / 8 * 8).step_by(8) {
         for c in columns(&r, at) {
             let v = widen(c);
             for h in 0..2 {
@@ -122,15 +120,16 @@ pub(super) unsafe fn grad(
     let len = xs[0].len();
     let zero = _mm256_setzero_ps();
     let (mut sgx, mut sg, m) = ([_mm256_setzero_pd(); 2], [_mm256_setzero_pd(); 2], load(&mean));
-    for at in (0..len / 8).map(|b| b * 8) {
-        let kept: [__m256; 8] = std::array::from_fn(|k| {
+    for at in (0..len / 8 * 8).step_by(8) {
+        let mut kept = [zero; 8];
+        for k in 0..LANES {
             let g = _mm256_loadu_ps(gs[k][at..at + 8].as_ptr());
             let y = _mm256_loadu_ps(ys[k][at..at + 8].as_ptr());
-            match relu {
+            kept[k] = match relu {
                 true => _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(y, zero), g),
                 false => g,
-            }
-        });
+            };
+        }
         for (g, x) in transpose(kept).into_iter().zip(columns(&xs, at)) {
             let (g, x) = (widen(g), widen(x));
             for h in 0..2 {
