@@ -31,6 +31,13 @@ pub struct BatchStats {
     pub count: usize,
 }
 
+impl BatchStats {
+    /// Per channel: `1 / sqrt(var + eps)`.
+    fn invstd(&self, eps: f64) -> Vec<f64> {
+        self.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
+    }
+}
+
 /// (N, C, H*W) of an [N, C, H, W] or [N, C] layout.
 fn dims(layout: &Layout, op: &str) -> Result<(usize, usize, usize)> {
     match layout.dims() {
@@ -147,7 +154,7 @@ impl BatchNormTrain {
             eps: self.eps,
             relu: self.relu,
             stats,
-            weight: to_f64(&w.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?),
+            weight: w.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?,
             sum_gxhat: sum_gxhat.to_dtype(candle_core::DType::F64)?.to_vec1()?,
             sum_g: sum_g.to_dtype(candle_core::DType::F64)?.to_vec1()?,
         };
@@ -248,11 +255,10 @@ impl GradSums {
     ) -> Vec<T> {
         let s = &self.stats;
         let per = per_channel((n, c, hw), |grp| {
-            let (xs, ys, gs) = (rows(x, grp, hw), rows(y, grp, hw), rows(g, grp, hw));
-            let mean = per_lane(&s.mean, grp);
-            grad_sums(xs, ys, gs, self.relu, mean)
+            let xyg = [x, y, g].map(|v| rows(v, grp, hw));
+            grad_sums(xyg, self.relu, per_lane(&s.mean, grp))
         });
-        let invstd: Vec<f64> = s.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let invstd = s.invstd(self.eps);
         let first = per.iter().zip(&invstd).map(|(v, i)| T::from(v[0] * i).unwrap());
         let second = per.iter().map(|v| T::from(v[1]).unwrap());
         first.chain(second).collect()
@@ -291,8 +297,7 @@ impl CustomOp3 for GradSums {
     ) -> Result<(CudaStorage, Shape)> {
         let d = dims(l1, self.name())?;
         let s = &self.stats;
-        let invstd = s.var.iter().map(|v| 1.0 / (v + self.eps).sqrt());
-        let mean_invstd: Vec<f64> = s.mean.iter().copied().chain(invstd).collect();
+        let mean_invstd = [&s.mean[..], &s.invstd(self.eps)].concat();
         let dev = &s1.device;
         let out = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, y, g| {
             cuda::grad_sums(dev, (x, y, g), d, &mean_invstd, self.relu)?
@@ -318,7 +323,7 @@ impl InputGrad {
     #[cfg(feature = "cuda")]
     fn cuda_params(&self) -> Vec<f64> {
         let s = &self.stats;
-        let invstd: Vec<f64> = s.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let invstd = s.invstd(self.eps);
         let k = self.weight.iter().zip(&invstd).map(|(w, i)| w * i / s.count as f64);
         let k: Vec<f64> = k.collect();
         [&s.mean[..], &invstd, &k, &self.sum_g, &self.sum_gxhat].concat()
@@ -326,13 +331,13 @@ impl InputGrad {
 
     fn backward<T: Float + Send + Sync>(&self, x: &[T], y: &[T], g: &[T], (_, c, hw): (usize, usize, usize)) -> Vec<T> {
         let s = &self.stats;
-        let n = s.count as f64;
+        let (n, invstds) = (s.count as f64, s.invstd(self.eps));
         // SAFETY: every value of each plane is written by the loop over it.
         unsafe {
             filled_in_chunks(x.len(), hw, |plane, o| {
                 let ch = plane % c;
                 let range = plane * hw..(plane + 1) * hw;
-                let invstd = 1.0 / (s.var[ch] + self.eps).sqrt();
+                let invstd = invstds[ch];
                 let (mean, k) = (s.mean[ch], self.weight[ch] * invstd / n);
                 let (a, b) = (self.sum_g[ch], self.sum_gxhat[ch]);
                 widest!(masked_chunks(

@@ -88,36 +88,21 @@ pub(crate) fn sums<T: Float + 'static>(r: Rows<T>, centre: Option<[f64; LANES]>)
 /// The batch norm backward's sums over each row, `[sum(g (x - mean)), sum(g)]`,
 /// where `g` is the gradient reaching the batch norm: zero where `relu` and the
 /// output `y <= 0`.
-pub(crate) fn grad_sums<T: Float + 'static>(
-    xs: Rows<T>,
-    ys: Rows<T>,
-    gs: Rows<T>,
-    relu: bool,
-    mean: [f64; LANES],
-) -> [[f64; 2]; LANES] {
+pub(crate) fn grad_sums<T: Float + 'static>(xyg: [Rows<T>; 3], relu: bool, mean: [f64; LANES]) -> [[f64; 2]; LANES] {
     #[cfg(target_arch = "x86_64")]
-    if let (Some(x), Some(y), Some(g), true) = (
-        as_f32(&xs),
-        as_f32(&ys),
-        as_f32(&gs),
-        std::arch::is_x86_feature_detected!("avx2"),
-    ) {
+    if let ([Some(x), Some(y), Some(g)], true) =
+        (xyg.each_ref().map(as_f32), std::arch::is_x86_feature_detected!("avx2"))
+    {
         // SAFETY: the CPU has AVX2; `rows` cuts rows of one length.
-        return unsafe { columns::grad(x, y, g, relu, mean) };
+        return unsafe { columns::grad([x, y, g], relu, mean) };
     }
-    widest!(grad_sums_chunked(xs, ys, gs, relu, mean))
+    widest!(grad_sums_chunked(xyg, relu, mean))
 }
 
 /// [`grad_sums`] in plain code: the mask a chunk at a time (vector selects),
 /// then the chains.
 #[inline(always)]
-fn grad_sums_chunked<T: Float>(
-    xs: Rows<T>,
-    ys: Rows<T>,
-    gs: Rows<T>,
-    relu: bool,
-    mean: [f64; LANES],
-) -> [[f64; 2]; LANES] {
+fn grad_sums_chunked<T: Float>([xs, ys, gs]: [Rows<T>; 3], relu: bool, mean: [f64; LANES]) -> [[f64; 2]; LANES] {
     let hw = xs[0].len();
     let (mut sgx, mut sg) = ([0.0f64; LANES], [0.0f64; LANES]);
     let mut kept = [[T::zero(); CHUNK]; LANES];
@@ -216,8 +201,8 @@ mod tests {
                 assert_eq!(bits(&sums(r(&x), c)), bits(&plain_sum(c)), "len {len}, {c:?}");
             }
             for relu in [false, true] {
-                let got = grad_sums(r(&x), r(&y), r(&g), relu, m);
-                let want = grad_sums_chunked(r(&x), r(&y), r(&g), relu, m);
+                let got = grad_sums([r(&x), r(&y), r(&g)], relu, m);
+                let want = grad_sums_chunked([r(&x), r(&y), r(&g)], relu, m);
                 assert_eq!(
                     bits(got.as_flattened()),
                     bits(want.as_flattened()),

@@ -110,13 +110,7 @@ pub(super) unsafe fn sum(r: Rows<f32>, centre: Option<[f64; LANES]>, acc: [f64; 
 /// # Safety
 /// The CPU must have AVX2; the rows must be of one length.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn grad(
-    xs: Rows<f32>,
-    ys: Rows<f32>,
-    gs: Rows<f32>,
-    relu: bool,
-    mean: [f64; LANES],
-) -> [[f64; 2]; LANES] {
+pub(super) unsafe fn grad([xs, ys, gs]: [Rows<f32>; 3], relu: bool, mean: [f64; LANES]) -> [[f64; 2]; LANES] {
     let len = xs[0].len();
     let zero = _mm256_setzero_ps();
     let (mut sgx, mut sg, m) = ([_mm256_setzero_pd(); 2], [_mm256_setzero_pd(); 2], load(&mean));
