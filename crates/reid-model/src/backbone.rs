@@ -8,6 +8,7 @@ use crate::arch::{Arch, BlockKind};
 use crate::layers::{batch_norm, Conv, ConvBn};
 use crate::ops::pool::Window;
 use crate::ops::{add_relu, avg_pool2d, channel_slice};
+use crate::tape;
 
 /// timm's `Bottle2neck`: a 1x1 convolution split into `scale` groups; the first
 /// `scale - 1` go through 3x3 convolutions, each after the previous group's output
@@ -78,27 +79,26 @@ impl Bottle2neck {
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let out = self.conv1.forward_t(x, train, true)?;
+        let mut splits = tape::split_channels(&out, self.width, self.scale, channel_slice)?.into_iter();
         let mut pieces = Vec::with_capacity(self.scale);
         let mut previous: Option<Tensor> = None;
-        for (i, conv) in self.convs.iter().enumerate() {
-            let split = channel_slice(&out, i * self.width, self.width)?;
+        for (conv, split) in self.convs.iter().zip(splits.by_ref()) {
             let input = match (&previous, self.is_first) {
-                (Some(p), false) => (p + split)?,
+                (Some(p), false) => tape::add(p, &split)?,
                 _ => split,
             };
             let y = conv.forward_t(&input, train, true)?;
             pieces.push(y.clone());
             previous = Some(y);
         }
-        if self.scale > 1 {
-            let last = channel_slice(&out, (self.scale - 1) * self.width, self.width)?;
+        if let Some(last) = splits.next() {
             pieces.push(if self.is_first {
                 avg_pool2d(&last, 3, self.stride, 1)?
             } else {
                 last
             });
         }
-        let merged = self.conv3.forward_t(&Tensor::cat(&pieces, 1)?, train, false)?;
+        let merged = self.conv3.forward_t(&tape::cat_channels(&pieces)?, train, false)?;
         let shortcut = match &self.downsample {
             Some(d) => d.forward_t(x, train, false)?,
             None => x.clone(),
@@ -255,6 +255,6 @@ impl ModuleT for Backbone {
                 y = block.forward_t(&y, train)?;
             }
         }
-        y.mean((2, 3))
+        tape::spatial_mean(&y)
     }
 }

@@ -1,10 +1,14 @@
 //! The multi-task heads of the siamese network and its weighted loss.
 
+use std::sync::Arc;
+
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use rand::Rng;
 
 use crate::metric::{batch_hard_triplet, pairwise_distances, verification_pairs, Negatives, TripletMargin};
+use crate::tape::TapedOutput;
 
 /// A linear layer with `weight` ~ N(0, 0.001^2) and zero `bias`, the usual
 /// initialisation of re-ID classifiers.
@@ -124,6 +128,34 @@ pub struct PairLoss {
     pub id_accuracy: f64,
     /// Verification accuracy over the B pairs.
     pub verif_accuracy: f64,
+    /// The backbone's forward, when it ran on a tape (see [`crate::tape`]): the
+    /// backward continues through it from its output's gradient.
+    pub backbone: Option<Arc<TapedOutput>>,
+}
+
+impl PairLoss {
+    /// The gradients of `total` for every variable: candle's backward through
+    /// the heads, then the backbone's tape if it ran on one (consumed unless this
+    /// loss was cloned).
+    pub fn backward(&mut self) -> Result<GradStore> {
+        let mut store = self.total.backward()?;
+        match self.backbone.take().map(Arc::try_unwrap) {
+            Some(Ok(taped)) => taped.backward(&mut store)?,
+            Some(Err(shared)) => shared.backward_kept(&mut store)?,
+            None => {}
+        }
+        Ok(store)
+    }
+
+    /// The gradients of `term` (one of this loss's tensors) for every variable,
+    /// keeping the tape for the other terms and [`PairLoss::backward`].
+    pub fn term_backward(&self, term: &Tensor) -> Result<GradStore> {
+        let mut store = term.backward()?;
+        if let Some(taped) = &self.backbone {
+            taped.backward_kept(&mut store)?;
+        }
+        Ok(store)
+    }
 }
 
 fn accuracy(logits: &Tensor, targets: &Tensor) -> Result<f64> {
@@ -209,6 +241,7 @@ impl Heads {
             triplet,
             id_accuracy: id.accuracy,
             verif_accuracy,
+            backbone: None,
         })
     }
 

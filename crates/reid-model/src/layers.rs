@@ -124,7 +124,7 @@ impl BatchNorm {
     /// statistics it computed.
     fn train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let op = self.train_op(relu);
-        let y = x.apply_op3(&self.weight, &self.bias, op.clone())?;
+        let y = crate::tape::op3(x, &self.weight, &self.bias, op.clone())?;
         self.update_running(&op, x)?;
         Ok(y)
     }
@@ -136,7 +136,7 @@ impl BatchNorm {
         if kernels == Kernels::Fused && train {
             let x = x.contiguous()?;
             let op = BatchNormReluMaxPool::new(self.train_op(true), window);
-            let y = x.apply_op3(&self.weight, &self.bias, op.clone())?;
+            let y = crate::tape::op3(&x, &self.weight, &self.bias, op.clone())?;
             self.update_running(&op.bn, &x)?;
             return Ok(y);
         }
@@ -214,11 +214,8 @@ impl ConvBn {
         };
         let rest = BatchNormReluMaxPool::new(self.bn.train_op(true), window);
         let op = Stem::new(conv, x.contiguous()?, rest);
-        let y = self
-            .conv
-            .weight
-            .contiguous()?
-            .apply_op3(&self.bn.weight, &self.bn.bias, op.clone())?;
+        let weight = self.conv.weight.contiguous()?;
+        let y = crate::tape::op3(&weight, &self.bn.weight, &self.bn.bias, op.clone())?;
         self.bn.update_running(&op.rest.bn, &y)?;
         Ok(y)
     }

@@ -11,6 +11,7 @@ pub mod layers;
 pub mod metric;
 pub mod model;
 pub mod ops;
+pub mod tape;
 pub mod weights;
 
 pub use arch::{Arch, BlockKind, ARCHS};

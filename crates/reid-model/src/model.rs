@@ -1,6 +1,7 @@
 //! The siamese re-ID network: one backbone shared by both branches, and the heads.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, ModuleT, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -11,6 +12,8 @@ use crate::arch::Arch;
 use crate::backbone::Backbone;
 use crate::heads::{Heads, LossWeights, PairLoss, PairTargets};
 use crate::layers::BatchNorm;
+use crate::ops::{current_precision, Kernels, Precision};
+use crate::tape::TapedOutput;
 
 /// What to build.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -147,8 +150,12 @@ impl ReidModel {
         dropout: f64,
         rng: &mut R,
     ) -> Result<PairLoss> {
-        let (f, pooled) = self.train_features(x1, x2)?;
-        self.heads.pair_loss(&f, &pooled, targets, weights, dropout, rng)
+        let (f, pooled, taped) = self.train_features(x1, x2)?;
+        let loss = self.heads.pair_loss(&f, &pooled, targets, weights, dropout, rng)?;
+        Ok(PairLoss {
+            backbone: taped,
+            ..loss
+        })
     }
 
     /// One training forward of a P x K batch `cat[x1, x2]` (see
@@ -165,15 +172,25 @@ impl ReidModel {
         dropout: f64,
         rng: &mut R,
     ) -> Result<PairLoss> {
-        let (f, pooled) = self.train_features(x1, x2)?;
-        self.heads.batch_loss(&f, &pooled, targets, weights, dropout, rng)
+        let (f, pooled, taped) = self.train_features(x1, x2)?;
+        let loss = self.heads.batch_loss(&f, &pooled, targets, weights, dropout, rng)?;
+        Ok(PairLoss {
+            backbone: taped,
+            ..loss
+        })
     }
 
-    /// Train-mode features of `cat[x1, x2]`: (through the neck, pooled).
-    fn train_features(&self, x1: &Tensor, x2: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Train-mode features of `cat[x1, x2]`: (through the neck, pooled), and the
+    /// backbone's tape when it ran on one (see [`taped_backbone`]).
+    fn train_features(&self, x1: &Tensor, x2: &Tensor) -> Result<(Tensor, Tensor, Option<Arc<TapedOutput>>)> {
         let x = Tensor::cat(&[x1, x2], 0)?;
-        let pooled = self.backbone.forward_t(&x, true)?;
-        Ok((self.through_neck(&pooled, true)?, pooled))
+        if !taped_backbone(&x) {
+            let pooled = self.backbone.forward_t(&x, true)?;
+            return Ok((self.through_neck(&pooled, true)?, pooled, None));
+        }
+        let taped = TapedOutput::record(|| self.backbone.forward_t(&x, true))?;
+        let pooled = taped.leaf().clone();
+        Ok((self.through_neck(&pooled, true)?, pooled, Some(Arc::new(taped))))
     }
 
     /// Every variable's current value by name, as f32 on the CPU (for saving).
@@ -183,6 +200,15 @@ impl ReidModel {
             .map(|(n, v)| Ok((n, v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
             .collect()
     }
+}
+
+/// Whether the backbone's training forward on `x` runs on a tape (the CPU's fused
+/// ops on f32 or f64, in f32 precision: every op of it records itself there), so
+/// that its backward is [`crate::tape`]'s; elsewhere it is candle's.
+fn taped_backbone(x: &Tensor) -> bool {
+    Kernels::for_tensor(x) == Kernels::Fused
+        && current_precision() == Precision::F32
+        && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// Offsets the run seed for the initialisation draws (variable i draws from
@@ -277,7 +303,7 @@ mod tests {
         let loss = m
             .pair_loss(&x1, &x2, &targets, LossWeights::default(), 0.5, &mut rng)
             .unwrap();
-        let grads = |t: &Tensor| t.backward().unwrap();
+        let grads = |t: &Tensor| loss.term_backward(t).unwrap();
         let (total, id1, id2, verif) = (
             grads(&loss.total),
             grads(&loss.id1),

@@ -104,25 +104,30 @@ fn backbone_norm(backbone: &[Var], grads: &GradStore, weight: f64) -> Result<f64
     Ok(weight * sum.sqrt())
 }
 
-/// Each term's backbone gradient norm, each from its own backward of the same
-/// forward; `total` is the norm of the update's gradient.
-fn grad_norms(model: &ReidModel, loss: &PairLoss, w: &LossWeights, total: &GradStore) -> Result<GradNorms> {
-    let backbone: Vec<Var> = model
+/// The backbone's variables.
+fn backbone_vars(model: &ReidModel) -> Vec<Var> {
+    model
         .trainable_vars()
         .into_iter()
         .filter(|(name, _)| !is_head(name))
         .map(|(_, v)| v)
-        .collect();
+        .collect()
+}
+
+/// Each term's backbone gradient norm, each from its own backward of the same
+/// forward (before [`PairLoss::backward`] consumes the backbone's tape); `total`
+/// is left 0 for the update's gradient.
+fn term_norms(backbone: &[Var], loss: &PairLoss, w: &LossWeights) -> Result<GradNorms> {
     let term = |t: &Tensor, weight: f64| match weight {
         0.0 => Ok(0.0),
-        _ => backbone_norm(&backbone, &t.backward()?, weight),
+        _ => backbone_norm(backbone, &loss.term_backward(t)?, weight),
     };
     Ok(GradNorms {
         id1: term(&loss.id1, w.id1)?,
         id2: term(&loss.id2, w.id2)?,
         verif: term(&loss.verif, w.verif)?,
         triplet: term(&loss.triplet, w.triplet)?,
-        total: backbone_norm(&backbone, total, 1.0)?,
+        total: 0.0,
     })
 }
 
@@ -164,7 +169,7 @@ fn step_on_this_thread<R: Rng>(
 ) -> std::result::Result<StepStats, StepError> {
     let (x1, x2, t) = (&batch.x1, &batch.x2, &batch.targets);
     let (weights, dropout) = (settings.weights, settings.dropout);
-    let loss = match settings.pk {
+    let mut loss = match settings.pk {
         true => model.batch_loss(x1, x2, t, weights, dropout, rng)?,
         false => model.pair_loss(x1, x2, t, weights, dropout, rng)?,
     };
@@ -182,9 +187,12 @@ fn step_on_this_thread<R: Rng>(
     if !stats.loss.is_finite() {
         return Err(StepError::NonFiniteLoss(stats));
     }
-    let grads = loss.total.backward()?;
-    if settings.grad_norms {
-        stats.grad_norms = Some(grad_norms(model, &loss, &weights, &grads)?);
+    let backbone = settings.grad_norms.then(|| backbone_vars(model));
+    let terms = backbone.as_ref().map(|b| term_norms(b, &loss, &weights)).transpose()?;
+    let grads = loss.backward()?;
+    if let (Some(terms), Some(backbone)) = (terms, &backbone) {
+        let total = backbone_norm(backbone, &grads, 1.0)?;
+        stats.grad_norms = Some(GradNorms { total, ..terms });
     }
     optimizer.step(&grads, lr)?;
     Ok(stats)

@@ -445,9 +445,9 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
 /// CUDA when built with `cudnn`).
 pub fn conv2d_with(kernels: Kernels, x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if x.device().is_cpu() && x.dtype() != candle_core::DType::BF16 => x
-            .contiguous()?
-            .apply_op2(&weight.contiguous()?, Conv2d { stride, padding }),
+        Kernels::Fused if x.device().is_cpu() && x.dtype() != candle_core::DType::BF16 => {
+            crate::tape::op2(&x.contiguous()?, &weight.contiguous()?, Conv2d { stride, padding })
+        }
         #[cfg(feature = "cudnn")]
         Kernels::Fused if x.device().is_cuda() => super::cuda::conv2d(x, weight, stride, padding),
         _ => super::generic::conv2d(x, weight, stride, padding),

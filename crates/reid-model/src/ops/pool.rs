@@ -329,7 +329,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
 /// [`max_pool2d`] with the given kernels.
 pub fn max_pool2d_with(kernels: Kernels, x: &Tensor, window: Window) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if x.device().is_cpu() => x.contiguous()?.apply_op1(MaxPool2d::new(window)),
+        Kernels::Fused if x.device().is_cpu() => crate::tape::op1(&x.contiguous()?, MaxPool2d::new(window)),
         _ => super::generic::max_pool2d(x, window),
     }
 }
@@ -347,7 +347,7 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
 /// [`avg_pool2d`] with the given kernels.
 pub fn avg_pool2d_with(kernels: Kernels, x: &Tensor, window: Window) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if x.device().is_cpu() => x.contiguous()?.apply_op1(AvgPool2d(window)),
+        Kernels::Fused if x.device().is_cpu() => crate::tape::op1(&x.contiguous()?, AvgPool2d(window)),
         _ => super::generic::avg_pool2d(x, window),
     }
 }

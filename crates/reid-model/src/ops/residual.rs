@@ -96,7 +96,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// [`add_relu`] with the given kernels.
 pub fn add_relu_with(kernels: Kernels, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if a.device().is_cpu() => a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu),
+        Kernels::Fused if a.device().is_cpu() => crate::tape::op2(&a.contiguous()?, &b.contiguous()?, AddRelu),
         _ => super::generic::add_relu(a, b),
     }
 }
