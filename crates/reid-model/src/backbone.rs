@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 use crate::arch::{Arch, BlockKind};
 use crate::layers::{batch_norm, Conv, ConvBn};
 use crate::ops::pool::Window;
+use crate::ops::residual::add;
 use crate::ops::{add_relu, avg_pool2d, channel_slice};
 use crate::tape;
 
@@ -84,7 +85,7 @@ impl Bottle2neck {
         let mut previous: Option<Tensor> = None;
         for (conv, split) in self.convs.iter().zip(splits.by_ref()) {
             let input = match (&previous, self.is_first) {
-                (Some(p), false) => tape::add(p, &split)?,
+                (Some(p), false) => add(p, &split)?,
                 _ => split,
             };
             let y = conv.forward_t(&input, train, true)?;

@@ -11,6 +11,7 @@ use crate::ops::conv::Conv2d;
 use crate::ops::pool::{max_pool2d_with, Window};
 use crate::ops::stem::{BatchNormReluMaxPool, Stem};
 use crate::ops::{current_precision, generic, Kernels, Precision};
+use crate::tape::{self, Reads};
 
 /// A bias-free 2-D convolution (`<name>.weight`, [out, in, k, k]).
 #[derive(Debug, Clone)]
@@ -124,7 +125,10 @@ impl BatchNorm {
     /// statistics it computed.
     fn train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let op = self.train_op(relu);
-        let y = crate::tape::op3(x, &self.weight, &self.bias, op.clone())?;
+        // Without ReLU the backward reads no output (and the residual sum after it
+        // frees it).
+        let reads = if relu { Reads::ALL } else { Reads::INPUTS };
+        let y = tape::op3(x, &self.weight, &self.bias, op.clone(), reads)?;
         self.update_running(&op, x)?;
         Ok(y)
     }
@@ -136,7 +140,7 @@ impl BatchNorm {
         if kernels == Kernels::Fused && train {
             let x = x.contiguous()?;
             let op = BatchNormReluMaxPool::new(self.train_op(true), window);
-            let y = crate::tape::op3(&x, &self.weight, &self.bias, op.clone())?;
+            let y = tape::op3(&x, &self.weight, &self.bias, op.clone(), Reads::ALL)?;
             self.update_running(&op.bn, &x)?;
             return Ok(y);
         }
@@ -215,7 +219,7 @@ impl ConvBn {
         let rest = BatchNormReluMaxPool::new(self.bn.train_op(true), window);
         let op = Stem::new(conv, x.contiguous()?, rest);
         let weight = self.conv.weight.contiguous()?;
-        let y = crate::tape::op3(&weight, &self.bn.weight, &self.bn.bias, op.clone())?;
+        let y = tape::op3(&weight, &self.bn.weight, &self.bn.bias, op.clone(), Reads::INPUTS)?;
         self.bn.update_running(&op.rest.bn, &y)?;
         Ok(y)
     }

@@ -3,48 +3,133 @@
 //!
 //! candle's `Tensor::backward` starts every gradient as a tensor of zeros and adds
 //! each contribution to it, pads each Res2Net split's gradient to the whole width
-//! before adding it, and keeps every activation alive until the backward ends. On
-//! the tape, a gradient that has one contribution is that contribution; a split's
-//! gradient is one concatenation of its pieces'; and each op's tensors are freed
-//! once its backward has run, as PyTorch frees saved tensors.
+//! before adding it, and its graph keeps every op's inputs alive until the
+//! backward ends. On the tape, a gradient that has one contribution is that
+//! contribution; a split's gradient is one concatenation of its pieces'; an op
+//! keeps only what its backward reads (see [`Reads`]), and frees that once its
+//! backward has run, as PyTorch does with saved tensors.
 //!
-//! The ops still build candle's graph as they run (their backward functions ask
-//! `track_op()` whether an input needs a gradient), but nothing walks it. The
-//! custom ops record themselves through [`op1`], [`op2`] and [`op3`]; the few
-//! candle ops of the backbone through [`add`], [`cat_channels`],
-//! [`split_channels`] and [`spatial_mean`]. An op that reaches the tape with an
-//! input from outside it (a candle op that did not record itself) is an error at
-//! once, never a gradient silently lost.
+//! While a tape records, the custom ops ([`op1`], [`op2`], [`op3`]) and sums
+//! ([`add`]) run without candle's graph: their outputs are new leaf tensors
+//! (marked as variables, so that `track_op()` still says they need a gradient).
+//! The few candle ops of the backbone ([`cat_channels`], [`split_channels`],
+//! [`spatial_mean`]) keep candle's graph, which holds only tensors the tape holds
+//! anyway. An op that reaches the tape with an input from outside it (a candle op
+//! that did not record itself) is an error at once, never a gradient silently
+//! lost. Recording is for the CPU.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CustomOp1, CustomOp2, CustomOp3, Result, Tensor, TensorId};
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Result, Shape, Storage, Tensor, TensorId};
 
 type Op1 = Arc<Box<dyn CustomOp1 + Send + Sync>>;
 type Op2 = Arc<Box<dyn CustomOp2 + Send + Sync>>;
 type Op3 = Arc<Box<dyn CustomOp3 + Send + Sync>>;
 
-/// One recorded op and the tensors its backward needs.
+/// What an op's backward reads: its inputs, in order, and its output. The
+/// tensors it does not read are not kept for it; the backward gets a kept one of
+/// them in their place (so it must truly not read them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reads {
+    pub inputs: [bool; 3],
+    pub output: bool,
+}
+
+impl Reads {
+    /// Everything (the default of [`op1`], [`op2`], [`op3`]).
+    pub const ALL: Reads = Reads {
+        inputs: [true; 3],
+        output: true,
+    };
+    /// The inputs, not the output.
+    pub const INPUTS: Reads = Reads {
+        inputs: [true; 3],
+        output: false,
+    };
+    /// The output only.
+    pub const OUTPUT: Reads = Reads {
+        inputs: [false; 3],
+        output: true,
+    };
+}
+
+/// A tensor an op's backward gets: kept, or only named (its id, and whether it
+/// is a variable of the model).
+enum Saved {
+    Kept(Tensor),
+    Named(TensorId, bool),
+}
+
+impl Saved {
+    fn new(t: &Tensor, keep: bool) -> Self {
+        match keep {
+            true => Saved::Kept(t.clone()),
+            false => Saved::Named(t.id(), t.is_variable()),
+        }
+    }
+
+    fn id(&self) -> TensorId {
+        match self {
+            Saved::Kept(t) => t.id(),
+            Saved::Named(id, _) => *id,
+        }
+    }
+
+    fn is_variable(&self) -> bool {
+        match self {
+            Saved::Kept(t) => t.is_variable(),
+            Saved::Named(_, v) => *v,
+        }
+    }
+}
+
+/// One recorded custom op: the op, its inputs, its output.
+struct Custom<Op> {
+    op: Op,
+    inputs: Vec<Saved>,
+    output: Saved,
+}
+
+impl<Op> Custom<Op> {
+    /// The tensors the backward gets, [inputs..., output]: a kept tensor in
+    /// place of each one not kept.
+    fn tensors(&self) -> Vec<&Tensor> {
+        let all = self.inputs.iter().chain(std::iter::once(&self.output));
+        let stand_in = all.clone().find_map(|s| match s {
+            Saved::Kept(t) => Some(t),
+            Saved::Named(..) => None,
+        });
+        let stand_in = stand_in.expect("an op keeps at least one tensor");
+        all.map(|s| match s {
+            Saved::Kept(t) => t,
+            Saved::Named(..) => stand_in,
+        })
+        .collect()
+    }
+}
+
+/// One recorded op.
 enum Step {
-    Op1(Op1, Tensor),
-    Op2(Op2, [Tensor; 2]),
-    Op3(Op3, [Tensor; 3]),
+    Op1(Custom<Op1>),
+    Op2(Custom<Op2>),
+    Op3(Custom<Op3>),
     /// `a + b`: both get the output's gradient.
-    Add([Tensor; 2]),
-    /// Concatenation of these tensors along the channels.
-    Cat(Vec<Tensor>),
-    /// This tensor's channels cut into the entry's outputs, in order.
-    Split(Tensor),
-    /// The mean over the two spatial dimensions of this [N, C, H, W] tensor.
-    SpatialMean(Tensor),
+    Add([Saved; 2]),
+    /// Concatenation along the channels of tensors of these channel counts.
+    Cat(Vec<(Saved, usize)>),
+    /// A tensor's channels cut into pieces of these shapes, in order.
+    Split(Saved, Vec<Shape>),
+    /// The mean over the two spatial dimensions of an [N, C, H, W] tensor.
+    SpatialMean(Saved, (usize, usize, usize, usize)),
 }
 
 struct Entry {
     step: Step,
-    outputs: Vec<Tensor>,
+    outputs: Vec<TensorId>,
 }
 
 /// The ops of one forward, in the order they ran.
@@ -74,6 +159,20 @@ pub fn record<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Tape)> {
     Ok((result?, tape))
 }
 
+/// Whether a tape records on this thread.
+fn recording() -> bool {
+    RECORDING.with(|r| r.borrow().is_some())
+}
+
+/// Runs `f` with this thread's tape (if any) set aside: for candle ops whose
+/// graph the tape stands in for.
+fn paused<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    let tape = RECORDING.with(|r| r.borrow_mut().take());
+    let result = f();
+    RECORDING.with(|r| *r.borrow_mut() = tape);
+    result
+}
+
 /// Appends `step` and its `outputs` to this thread's tape, if one records.
 fn push(step: impl FnOnce() -> Step, outputs: &[&Tensor], inputs: &[&Tensor]) -> Result<()> {
     RECORDING.with(|r| match r.borrow_mut().as_mut() {
@@ -92,8 +191,8 @@ impl Tape {
                 );
             }
         }
-        self.produced.extend(outputs.iter().map(|t| t.id()));
-        let outputs = outputs.iter().map(|t| (*t).clone()).collect();
+        let outputs: Vec<TensorId> = outputs.iter().map(|t| t.id()).collect();
+        self.produced.extend(&outputs);
         self.entries.push(Entry { step, outputs });
         Ok(())
     }
@@ -124,7 +223,7 @@ struct Pass<'a> {
     produced: &'a HashSet<TensorId>,
     /// Gradients of tensors the tape produced, until their op's backward takes them.
     pending: HashMap<TensorId, Tensor>,
-    /// Gradients of variables, in the order they were first reached.
+    /// Gradients of the model's variables, in the order they were first reached.
     variables: Vec<(TensorId, Tensor)>,
     variable_index: HashMap<TensorId, usize>,
 }
@@ -140,61 +239,63 @@ impl<'a> Pass<'a> {
     }
 
     /// Adds `grad` to `x`'s gradient: the first contribution is kept as it is,
-    /// later ones are added (as candle's `0 + a + b`, without the zeros).
-    fn add_to(&mut self, x: &Tensor, grad: Tensor) -> Result<()> {
-        if x.is_variable() {
-            match self.variable_index.get(&x.id()) {
-                Some(&i) => self.variables[i].1 = (&self.variables[i].1 + &grad)?,
-                None => {
-                    self.variable_index.insert(x.id(), self.variables.len());
-                    self.variables.push((x.id(), grad));
-                }
-            }
-        } else if self.produced.contains(&x.id()) {
-            let sum = match self.pending.remove(&x.id()) {
+    /// later ones are added (as candle's `0 + a + b`, without the zeros). Tensors
+    /// neither produced on the tape nor variables (the images) get none.
+    fn add_to(&mut self, x: &Saved, grad: Tensor) -> Result<()> {
+        let id = x.id();
+        if self.produced.contains(&id) {
+            let sum = match self.pending.remove(&id) {
                 Some(before) => (&before + &grad)?,
                 None => grad,
             };
-            self.pending.insert(x.id(), sum);
+            self.pending.insert(id, sum);
+        } else if x.is_variable() {
+            match self.variable_index.get(&id) {
+                Some(&i) => self.variables[i].1 = (&self.variables[i].1 + &grad)?,
+                None => {
+                    self.variable_index.insert(id, self.variables.len());
+                    self.variables.push((id, grad));
+                }
+            }
         }
         Ok(())
     }
 
-    fn add_some(&mut self, x: &Tensor, grad: Option<Tensor>) -> Result<()> {
-        match grad {
-            Some(g) => self.add_to(x, g),
-            None => Ok(()),
+    /// [`Pass::add_to`] for each input that got a gradient.
+    fn add_all(&mut self, inputs: &[Saved], grads: impl IntoIterator<Item = Option<Tensor>>) -> Result<()> {
+        for (x, g) in inputs.iter().zip(grads) {
+            if let Some(g) = g {
+                self.add_to(x, g)?;
+            }
         }
+        Ok(())
     }
 
     /// The backward of one entry, if a gradient reached any of its outputs.
     fn step_back(&mut self, entry: &Entry) -> Result<()> {
-        let grads: Vec<Option<Tensor>> = entry.outputs.iter().map(|t| self.pending.remove(&t.id())).collect();
+        let grads: Vec<Option<Tensor>> = entry.outputs.iter().map(|id| self.pending.remove(id)).collect();
         if grads.iter().all(Option::is_none) {
             return Ok(());
         }
-        if let Step::Split(x) = &entry.step {
-            return self.split_back(x, &entry.outputs, grads);
+        if let Step::Split(x, shapes) = &entry.step {
+            return self.split_back(x, shapes, grads);
         }
-        let (out, grad) = (
-            &entry.outputs[0],
-            grads.into_iter().next().flatten().expect("one output"),
-        );
+        let grad = grads.into_iter().next().flatten().expect("one output");
         match &entry.step {
-            Step::Op1(op, x) => {
-                let g = op.bwd(x, out, &grad)?;
-                self.add_some(x, g)
+            Step::Op1(c) => {
+                let t = c.tensors();
+                let g = c.op.bwd(t[0], t[1], &grad)?;
+                self.add_all(&c.inputs, [g])
             }
-            Step::Op2(op, [a, b]) => {
-                let (ga, gb) = op.bwd(a, b, out, &grad)?;
-                self.add_some(a, ga)?;
-                self.add_some(b, gb)
+            Step::Op2(c) => {
+                let t = c.tensors();
+                let (ga, gb) = c.op.bwd(t[0], t[1], t[2], &grad)?;
+                self.add_all(&c.inputs, [ga, gb])
             }
-            Step::Op3(op, [a, b, c]) => {
-                let (ga, gb, gc) = op.bwd(a, b, c, out, &grad)?;
-                self.add_some(a, ga)?;
-                self.add_some(b, gb)?;
-                self.add_some(c, gc)
+            Step::Op3(c) => {
+                let t = c.tensors();
+                let (ga, gb, gc) = c.op.bwd(t[0], t[1], t[2], t[3], &grad)?;
+                self.add_all(&c.inputs, [ga, gb, gc])
             }
             Step::Add([a, b]) => {
                 self.add_to(a, grad.clone())?;
@@ -202,29 +303,34 @@ impl<'a> Pass<'a> {
             }
             Step::Cat(parts) => {
                 let mut start = 0;
-                for p in parts {
-                    let len = p.dim(1)?;
-                    self.add_to(p, grad.narrow(1, start, len)?.contiguous()?)?;
+                for (p, len) in parts {
+                    self.add_to(p, grad.narrow(1, start, *len)?.contiguous()?)?;
                     start += len;
                 }
                 Ok(())
             }
-            Step::SpatialMean(x) => {
-                let (n, c, h, w) = x.dims4()?;
+            Step::SpatialMean(x, (n, c, h, w)) => {
                 let scaled = (grad * (1.0 / (h * w) as f64))?;
-                self.add_to(x, scaled.reshape((n, c, 1, 1))?.broadcast_as(x.shape())?.contiguous()?)
+                let spread = scaled.reshape((*n, *c, 1, 1))?.broadcast_as((*n, *c, *h, *w))?;
+                self.add_to(x, spread.contiguous()?)
             }
-            Step::Split(_) => unreachable!("handled above"),
+            Step::Split(..) => unreachable!("handled above"),
         }
     }
 
     /// A split's gradient: its pieces' gradients (zeros for a piece none reached)
     /// side by side.
-    fn split_back(&mut self, x: &Tensor, pieces: &[Tensor], grads: Vec<Option<Tensor>>) -> Result<()> {
-        let grads = pieces
+    fn split_back(&mut self, x: &Saved, shapes: &[Shape], grads: Vec<Option<Tensor>>) -> Result<()> {
+        let some = grads
+            .iter()
+            .flatten()
+            .next()
+            .expect("a gradient reached the split")
+            .clone();
+        let grads = shapes
             .iter()
             .zip(grads)
-            .map(|(p, g)| g.map_or_else(|| p.zeros_like(), Ok))
+            .map(|(shape, g)| g.map_or_else(|| Tensor::zeros(shape, some.dtype(), some.device()), Ok))
             .collect::<Result<Vec<_>>>()?;
         self.add_to(x, Tensor::cat(&grads, 1)?)
     }
@@ -242,71 +348,155 @@ impl<'a> Pass<'a> {
     }
 }
 
+/// A new leaf tensor of a CPU op's result: no graph, marked as a variable so
+/// that `track_op()` says it needs a gradient.
+fn leaf(result: Result<(CpuStorage, Shape)>) -> Result<Tensor> {
+    let (storage, shape) = result?;
+    Ok(Tensor::from_storage(
+        Storage::Cpu(storage),
+        shape,
+        BackpropOp::none(),
+        true,
+    ))
+}
+
+/// The CPU storage behind a guard, or an error naming `op`.
+fn cpu<'a>(storage: &'a Storage, op: &str) -> Result<&'a CpuStorage> {
+    match storage {
+        Storage::Cpu(s) => Ok(s),
+        _ => candle_core::bail!("tape: {op} records on the CPU only"),
+    }
+}
+
+/// Saved inputs, each kept where `reads` says so.
+fn saved(inputs: &[&Tensor], reads: Reads) -> Vec<Saved> {
+    inputs
+        .iter()
+        .zip(reads.inputs)
+        .map(|(t, keep)| Saved::new(t, keep))
+        .collect()
+}
+
 /// `x.apply_op1(op)`, recorded on this thread's tape if one records.
-pub fn op1(x: &Tensor, op: impl CustomOp1 + Send + Sync + 'static) -> Result<Tensor> {
+pub fn op1(x: &Tensor, op: impl CustomOp1 + Send + Sync + 'static, reads: Reads) -> Result<Tensor> {
     let op: Op1 = Arc::new(Box::new(op));
-    let out = x.apply_op1_arc(op.clone())?;
-    push(|| Step::Op1(op, x.clone()), &[&out], &[x])?;
+    if !recording() {
+        return x.apply_op1_arc(op);
+    }
+    let out = {
+        let (s, l) = x.storage_and_layout();
+        leaf(op.cpu_fwd(cpu(&s, op.name())?, l))?
+    };
+    let step = || {
+        let (inputs, output) = (saved(&[x], reads), Saved::new(&out, reads.output));
+        Step::Op1(Custom { op, inputs, output })
+    };
+    push(step, &[&out], &[x])?;
     Ok(out)
 }
 
 /// `a.apply_op2(b, op)`, recorded on this thread's tape if one records.
-pub fn op2(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static) -> Result<Tensor> {
+pub fn op2(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static, reads: Reads) -> Result<Tensor> {
     let op: Op2 = Arc::new(Box::new(op));
-    let out = a.apply_op2_arc(b, op.clone())?;
-    push(|| Step::Op2(op, [a.clone(), b.clone()]), &[&out], &[a, b])?;
+    if !recording() {
+        return a.apply_op2_arc(b, op);
+    }
+    let out = {
+        let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
+        let name = op.name();
+        leaf(op.cpu_fwd(cpu(&sa, name)?, la, cpu(&sb, name)?, lb))?
+    };
+    let step = || {
+        let (inputs, output) = (saved(&[a, b], reads), Saved::new(&out, reads.output));
+        Step::Op2(Custom { op, inputs, output })
+    };
+    push(step, &[&out], &[a, b])?;
     Ok(out)
 }
 
 /// `a.apply_op3(b, c, op)`, recorded on this thread's tape if one records.
-pub fn op3(a: &Tensor, b: &Tensor, c: &Tensor, op: impl CustomOp3 + Send + Sync + 'static) -> Result<Tensor> {
+pub fn op3(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    op: impl CustomOp3 + Send + Sync + 'static,
+    reads: Reads,
+) -> Result<Tensor> {
     let op: Op3 = Arc::new(Box::new(op));
-    let out = a.apply_op3_arc(b, c, op.clone())?;
-    push(|| Step::Op3(op, [a.clone(), b.clone(), c.clone()]), &[&out], &[a, b, c])?;
+    if !recording() {
+        return a.apply_op3_arc(b, c, op);
+    }
+    let out = {
+        let (sa, la) = a.storage_and_layout();
+        let ((sb, lb), (sc, lc)) = (b.storage_and_layout(), c.storage_and_layout());
+        let name = op.name();
+        leaf(op.cpu_fwd(cpu(&sa, name)?, la, cpu(&sb, name)?, lb, cpu(&sc, name)?, lc))?
+    };
+    let step = || {
+        let (inputs, output) = (saved(&[a, b, c], reads), Saved::new(&out, reads.output));
+        Step::Op3(Custom { op, inputs, output })
+    };
+    push(step, &[&out], &[a, b, c])?;
     Ok(out)
 }
 
-/// `a + b`, recorded on this thread's tape if one records.
-pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let out = (a + b)?;
-    push(|| Step::Add([a.clone(), b.clone()]), &[&out], &[a, b])?;
+/// `a + b`, recorded on this thread's tape if one records (by `sum`, the op
+/// that adds on the CPU, so that the output holds neither).
+pub fn add(a: &Tensor, b: &Tensor, sum: impl CustomOp2 + Send + Sync + 'static) -> Result<Tensor> {
+    if !recording() {
+        return a + b;
+    }
+    let out = {
+        let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
+        leaf(sum.cpu_fwd(cpu(&sa, sum.name())?, la, cpu(&sb, sum.name())?, lb))?
+    };
+    push(
+        || Step::Add([Saved::new(a, false), Saved::new(b, false)]),
+        &[&out],
+        &[a, b],
+    )?;
     Ok(out)
 }
 
 /// `parts` concatenated along dimension 1, recorded on this thread's tape if one
 /// records.
 pub fn cat_channels(parts: &[Tensor]) -> Result<Tensor> {
-    let out = Tensor::cat(parts, 1)?;
+    let out = paused(|| Tensor::cat(parts, 1))?;
+    let channels = parts.iter().map(|p| p.dim(1)).collect::<Result<Vec<_>>>()?;
+    let step = || Step::Cat(parts.iter().map(|p| Saved::new(p, false)).zip(channels).collect());
     let inputs: Vec<&Tensor> = parts.iter().collect();
-    push(|| Step::Cat(parts.to_vec()), &[&out], &inputs)?;
+    push(step, &[&out], &inputs)?;
     Ok(out)
 }
 
 /// `x` cut into `count` pieces of `width` channels by `slice(x, start, len)`,
-/// recorded on this thread's tape (as one split, whatever `slice` records) if
-/// one records.
+/// recorded on this thread's tape (as one split) if one records.
 pub fn split_channels(
     x: &Tensor,
     width: usize,
     count: usize,
     slice: impl Fn(&Tensor, usize, usize) -> Result<Tensor>,
 ) -> Result<Vec<Tensor>> {
-    let pieces = (0..count)
-        .map(|i| slice(x, i * width, width))
-        .collect::<Result<Vec<_>>>()?;
     if count * width != x.dim(1)? {
-        candle_core::bail!("tape: {count} pieces of {width} channels from {:?}", x.dims());
+        candle_core::bail!("split: {count} pieces of {width} channels from {:?}", x.dims());
     }
+    let pieces = paused(|| {
+        (0..count)
+            .map(|i| slice(x, i * width, width))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let step = || Step::Split(Saved::new(x, false), pieces.iter().map(|p| p.shape().clone()).collect());
     let outputs: Vec<&Tensor> = pieces.iter().collect();
-    push(|| Step::Split(x.clone()), &outputs, &[x])?;
+    push(step, &outputs, &[x])?;
     Ok(pieces)
 }
 
 /// The mean of `x` [N, C, H, W] over H and W, recorded on this thread's tape if
 /// one records.
 pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
-    let out = x.mean((2, 3))?;
-    push(|| Step::SpatialMean(x.clone()), &[&out], &[x])?;
+    let out = paused(|| x.mean((2, 3)))?;
+    let dims = x.dims4()?;
+    push(|| Step::SpatialMean(Saved::new(x, false), dims), &[&out], &[x])?;
     Ok(out)
 }
 
@@ -428,13 +618,16 @@ mod tests {
         let w = Var::from_tensor(&random(&[2, 3], 1)).unwrap();
         let result = record(|| {
             let outside = w.as_tensor().exp()?; // candle's op, not on the tape
-            add(&outside, w.as_tensor())
+            crate::ops::residual::add(&outside, w.as_tensor())
         });
         let err = result.unwrap_err().to_string();
         assert!(err.contains("not recorded"), "{err}");
         // Variables and recorded outputs are fine.
-        let (sum, tape) = record(|| add(w.as_tensor(), w.as_tensor())).unwrap();
-        assert_eq!(tape.entries.len(), 1);
-        record(|| add(&sum, w.as_tensor())).unwrap_err();
+        let (_, tape) = record(|| {
+            let sum = crate::ops::residual::add(w.as_tensor(), w.as_tensor())?;
+            crate::ops::residual::add(&sum, w.as_tensor())
+        })
+        .unwrap();
+        assert_eq!(tape.entries.len(), 2);
     }
 }

@@ -14,6 +14,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::{filled_in_chunks, Kernels};
+use crate::tape::{self, Reads};
 
 /// Geometry of one convolution call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -446,7 +447,8 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
 pub fn conv2d_with(kernels: Kernels, x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     match kernels {
         Kernels::Fused if x.device().is_cpu() && x.dtype() != candle_core::DType::BF16 => {
-            crate::tape::op2(&x.contiguous()?, &weight.contiguous()?, Conv2d { stride, padding })
+            let conv = Conv2d { stride, padding };
+            tape::op2(&x.contiguous()?, &weight.contiguous()?, conv, Reads::INPUTS)
         }
         #[cfg(feature = "cudnn")]
         Kernels::Fused if x.device().is_cuda() => super::cuda::conv2d(x, weight, stride, padding),

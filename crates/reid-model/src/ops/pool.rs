@@ -10,6 +10,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::{contiguous, dims4, Kernels};
+use crate::tape::{self, Reads};
 
 /// Window geometry shared by both pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,7 +330,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
 /// [`max_pool2d`] with the given kernels.
 pub fn max_pool2d_with(kernels: Kernels, x: &Tensor, window: Window) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if x.device().is_cpu() => crate::tape::op1(&x.contiguous()?, MaxPool2d::new(window)),
+        Kernels::Fused if x.device().is_cpu() => tape::op1(&x.contiguous()?, MaxPool2d::new(window), Reads::INPUTS),
         _ => super::generic::max_pool2d(x, window),
     }
 }
@@ -347,7 +348,7 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
 /// [`avg_pool2d`] with the given kernels.
 pub fn avg_pool2d_with(kernels: Kernels, x: &Tensor, window: Window) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if x.device().is_cpu() => crate::tape::op1(&x.contiguous()?, AvgPool2d(window)),
+        Kernels::Fused if x.device().is_cpu() => tape::op1(&x.contiguous()?, AvgPool2d(window), Reads::INPUTS),
         _ => super::generic::avg_pool2d(x, window),
     }
 }

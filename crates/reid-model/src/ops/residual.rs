@@ -5,6 +5,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
 use super::{filled_in_chunks, Kernels};
+use crate::tape::{self, Reads};
 
 /// Elements per parallel task: large enough to amortise scheduling.
 const CHUNK: usize = 1 << 14;
@@ -87,6 +88,25 @@ impl CustomOp2 for ReluMask {
     }
 }
 
+/// `a + b` for tensors of one shape, without a graph on a tape (see [`tape::add`]).
+#[derive(Debug, Clone, Copy)]
+struct Sum;
+
+impl CustomOp2 for Sum {
+    fn name(&self) -> &'static str {
+        "sum"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        binary!(self.name(), s1, l1, s2, l2, |a, b| a + b)
+    }
+}
+
+/// `a + b`: candle's add, or while a tape records (on the CPU), [`Sum`] on it.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    tape::add(a, b, Sum)
+}
+
 /// `relu(a + b)` for tensors of one shape: one fused op on the CPU, the generic
 /// composition elsewhere.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -96,7 +116,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// [`add_relu`] with the given kernels.
 pub fn add_relu_with(kernels: Kernels, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if a.device().is_cpu() => crate::tape::op2(&a.contiguous()?, &b.contiguous()?, AddRelu),
+        Kernels::Fused if a.device().is_cpu() => tape::op2(&a.contiguous()?, &b.contiguous()?, AddRelu, Reads::OUTPUT),
         _ => super::generic::add_relu(a, b),
     }
 }
