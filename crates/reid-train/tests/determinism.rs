@@ -2,28 +2,13 @@
 //! not a step also measures the per-term gradient norms (which run the
 //! backbone's tape backward once per term before the update's backward).
 
-use candle_core::{DType, Device, Tensor};
-use rand::{Rng, SeedableRng};
-use reid_model::{LossWeights, ModelConfig, PairTargets, ReidModel};
-use reid_train::{train_step, BatchTensors, Sgd, SgdConfig, StepSettings};
+use candle_core::{DType, Device};
+use rand::SeedableRng;
+use reid_model::{LossWeights, ModelConfig, ReidModel};
+mod common;
 
-fn batch() -> BatchTensors {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-    let mut images = || {
-        let v: Vec<f32> = (0..4 * 3 * 64 * 32).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, (4, 3, 64, 32), &Device::Cpu).unwrap()
-    };
-    let labels = |v: [i64; 4]| Tensor::new(&v, &Device::Cpu).unwrap();
-    BatchTensors {
-        x1: images(),
-        x2: images(),
-        targets: PairTargets {
-            y1: labels([0, 1, 2, 3]),
-            y2: labels([0, 4, 2, 5]),
-            same: labels([0, 1, 0, 1]),
-        },
-    }
-}
+use common::batch;
+use reid_train::{train_step, Sgd, SgdConfig, StepSettings};
 
 type Values = Vec<(String, Vec<f32>)>;
 
@@ -53,7 +38,7 @@ fn run(arch: &str, threads: usize, grad_norms: bool) -> (Values, Values, Option<
         model.initialize(3).unwrap();
         let initial = values(&model);
         let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default());
-        let (batch, mut rng) = (batch(), rand_chacha::ChaCha8Rng::seed_from_u64(2));
+        let (batch, mut rng) = (batch(11), rand_chacha::ChaCha8Rng::seed_from_u64(2));
         let settings = StepSettings {
             grad_norms,
             ..StepSettings::pairs(LossWeights::default(), 0.1)

@@ -16,29 +16,14 @@
 //! steps on one batch, while the loss falls by about 18%: a wrong update would
 //! show, the bf16 rounding does not.
 
-use candle_core::{DType, Device, Tensor};
-use rand::{Rng, SeedableRng};
+use candle_core::{DType, Device};
+use rand::SeedableRng;
 use reid_model::ops::{with_precision, Precision};
-use reid_model::{LossWeights, ModelConfig, PairTargets, ReidModel};
-use reid_train::{train_step, BatchTensors, Sgd, SgdConfig, StepSettings};
+use reid_model::{LossWeights, ModelConfig, ReidModel};
+mod common;
 
-fn batch() -> BatchTensors {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let mut images = || {
-        let v: Vec<f32> = (0..4 * 3 * 64 * 32).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, (4, 3, 64, 32), &Device::Cpu).unwrap()
-    };
-    let labels = |v: [i64; 4]| Tensor::new(&v, &Device::Cpu).unwrap();
-    BatchTensors {
-        x1: images(),
-        x2: images(),
-        targets: PairTargets {
-            y1: labels([0, 1, 2, 3]),
-            y2: labels([0, 4, 2, 5]),
-            same: labels([0, 1, 0, 1]),
-        },
-    }
-}
+use common::batch;
+use reid_train::{train_step, Sgd, SgdConfig, StepSettings};
 
 /// The losses of three steps on one batch, and the running statistics after the first.
 fn run(precision: Precision) -> (Vec<f64>, Vec<Vec<f64>>) {
@@ -51,7 +36,7 @@ fn run(precision: Precision) -> (Vec<f64>, Vec<Vec<f64>>) {
     let model = ReidModel::new(config, DType::F32, &Device::Cpu).unwrap();
     model.initialize(9).unwrap();
     let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default());
-    let (batch, mut rng) = (batch(), rand_chacha::ChaCha8Rng::seed_from_u64(1));
+    let (batch, mut rng) = (batch(5), rand_chacha::ChaCha8Rng::seed_from_u64(1));
     let mut stats = Vec::new();
     let mut losses = Vec::new();
     for step in 0..3 {
