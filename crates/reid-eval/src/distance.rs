@@ -14,6 +14,8 @@ use std::str::FromStr;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::amx;
+
 /// How two features are compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -296,6 +298,73 @@ unsafe fn columns_at_least_avx512(dots: &[f32], weights: &[f32], floor: f32, out
     }
     out.set_len(len);
     columns_at_least_from(c, dots, weights, floor, out);
+}
+
+/// How the exact ranking forms its dot products: an f32 GEMM per [`SLICE`] of the
+/// dimensions, or bf16 parts on AMX tiles ([`crate::amx`]) where the CPU has them
+/// and every norm lies in their range. Each comes with its own error bound.
+#[derive(Debug, Clone)]
+pub enum DotKernel {
+    F32,
+    Amx(amx::Bounds),
+}
+
+/// A block of queries as a [`DotKernel`] takes them.
+pub enum QueryBlock {
+    /// Rows `start..start + rows` of the queries, read in place.
+    F32 {
+        start: usize,
+        rows: usize,
+    },
+    Amx(amx::Strips),
+}
+
+impl DotKernel {
+    /// AMX where this process can use it and the norms of `q` and `g` allow it.
+    pub fn for_features(q: &Features, g: &Features) -> Self {
+        let (lo, hi) = amx::NORM_RANGE;
+        let in_range = |f: &&Features| f.norms.iter().all(|n| (lo..=hi).contains(n));
+        if amx::usable() && [q, g].iter().all(in_range) {
+            DotKernel::Amx(amx::Bounds::new(q.rows, g.rows, q.dim))
+        } else {
+            DotKernel::F32
+        }
+    }
+
+    /// Query rows `start..start + rows` of `q`, packed where this kernel packs them.
+    pub fn queries(&self, q: &Features, start: usize, rows: usize) -> QueryBlock {
+        match self {
+            DotKernel::F32 => QueryBlock::F32 { start, rows },
+            DotKernel::Amx(_) => {
+                QueryBlock::Amx(amx::Strips::new(&q.rows[start * q.dim..(start + rows) * q.dim], q.dim))
+            }
+        }
+    }
+
+    /// Dot products of a block of queries of `q` with rows `from..from + cols` of
+    /// `g`, into `out` [rows, cols] (see [`Features::dot_tile`]).
+    pub fn tile(&self, block: &QueryBlock, q: &Features, g: &Features, from: usize, cols: usize, out: &mut [f32]) {
+        match block {
+            QueryBlock::F32 { start, rows } => q.dot_tile(*start, *rows, g, from, cols, out),
+            QueryBlock::Amx(strips) => amx::dot_tile(strips, &g.rows[from * g.dim..(from + cols) * g.dim], out),
+        }
+    }
+
+    /// A bound on |distance from this kernel's dot - exact distance| of query `i`
+    /// and gallery row `j` (of norm `b`); with `None` for `j` and the largest
+    /// gallery norm for `b`, over every gallery row.
+    pub fn tolerance(&self, q: &Features, metric: Metric, i: usize, j: Option<usize>, b: f64) -> f64 {
+        let bounds = match self {
+            DotKernel::F32 => return q.slice_tolerance(metric, i, b),
+            DotKernel::Amx(bounds) => bounds,
+        };
+        let a = q.norms[i];
+        let dot = bounds.dot(i, a, j, b);
+        match metric {
+            Metric::Cosine => dot / (a * b).max(1e-300) + 2.0 * U32,
+            Metric::Euclidean => 2.0 * dot + 2.0 * U32 * (a * a + b * b),
+        }
+    }
 }
 
 /// Gallery rows per GEMM call.

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use std::time::Instant;
 
-use crate::distance::{query_block, row_norms, Features, Metric};
+use crate::distance::{query_block, row_norms, DotKernel, Features, Metric};
 use crate::protocol::{rank_query, top_kept, QueryOutcome, QueryRanker, Scores};
 use crate::rerank::{RerankParams, Reranker};
 
@@ -89,6 +89,8 @@ pub struct Evaluator<'a> {
     /// The same in f32, for the quick test of which entries can rank before a
     /// query's last match.
     g_inverse_norms_f32: Vec<f32>,
+    /// How the exact ranking forms dot products.
+    dots: DotKernel,
     rerank: Option<Box<Reranker>>,
     num_junk: usize,
     metric: Metric,
@@ -148,11 +150,13 @@ impl<'a> Evaluator<'a> {
             g_norms,
             g_inverse_norms,
             g_inverse_norms_f32,
+            dots: DotKernel::F32,
             rerank: None,
             num_junk,
             metric,
             rerank_params: rerank,
         };
+        this.dots = DotKernel::for_features(&this.q_features(), &this.g_features());
         if let Some(p) = rerank {
             let r = Reranker::new(&this.q_features(), &this.g_features(), &this.kept(), metric, p);
             this.rerank = Some(Box::new(r));
@@ -269,15 +273,18 @@ impl<'a> Evaluator<'a> {
             let rows = EXACT_QUERY_BLOCK.min(nq - start);
             let mut rankers: Vec<Option<QueryRanker>> = (start..start + rows)
                 .map(|i| {
-                    let tol = q.slice_tolerance(metric, i, g_max);
+                    let tol = self.dots.tolerance(&q, metric, i, None, g_max);
                     QueryRanker::new(self.query.pids[i], std::mem::take(&mut positives[i]), tol)
                 })
                 .collect();
+            let t = Instant::now();
+            let block = self.dots.queries(&q, start, rows);
+            timings.distances_s += t.elapsed().as_secs_f64();
             for p0 in (0..ng).step_by(GALLERY_PANEL) {
                 let cols = GALLERY_PANEL.min(ng - p0);
                 let t = Instant::now();
                 tile.resize(rows * cols, 0.0);
-                q.dot_tile(start, rows, &g, p0, cols, &mut tile);
+                self.dots.tile(&block, &q, &g, p0, cols, &mut tile);
                 timings.distances_s += t.elapsed().as_secs_f64();
                 let t = Instant::now();
                 let place = |near: &mut Vec<u32>, (r, ranker): (usize, &mut Option<QueryRanker>)| {
@@ -297,7 +304,7 @@ impl<'a> Evaluator<'a> {
     /// `i` are `dots`, in its ranking; `near` is room for the columns to place.
     fn place_panel(&self, ranker: &mut QueryRanker, i: usize, p0: usize, dots: &[f32], near: &mut Vec<u32>) {
         let (q, g, metric) = (self.q_features(), self.g_features(), self.metric);
-        let tolerance = |j: usize| q.slice_tolerance(metric, i, g.norms[j]);
+        let tolerance = |j: usize| self.dots.tolerance(&q, metric, i, Some(j), g.norms[j]);
         let exact = |j: usize| q.exact(metric, i, &g, j);
         let pids = &self.gallery.pids[p0..p0 + dots.len()];
         match metric {
