@@ -89,7 +89,8 @@ pub struct Evaluator<'a> {
     /// The same in f32, for the quick test of which entries can rank before a
     /// query's last match.
     g_inverse_norms_f32: Vec<f32>,
-    /// How the exact ranking forms dot products.
+    /// How the exact ranking forms dot products (f32 under re-ranking, which
+    /// does not use them).
     dots: DotKernel,
     rerank: Option<Box<Reranker>>,
     num_junk: usize,
@@ -115,6 +116,8 @@ pub struct Timings {
     pub distances_s: f64,
     /// Ranking and the metrics.
     pub ranking_s: f64,
+    /// Whether the exact ranking's dot products ran on AMX tiles.
+    pub amx: bool,
 }
 
 impl<'a> Evaluator<'a> {
@@ -156,7 +159,9 @@ impl<'a> Evaluator<'a> {
             metric,
             rerank_params: rerank,
         };
-        this.dots = DotKernel::for_features(&this.q_features(), &this.g_features());
+        if rerank.is_none() {
+            this.dots = DotKernel::for_features(&this.q_features(), &this.g_features());
+        }
         if let Some(p) = rerank {
             let r = Reranker::new(&this.q_features(), &this.g_features(), &this.kept(), metric, p);
             this.rerank = Some(Box::new(r));
@@ -335,7 +340,10 @@ impl<'a> Evaluator<'a> {
 
     /// Ranks every query and sums CMC (ranks 1..=max_rank), mAP and mINP.
     pub fn run(&self, max_rank: usize) -> Result<Evaluation, EvalError> {
-        let mut timings = Timings::default();
+        let mut timings = Timings {
+            amx: matches!(self.dots, DotKernel::Amx(_)),
+            ..Timings::default()
+        };
         let outcomes = match self.rerank {
             Some(_) => self.run_reranked(&mut timings),
             None => self.run_exact(&mut timings),

@@ -380,6 +380,7 @@ impl EvalBench {
             "process_peak_exact": !written,
             "distances_s": parts.distances_s,
             "ranking_s": parts.ranking_s,
+            "amx": parts.amx,
             "gemm_peak_gflops": peak,
             "gemm_gflops_before_after": [peak_before, peak_after],
             "gemm_bound_s": bound,
