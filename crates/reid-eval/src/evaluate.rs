@@ -99,7 +99,8 @@ pub struct Evaluator<'a> {
 }
 
 /// Queries per block of the exact ranking (their rankers are kept while the
-/// gallery streams past in panels; the gallery is packed once per block).
+/// gallery streams past in panels; the gallery is packed once per block): twice
+/// as many on AMX.
 const EXACT_QUERY_BLOCK: usize = 2048;
 
 /// Gallery rows per panel of the exact ranking (the tile of dot products is 16
@@ -274,8 +275,13 @@ impl<'a> Evaluator<'a> {
         let t = Instant::now();
         let mut positives = self.positive_distances();
         timings.ranking_s += t.elapsed().as_secs_f64();
-        for start in (0..nq).step_by(EXACT_QUERY_BLOCK) {
-            let rows = EXACT_QUERY_BLOCK.min(nq - start);
+        // On AMX each panel is split and packed once per block: larger blocks.
+        let block_rows = match self.dots {
+            DotKernel::F32 => EXACT_QUERY_BLOCK,
+            DotKernel::Amx(_) => 2 * EXACT_QUERY_BLOCK,
+        };
+        for start in (0..nq).step_by(block_rows) {
+            let rows = block_rows.min(nq - start);
             let mut rankers: Vec<Option<QueryRanker>> = (start..start + rows)
                 .map(|i| {
                     let tol = self.dots.tolerance(&q, metric, i, None, g_max);
@@ -560,6 +566,7 @@ mod tests {
 
     #[test]
     fn rankings_equal_those_of_float64_distances_across_query_blocks() {
-        check(EXACT_QUERY_BLOCK + 20, 50, 8, 1e-3, 3);
+        // Past the AMX blocks' end too (twice as long as the f32 GEMM's).
+        check(2 * EXACT_QUERY_BLOCK + 20, 50, 8, 1e-3, 3);
     }
 }
