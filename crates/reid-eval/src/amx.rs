@@ -46,7 +46,10 @@ pub fn usable() -> bool {
 
 /// CPUID leaf 7: AMX-BF16 (EDX bit 22) and AMX-TILE (bit 24).
 fn cpu_has_amx_bf16() -> bool {
-    let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+    // A safe function in recent Rust, an unsafe one in older (rust-version 1.89).
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID leaf 7 exists on every x86-64 CPU this binary runs on.
+    let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
     edx & (1 << 22) != 0 && edx & (1 << 24) != 0
 }
 
