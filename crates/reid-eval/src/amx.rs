@@ -35,12 +35,15 @@ const STRIPS_PER_TASK: usize = 8;
 /// Feature norms for which the tiles are used (outside, the f32 GEMM).
 pub const NORM_RANGE: (f64, f64) = (1e-8, 1e18);
 
-/// Whether this process computes dot products on AMX tiles (checked once).
+/// Whether this process computes dot products on AMX tiles (checked once). The
+/// packing code runs AVX-512F, which every AMX CPU has; it is checked too, so
+/// that the packing's `unsafe` rests on a test, not on that fact.
 pub fn usable() -> bool {
     static USABLE: OnceLock<bool> = OnceLock::new();
     *USABLE.get_or_init(|| {
         let off = matches!(std::env::var("REID_AMX").as_deref(), Ok("off" | "0"));
-        !off && cpu_has_amx_bf16() && tiles_granted()
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        !off && avx512 && cpu_has_amx_bf16() && tiles_granted()
     })
 }
 
@@ -72,7 +75,7 @@ pub struct PartNorms {
 
 impl PartNorms {
     fn of(row: &[f32]) -> Self {
-        // SAFETY: AMX is used (and this called) only on CPUs with AVX-512F.
+        // SAFETY: only called when `usable()`, which checks AVX-512F.
         let [lo2, parts2, rest2] = unsafe { squared_part_norms(row) };
         // 1.001: room for the f64 roundings of the sums and roots.
         let norm = |s: f64| 1.001 * s.sqrt();
@@ -136,6 +139,7 @@ pub struct Bounds {
 impl Bounds {
     /// The part norms of queries `q` and gallery rows `g` ([n, dim] each).
     pub fn new(q: &[f32], g: &[f32], dim: usize) -> Self {
+        assert!(usable(), "AMX bounds on a machine without AMX");
         let norms = |rows: &[f32]| -> Vec<PartNorms> { rows.par_chunks(dim).map(PartNorms::of).collect() };
         let gallery = norms(g);
         let gallery_max = gallery.iter().fold(PartNorms::default(), |m, &n| m.max(n));
@@ -199,6 +203,7 @@ pub struct Strips {
 impl Strips {
     /// Queries `rows` [n, dim].
     pub fn new(rows: &[f32], dim: usize) -> Self {
+        assert!(usable(), "AMX strips on a machine without AMX");
         Strips {
             parts: pack_queries(rows, dim, padded(dim)),
             rows: rows.len() / dim,
@@ -219,7 +224,7 @@ fn pack_queries(rows: &[f32], dim: usize, dim_p: usize) -> Parts {
     hi.par_chunks_mut(dim_p)
         .zip(lo.par_chunks_mut(dim_p))
         .zip(rows.par_chunks(dim))
-        // SAFETY: AMX is used (and this called) only on CPUs with AVX-512F.
+        // SAFETY: only called when `usable()`, which checks AVX-512F.
         .for_each(|((h, l), r)| unsafe { split_row(r, h, l) });
     Parts { hi, lo }
 }
@@ -247,7 +252,7 @@ fn pack_gallery(rows: &[f32], dim: usize, dim_p: usize) -> Parts {
         .for_each(|((h, l), block_rows)| {
             let (mut row_h, mut row_l) = (vec![0u16; dim_p], vec![0u16; dim_p]);
             for (c, r) in block_rows.chunks(dim).enumerate() {
-                // SAFETY: AMX is used (and this called) only on CPUs with AVX-512F.
+                // SAFETY: only called when `usable()`, which checks AVX-512F.
                 unsafe { split_row(r, &mut row_h, &mut row_l) };
                 for (packed, row) in [(&mut *h, &row_h), (&mut *l, &row_l)] {
                     for (p, pair) in row.chunks_exact(2).enumerate() {

@@ -160,12 +160,12 @@ impl<'a> Evaluator<'a> {
             metric,
             rerank_params: rerank,
         };
-        if rerank.is_none() {
-            this.dots = DotKernel::for_features(&this.q_features(), &this.g_features());
-        }
-        if let Some(p) = rerank {
-            let r = Reranker::new(&this.q_features(), &this.g_features(), &this.kept(), metric, p);
-            this.rerank = Some(Box::new(r));
+        match rerank {
+            None => this.dots = DotKernel::for_features(&this.q_features(), &this.g_features()),
+            Some(p) => {
+                let r = Reranker::new(&this.q_features(), &this.g_features(), &this.kept(), metric, p);
+                this.rerank = Some(Box::new(r));
+            }
         }
         Ok(this)
     }

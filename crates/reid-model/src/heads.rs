@@ -134,6 +134,15 @@ pub struct PairLoss {
 }
 
 impl PairLoss {
+    /// This loss with the backbone's tape (if its forward ran on one) for the
+    /// backward to continue through.
+    pub fn through_backbone(self, taped: Option<Arc<TapedOutput>>) -> Self {
+        PairLoss {
+            backbone: taped,
+            ..self
+        }
+    }
+
     /// The gradients of `total` for every variable: candle's backward through
     /// the heads, then the backbone's tape if it ran on one (consumed unless this
     /// loss was cloned).

@@ -152,10 +152,7 @@ impl ReidModel {
     ) -> Result<PairLoss> {
         let (f, pooled, taped) = self.train_features(x1, x2)?;
         let loss = self.heads.pair_loss(&f, &pooled, targets, weights, dropout, rng)?;
-        Ok(PairLoss {
-            backbone: taped,
-            ..loss
-        })
+        Ok(loss.through_backbone(taped))
     }
 
     /// One training forward of a P x K batch `cat[x1, x2]` (see
@@ -174,10 +171,7 @@ impl ReidModel {
     ) -> Result<PairLoss> {
         let (f, pooled, taped) = self.train_features(x1, x2)?;
         let loss = self.heads.batch_loss(&f, &pooled, targets, weights, dropout, rng)?;
-        Ok(PairLoss {
-            backbone: taped,
-            ..loss
-        })
+        Ok(loss.through_backbone(taped))
     }
 
     /// Train-mode features of `cat[x1, x2]`: (through the neck, pooled), and the

@@ -95,6 +95,16 @@ struct Custom<Op> {
 }
 
 impl<Op> Custom<Op> {
+    /// `op` on `inputs` giving `output`, each kept where `reads` says so.
+    fn new(op: Op, inputs: &[&Tensor], output: &Tensor, reads: Reads) -> Self {
+        let inputs = inputs.iter().zip(reads.inputs).map(|(t, keep)| Saved::new(t, keep));
+        Custom {
+            op,
+            inputs: inputs.collect(),
+            output: Saved::new(output, reads.output),
+        }
+    }
+
     /// The tensors the backward gets, [inputs..., output]: a kept tensor in
     /// place of each one not kept.
     fn tensors(&self) -> Vec<&Tensor> {
@@ -368,15 +378,6 @@ fn cpu<'a>(storage: &'a Storage, op: &str) -> Result<&'a CpuStorage> {
     }
 }
 
-/// Saved inputs, each kept where `reads` says so.
-fn saved(inputs: &[&Tensor], reads: Reads) -> Vec<Saved> {
-    inputs
-        .iter()
-        .zip(reads.inputs)
-        .map(|(t, keep)| Saved::new(t, keep))
-        .collect()
-}
-
 /// `x.apply_op1(op)`, recorded on this thread's tape if one records.
 pub fn op1(x: &Tensor, op: impl CustomOp1 + Send + Sync + 'static, reads: Reads) -> Result<Tensor> {
     let op: Op1 = Arc::new(Box::new(op));
@@ -387,11 +388,7 @@ pub fn op1(x: &Tensor, op: impl CustomOp1 + Send + Sync + 'static, reads: Reads)
         let (s, l) = x.storage_and_layout();
         leaf(op.cpu_fwd(cpu(&s, op.name())?, l))?
     };
-    let step = || {
-        let (inputs, output) = (saved(&[x], reads), Saved::new(&out, reads.output));
-        Step::Op1(Custom { op, inputs, output })
-    };
-    push(step, &[&out], &[x])?;
+    push(|| Step::Op1(Custom::new(op, &[x], &out, reads)), &[&out], &[x])?;
     Ok(out)
 }
 
@@ -406,11 +403,7 @@ pub fn op2(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static, r
         let name = op.name();
         leaf(op.cpu_fwd(cpu(&sa, name)?, la, cpu(&sb, name)?, lb))?
     };
-    let step = || {
-        let (inputs, output) = (saved(&[a, b], reads), Saved::new(&out, reads.output));
-        Step::Op2(Custom { op, inputs, output })
-    };
-    push(step, &[&out], &[a, b])?;
+    push(|| Step::Op2(Custom::new(op, &[a, b], &out, reads)), &[&out], &[a, b])?;
     Ok(out)
 }
 
@@ -432,11 +425,11 @@ pub fn op3(
         let name = op.name();
         leaf(op.cpu_fwd(cpu(&sa, name)?, la, cpu(&sb, name)?, lb, cpu(&sc, name)?, lc))?
     };
-    let step = || {
-        let (inputs, output) = (saved(&[a, b, c], reads), Saved::new(&out, reads.output));
-        Step::Op3(Custom { op, inputs, output })
-    };
-    push(step, &[&out], &[a, b, c])?;
+    push(
+        || Step::Op3(Custom::new(op, &[a, b, c], &out, reads)),
+        &[&out],
+        &[a, b, c],
+    )?;
     Ok(out)
 }
 

@@ -114,21 +114,20 @@ fn backbone_vars(model: &ReidModel) -> Vec<Var> {
         .collect()
 }
 
-/// Each term's backbone gradient norm, each from its own backward of the same
-/// forward (before [`PairLoss::backward`] consumes the backbone's tape); `total`
-/// is left 0 for the update's gradient.
-fn term_norms(backbone: &[Var], loss: &PairLoss, w: &LossWeights) -> Result<GradNorms> {
+/// Each term's backbone gradient norm (id1, id2, verif, triplet), each from its
+/// own backward of the same forward, run before [`PairLoss::backward`] consumes
+/// the backbone's tape.
+fn term_norms(backbone: &[Var], loss: &PairLoss, w: &LossWeights) -> Result<[f64; 4]> {
     let term = |t: &Tensor, weight: f64| match weight {
         0.0 => Ok(0.0),
         _ => backbone_norm(backbone, &loss.term_backward(t)?, weight),
     };
-    Ok(GradNorms {
-        id1: term(&loss.id1, w.id1)?,
-        id2: term(&loss.id2, w.id2)?,
-        verif: term(&loss.verif, w.verif)?,
-        triplet: term(&loss.triplet, w.triplet)?,
-        total: 0.0,
-    })
+    Ok([
+        term(&loss.id1, w.id1)?,
+        term(&loss.id2, w.id2)?,
+        term(&loss.verif, w.verif)?,
+        term(&loss.triplet, w.triplet)?,
+    ])
 }
 
 /// Runs one step at learning rate `lr`; dropout masks come from `rng`. A
@@ -190,9 +189,15 @@ fn step_on_this_thread<R: Rng>(
     let backbone = settings.grad_norms.then(|| backbone_vars(model));
     let terms = backbone.as_ref().map(|b| term_norms(b, &loss, &weights)).transpose()?;
     let grads = loss.backward()?;
-    if let (Some(terms), Some(backbone)) = (terms, &backbone) {
+    if let (Some([id1, id2, verif, triplet]), Some(backbone)) = (terms, &backbone) {
         let total = backbone_norm(backbone, &grads, 1.0)?;
-        stats.grad_norms = Some(GradNorms { total, ..terms });
+        stats.grad_norms = Some(GradNorms {
+            id1,
+            id2,
+            verif,
+            triplet,
+            total,
+        });
     }
     optimizer.step(&grads, lr)?;
     Ok(stats)
