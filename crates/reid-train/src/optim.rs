@@ -2,7 +2,9 @@
 //! PyTorch's `torch.optim.SGD`, with parameter groups.
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor, Var};
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor, Var};
 use num_traits::Float;
 use rayon::prelude::*;
 use reid_model::ops::Kernels;
@@ -92,7 +94,7 @@ impl Sgd {
 
     /// One update with learning rate `lr` (before group multipliers). Parameters
     /// without a gradient are left alone, as PyTorch does. On the CPU each
-    /// parameter is updated in place in two passes (momentum, then parameter);
+    /// parameter is updated in place in one pass (parameter and momentum together);
     /// elsewhere (and under `REID_OPS=generic`) by tensor operations. Both round
     /// the same operations in the same order, so they give the same bits.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
@@ -159,24 +161,27 @@ impl Rule {
         p.var.set(&(param - (d * self.lr)?)?)
     }
 
-    /// The update in place: the momentum buffer, then the parameter, each in one
-    /// pass. The first buffer goes into the parameter's spare memory.
+    /// The update in place, one pass over the parameter, its gradient and its
+    /// momentum buffer. The first buffer goes into the parameter's spare memory.
     fn update_in_place(&self, p: &mut SgdParam, grad: &Tensor) -> Result<()> {
         let param = p.var.as_tensor();
         let spare = p.spare.take();
         if self.momentum == 0.0 {
-            // The step is the gradient with decay: `grad` fills both operand places.
-            return param.inplace_op3(grad, grad, &Pass(*self, PassKind::Param));
+            return param.inplace_op2(grad, &Pass { rule: *self, buf: None });
         }
-        let (buf, kind) = match p.momentum_buffer.take() {
-            Some(b) => (b.contiguous()?, PassKind::Momentum),
+        let (buf, first) = match p.momentum_buffer.take() {
+            Some(b) => (b.contiguous()?, false),
             None => match spare {
-                Some(s) => (s, PassKind::FirstMomentum),
-                None => (param.zeros_like()?, PassKind::FirstMomentum),
+                Some(s) => (s, true),
+                None => (param.zeros_like()?, true),
             },
         };
-        buf.inplace_op3(grad, param, &Pass(*self, kind))?;
-        param.inplace_op3(grad, &buf, &Pass(*self, PassKind::Param))?;
+        buf.inplace_op1(&WithBuffer {
+            rule: *self,
+            first,
+            param,
+            grad,
+        })?;
         p.momentum_buffer = Some(buf);
         Ok(())
     }
@@ -211,28 +216,64 @@ impl Rule {
     }
 }
 
-/// One pass of the in-place update over a tensor and two operands.
-#[derive(Debug, Clone, Copy)]
-enum PassKind {
-    /// `buf <- g + p * wd` (the first buffer); operands (grad, param).
-    FirstMomentum,
-    /// `buf <- buf * momentum + (g + p * wd) * (1 - dampening)`; operands (grad, param).
-    Momentum,
-    /// `p <- p - lr * direction`; operands (grad, buffer).
-    Param,
+/// The update of a parameter with a momentum buffer, run on the buffer: while
+/// it holds the buffer's memory, it runs [`Pass`] on the parameter, which writes
+/// both. (candle's in-place ops write only the tensor they run on.)
+struct WithBuffer<'a> {
+    rule: Rule,
+    /// Whether the buffer is new: it becomes the decayed gradient.
+    first: bool,
+    param: &'a Tensor,
+    grad: &'a Tensor,
 }
 
-/// A [`PassKind`] with the rule it applies.
-struct Pass(Rule, PassKind);
+impl InplaceOp1 for WithBuffer<'_> {
+    fn name(&self) -> &'static str {
+        "sgd-update"
+    }
 
-impl Pass {
-    /// Writes every value of `dst` from itself and the same values of `a` and `b`.
-    fn apply<T: Float + Send + Sync>(&self, dst: &mut [T], a: &[T], b: &[T]) {
-        let r = self.0;
-        match self.1 {
-            PassKind::FirstMomentum => each(dst, a, b, |_, g, p| r.decayed(g, p)),
-            PassKind::Momentum => each(dst, a, b, |buf, g, p| r.momentum_of(buf, r.decayed(g, p))),
-            PassKind::Param => each(dst, a, b, |p, g, buf| r.stepped(p, r.decayed(g, p), buf)),
+    fn cpu_fwd(&self, buf: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let Some(range) = layout.contiguous_offsets() else {
+            candle_core::bail!("sgd-update: the momentum buffer must be contiguous");
+        };
+        let pass = Pass {
+            rule: self.rule,
+            buf: Some(Buffer {
+                values: RefCell::new(buf),
+                range,
+                first: self.first,
+            }),
+        };
+        self.param.inplace_op2(self.grad, &pass)
+    }
+}
+
+/// A momentum buffer's memory, lent to the [`Pass`] that updates it.
+struct Buffer<'a> {
+    values: RefCell<&'a mut CpuStorage>,
+    range: (usize, usize),
+    first: bool,
+}
+
+/// The pass over one parameter: `p <- p - lr * direction`, with the buffer (if
+/// any) updated beside it, `buf <- buf * momentum + (g + p * wd) * (1 - dampening)`
+/// (the first buffer: `g + p * wd`). Operand: the gradient.
+struct Pass<'a> {
+    rule: Rule,
+    buf: Option<Buffer<'a>>,
+}
+
+impl Pass<'_> {
+    /// Updates `p` (and `buf`, if there is one) from the gradient `g`.
+    fn apply<T: Float + Send + Sync>(&self, p: &mut [T], g: &[T], buf: Option<(&mut [T], bool)>) {
+        let r = self.rule;
+        match buf {
+            None => each(p, g, |p, g| r.stepped(p, r.decayed(g, p), T::zero())),
+            Some((buf, first)) => each_with(p, g, buf, |p, g, b| {
+                let d = r.decayed(g, p);
+                let b = if first { d } else { r.momentum_of(b, d) };
+                (r.stepped(p, d, b), b)
+            }),
         }
     }
 }
@@ -240,12 +281,21 @@ impl Pass {
 /// Elements per parallel task of a pass.
 const CHUNK: usize = 1 << 16;
 
-/// `dst[i] <- f(dst[i], a[i], b[i])`, in parallel chunks.
-fn each<T: Float + Send + Sync>(dst: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T, T) -> T + Sync) {
-    dst.par_chunks_mut(CHUNK).enumerate().for_each(|(k, chunk)| {
-        let (a, b) = (&a[k * CHUNK..], &b[k * CHUNK..]);
-        for ((d, &x), &y) in chunk.iter_mut().zip(a).zip(b) {
-            *d = f(*d, x, y);
+/// `dst[i] <- f(dst[i], a[i])`, in parallel chunks.
+fn each<T: Float + Send + Sync>(dst: &mut [T], a: &[T], f: impl Fn(T, T) -> T + Sync) {
+    dst.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(dst, a)| {
+        for (d, &x) in dst.iter_mut().zip(a) {
+            *d = f(*d, x);
+        }
+    });
+}
+
+/// `(dst[i], both[i]) <- f(dst[i], a[i], both[i])`, in parallel chunks.
+fn each_with<T: Float + Send + Sync>(dst: &mut [T], a: &[T], both: &mut [T], f: impl Fn(T, T, T) -> (T, T) + Sync) {
+    let chunks = dst.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK));
+    chunks.zip(both.par_chunks_mut(CHUNK)).for_each(|((dst, a), both)| {
+        for ((d, &x), b) in dst.iter_mut().zip(a).zip(both.iter_mut()) {
+            (*d, *b) = f(*d, x, *b);
         }
     });
 }
@@ -255,40 +305,46 @@ fn values<'a, T: candle_core::WithDType>(storage: &'a CpuStorage, layout: &Layou
     reid_model::ops::contiguous(T::cpu_storage_as_slice(storage)?, layout, op)
 }
 
-impl InplaceOp3 for Pass {
+impl InplaceOp2 for Pass<'_> {
     fn name(&self) -> &'static str {
         "sgd-update"
     }
 
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        a: &CpuStorage,
-        a_l: &Layout,
-        b: &CpuStorage,
-        b_l: &Layout,
-    ) -> Result<()> {
+    fn cpu_fwd(&self, param: &mut CpuStorage, param_l: &Layout, grad: &CpuStorage, grad_l: &Layout) -> Result<()> {
         let op = self.name();
-        let Some((lo, hi)) = dst_l.contiguous_offsets() else {
+        let Some((lo, hi)) = param_l.contiguous_offsets() else {
             candle_core::bail!("{op}: the updated tensor must be contiguous");
         };
-        let sizes = |a: usize, b: usize| match a == hi - lo && b == hi - lo {
+        let mut buf = self.buf.as_ref().map(|b| (b.values.borrow_mut(), b.range, b.first));
+        let size = |len: usize| match len == hi - lo {
             true => Ok(()),
             false => Err(candle_core::Error::Msg(format!("{op}: operand sizes differ"))),
         };
-        match dst {
-            CpuStorage::F32(d) => {
-                let (a, b) = (values::<f32>(a, a_l, op)?, values::<f32>(b, b_l, op)?);
-                sizes(a.len(), b.len())?;
-                self.apply(&mut d[lo..hi], a, b);
+        if let Some((_, (a, b), _)) = &buf {
+            size(b - a)?;
+        }
+        match (param, buf.as_mut().map(|(v, r, first)| (&mut ***v, *r, *first))) {
+            (CpuStorage::F32(p), None) => {
+                let g = values::<f32>(grad, grad_l, op)?;
+                size(g.len())?;
+                self.apply(&mut p[lo..hi], g, None);
             }
-            CpuStorage::F64(d) => {
-                let (a, b) = (values::<f64>(a, a_l, op)?, values::<f64>(b, b_l, op)?);
-                sizes(a.len(), b.len())?;
-                self.apply(&mut d[lo..hi], a, b);
+            (CpuStorage::F32(p), Some((CpuStorage::F32(b), (a, z), first))) => {
+                let g = values::<f32>(grad, grad_l, op)?;
+                size(g.len())?;
+                self.apply(&mut p[lo..hi], g, Some((&mut b[a..z], first)));
             }
-            _ => candle_core::bail!("{op}: only f32 and f64 parameters are supported"),
+            (CpuStorage::F64(p), None) => {
+                let g = values::<f64>(grad, grad_l, op)?;
+                size(g.len())?;
+                self.apply(&mut p[lo..hi], g, None);
+            }
+            (CpuStorage::F64(p), Some((CpuStorage::F64(b), (a, z), first))) => {
+                let g = values::<f64>(grad, grad_l, op)?;
+                size(g.len())?;
+                self.apply(&mut p[lo..hi], g, Some((&mut b[a..z], first)));
+            }
+            _ => candle_core::bail!("{op}: f32 or f64 parameters only, with buffers of their dtype"),
         }
         Ok(())
     }
