@@ -8,7 +8,7 @@ use crate::arch::{Arch, BlockKind};
 use crate::layers::{batch_norm, Conv, ConvBn};
 use crate::ops::pool::Window;
 use crate::ops::residual::add;
-use crate::ops::{add_relu, avg_pool2d, channel_slice};
+use crate::ops::{avg_pool2d, channel_slice};
 use crate::tape;
 
 /// timm's `Bottle2neck`: a 1x1 convolution split into `scale` groups; the first
@@ -99,12 +99,12 @@ impl Bottle2neck {
                 last
             });
         }
-        let merged = self.conv3.forward_t(&tape::cat_channels(&pieces)?, train, false)?;
         let shortcut = match &self.downsample {
             Some(d) => d.forward_t(x, train, false)?,
             None => x.clone(),
         };
-        add_relu(&merged, &shortcut)
+        let merged = self.conv3.conv.forward_cat(&pieces)?;
+        self.conv3.bn.forward_add_relu(&merged, &shortcut, train)
     }
 }
 
@@ -148,12 +148,11 @@ impl Bottleneck {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.conv1.forward_t(x, train, true)?;
         let y = self.conv2.forward_t(&y, train, true)?;
-        let y = self.conv3.forward_t(&y, train, false)?;
         let shortcut = match &self.downsample {
             Some(d) => d.forward_t(x, train, false)?,
             None => x.clone(),
         };
-        add_relu(&y, &shortcut)
+        self.conv3.forward_add_relu(&y, &shortcut, train)
     }
 }
 

@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use crate::ops::batch_norm::{BatchNormTrain, BatchStats, ChannelAffine};
-use crate::ops::conv::Conv2d;
+use crate::ops::batch_norm::{BatchNormAddRelu, BatchNormTrain, BatchStats, ChannelAffine};
+use crate::ops::conv::{Conv2d, ConvCat};
 use crate::ops::pool::{max_pool2d_with, Window};
 use crate::ops::stem::{BatchNormReluMaxPool, Stem};
-use crate::ops::{current_precision, generic, Kernels, Precision};
+use crate::ops::{add_relu, current_precision, generic, Kernels, Precision};
 use crate::tape::{self, Reads};
 
 /// A bias-free 2-D convolution (`<name>.weight`, [out, in, k, k]).
@@ -34,6 +34,21 @@ impl Conv {
             stride,
             padding,
         })
+    }
+
+    /// The convolution of `pieces` concatenated along the channels: a 1x1
+    /// convolution on a tape reads the pieces where they are ([`ConvCat`]);
+    /// otherwise the concatenation is made first.
+    pub fn forward_cat(&self, pieces: &[Tensor]) -> Result<Tensor> {
+        let direct = self.weight.dim(2)? == 1 && self.stride == 1 && self.padding == 0;
+        if !(direct && tape::recording()) {
+            return self.forward(&tape::cat_channels(pieces)?);
+        }
+        let pieces = pieces.iter().map(|p| p.contiguous()).collect::<Result<Vec<_>>>()?;
+        let weight = self.weight.contiguous()?;
+        let mut inputs: Vec<(&Tensor, bool)> = pieces.iter().map(|p| (p, true)).collect();
+        inputs.push((&weight, true));
+        tape::op_n(&inputs, ConvCat, false)
     }
 }
 
@@ -133,6 +148,23 @@ impl BatchNorm {
         Ok(y)
     }
 
+    /// `relu(bn(x) + r)`, the end of a residual block: one op while a tape
+    /// records (train mode on the CPU), batch norm then [`add_relu`] otherwise.
+    pub fn forward_add_relu(&self, x: &Tensor, r: &Tensor, train: bool) -> Result<Tensor> {
+        if !(train && tape::recording() && Self::kernels(x) == Kernels::Fused) {
+            return add_relu(&self.forward_t(x, train, false)?, r);
+        }
+        let (x, r) = (x.contiguous()?, r.contiguous()?);
+        let op = BatchNormAddRelu {
+            bn: self.train_op(false),
+        };
+        let [rx, rw, rb, rr] = BatchNormAddRelu::READS;
+        let inputs = [(&x, rx), (&self.weight, rw), (&self.bias, rb), (&r, rr)];
+        let y = tape::op_n(&inputs, op.clone(), true)?;
+        self.update_running(&op.bn, &x)?;
+        Ok(y)
+    }
+
     /// Batch norm, ReLU, then max pooling with `window` (the stem): one fused op
     /// in train mode on the CPU, the separate ops otherwise.
     pub fn forward_relu_max_pool(&self, x: &Tensor, train: bool, window: Window) -> Result<Tensor> {
@@ -227,5 +259,10 @@ impl ConvBn {
     /// Convolution, batch norm (batch statistics when `train`), optional ReLU.
     pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         self.bn.forward_t(&self.conv.forward(x)?, train, relu)
+    }
+
+    /// `relu(bn(conv(x)) + r)`, as [`BatchNorm::forward_add_relu`].
+    pub fn forward_add_relu(&self, x: &Tensor, r: &Tensor, train: bool) -> Result<Tensor> {
+        self.bn.forward_add_relu(&self.conv.forward(x)?, r, train)
     }
 }

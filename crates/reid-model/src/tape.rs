@@ -30,6 +30,19 @@ type Op1 = Arc<Box<dyn CustomOp1 + Send + Sync>>;
 type Op2 = Arc<Box<dyn CustomOp2 + Send + Sync>>;
 type Op3 = Arc<Box<dyn CustomOp3 + Send + Sync>>;
 
+/// An op of any number of inputs that runs only on a tape (CPU): for what
+/// candle's custom ops cannot take, at three operands at most.
+pub trait TapeOp: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// The output from the inputs' CPU storages and layouts.
+    fn cpu_fwd(&self, inputs: &[(&CpuStorage, &candle_core::Layout)]) -> Result<(CpuStorage, Shape)>;
+
+    /// The inputs' gradients, in order, from `tensors` ([inputs..., output], a
+    /// kept one in place of each that is not read) and the output's gradient.
+    fn bwd(&self, tensors: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>>;
+}
+
 /// What an op's backward reads: its inputs, in order, and its output. The
 /// tensors it does not read are not kept for it; the backward gets a kept one of
 /// them in their place (so it must truly not read them).
@@ -105,6 +118,15 @@ impl<Op> Custom<Op> {
         }
     }
 
+    /// `op` on `inputs` (each with whether the backward reads it) giving `output`.
+    fn of_many(op: Op, inputs: &[(&Tensor, bool)], output: &Tensor, output_read: bool) -> Self {
+        Custom {
+            op,
+            inputs: inputs.iter().map(|&(t, keep)| Saved::new(t, keep)).collect(),
+            output: Saved::new(output, output_read),
+        }
+    }
+
     /// The tensors the backward gets, [inputs..., output]: a kept tensor in
     /// place of each one not kept.
     fn tensors(&self) -> Vec<&Tensor> {
@@ -127,6 +149,7 @@ enum Step {
     Op1(Custom<Op1>),
     Op2(Custom<Op2>),
     Op3(Custom<Op3>),
+    OpN(Custom<Arc<dyn TapeOp>>),
     /// `a + b`: both get the output's gradient.
     Add([Saved; 2]),
     /// Concatenation along the channels of tensors of these channel counts.
@@ -170,7 +193,7 @@ pub fn record<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Tape)> {
 }
 
 /// Whether a tape records on this thread.
-fn recording() -> bool {
+pub fn recording() -> bool {
     RECORDING.with(|r| r.borrow().is_some())
 }
 
@@ -307,6 +330,18 @@ impl<'a> Pass<'a> {
                 let (ga, gb, gc) = c.op.bwd(t[0], t[1], t[2], t[3], &grad)?;
                 self.add_all(&c.inputs, [ga, gb, gc])
             }
+            Step::OpN(c) => {
+                let grads = c.op.bwd(&c.tensors(), &grad)?;
+                if grads.len() != c.inputs.len() {
+                    candle_core::bail!(
+                        "tape: {} gave {} gradients for {} inputs",
+                        c.op.name(),
+                        grads.len(),
+                        c.inputs.len()
+                    );
+                }
+                self.add_all(&c.inputs, grads)
+            }
             Step::Add([a, b]) => {
                 self.add_to(a, grad.clone())?;
                 self.add_to(b, grad)
@@ -429,6 +464,30 @@ pub fn op3(
         || Step::Op3(Custom::new(op, &[a, b, c], &out, reads)),
         &[&out],
         &[a, b, c],
+    )?;
+    Ok(out)
+}
+
+/// `op` on `inputs` (each with whether its backward reads it), recorded on this
+/// thread's tape; an error where none records.
+pub fn op_n(inputs: &[(&Tensor, bool)], op: impl TapeOp + 'static, output_read: bool) -> Result<Tensor> {
+    let op: Arc<dyn TapeOp> = Arc::new(op);
+    if !recording() {
+        candle_core::bail!("tape: {} runs only while a tape records", op.name());
+    }
+    let out = {
+        let guards: Vec<_> = inputs.iter().map(|(t, _)| t.storage_and_layout()).collect();
+        let views = guards
+            .iter()
+            .map(|(s, l)| Ok((cpu(s, op.name())?, *l)))
+            .collect::<Result<Vec<_>>>()?;
+        leaf(op.cpu_fwd(&views))?
+    };
+    let tensors: Vec<&Tensor> = inputs.iter().map(|(t, _)| *t).collect();
+    push(
+        || Step::OpN(Custom::of_many(op, inputs, &out, output_read)),
+        &[&out],
+        &tensors,
     )?;
     Ok(out)
 }

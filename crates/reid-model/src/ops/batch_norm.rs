@@ -5,6 +5,8 @@
 //! mean and variance, as in PyTorch. The forward keeps its statistics in the op,
 //! so the backward is two passes: the per-channel sums, then the input gradient.
 
+mod add_relu;
+
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -15,6 +17,7 @@ use super::batch_norm_cuda as cuda;
 use super::filled_in_chunks;
 use super::plane_sums::{grad_sums, per_channel, per_lane, rows, sums};
 use crate::widest;
+pub use add_relu::BatchNormAddRelu;
 #[cfg(feature = "cuda")]
 use candle_core::{
     cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr},

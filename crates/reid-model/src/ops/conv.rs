@@ -6,7 +6,9 @@
 //! images summed in a fixed order), never by thread count, so results are the same
 //! bit for bit whatever the number of threads.
 
-use std::cell::RefCell;
+mod cat;
+
+use std::cell::Cell;
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -15,6 +17,7 @@ use rayon::prelude::*;
 
 use super::{filled_in_chunks, Kernels};
 use crate::tape::{self, Reads};
+pub use cat::ConvCat;
 
 /// Geometry of one convolution call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +79,7 @@ impl Geometry {
 
 thread_local! {
     /// Each thread's column matrix, reused across calls (bytes, aligned for f64).
-    static COLS: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+    static COLS: Cell<Vec<f64>> = const { Cell::new(Vec::new()) };
 }
 
 /// The first `len` values of a thread's scratch buffer, viewed as `T` and grown
@@ -91,6 +94,51 @@ fn scratch<T: Float>(buf: &mut Vec<f64>, len: usize) -> &mut [T] {
     // SAFETY: the buffer holds at least `bytes` initialised bytes, aligned for
     // f64 and so for `T` (f32 or f64, any bit pattern valid).
     unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut T, len) }
+}
+
+/// Runs `f` on this thread's column buffer of `len` values. The buffer is out of
+/// the thread-local during the call: a task that the thread runs while `f`
+/// waits for a threaded GEMM finds none there and makes its own.
+fn with_cols<T: Float, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    let mut buf = COLS.take();
+    let result = f(scratch(&mut buf, len));
+    COLS.set(buf);
+    result
+}
+
+/// The column matrix [C*k*k, P] of each image of a convolution's input.
+trait Columns<T>: Sync {
+    /// Values of scratch an image's columns are built in (0: none).
+    fn scratch_len(&self) -> usize;
+
+    /// Image `i`'s columns: built in `buf` (of `scratch_len()` values), or
+    /// borrowed where the input is its own column matrix.
+    fn of<'a>(&'a self, i: usize, buf: &'a mut [T]) -> &'a [T];
+}
+
+/// The images of an [N, C, H, W] input and the convolution's geometry.
+struct Images<'x, T> {
+    x: &'x [T],
+    g: Geometry,
+}
+
+impl<T: Float + Sync> Columns<T> for Images<'_, T> {
+    fn scratch_len(&self) -> usize {
+        match self.g.direct() {
+            true => 0,
+            false => self.g.ckk() * self.g.p(),
+        }
+    }
+
+    fn of<'a>(&'a self, i: usize, buf: &'a mut [T]) -> &'a [T] {
+        let len = self.g.c * self.g.h * self.g.w;
+        let image = &self.x[i * len..(i + 1) * len];
+        if self.g.direct() {
+            return image;
+        }
+        crate::widest!(im2col(image, &self.g, buf));
+        buf
+    }
 }
 
 /// The output positions `lo..hi` (of `out` positions) whose input position
@@ -181,38 +229,49 @@ fn col2im<T: Float>(cols: &[T], g: &Geometry, x: &mut [MaybeUninit<T>]) {
     }
 }
 
+/// How the GEMMs of `tasks` parallel tasks are threaded: each on its own thread
+/// when there are at least as many tasks as threads, else each over its share of
+/// the pool, so that a small batch (or few weight-gradient groups) leaves no core
+/// idle. gemm splits a product's output among threads, never its sums, so the
+/// results are the same either way.
+fn parallelism(tasks: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    match tasks < threads {
+        true => gemm::Parallelism::Rayon(threads.div_ceil(tasks.max(1))),
+        false => gemm::Parallelism::None,
+    }
+}
+
 /// `dst[m, n] (+)= a[m, k] * b[k, n]` for row-major matrices given by their row
-/// strides and transposition, single-threaded.
+/// strides and transposition, threaded as `par` says.
 #[allow(clippy::too_many_arguments)]
 fn matmul<T: 'static + Float>(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     dst: &mut [T],
     accumulate: bool,
     a: &[T],
     a_transposed: bool,
     b: &[T],
     b_transposed: bool,
+    par: gemm::Parallelism,
 ) {
     // SAFETY: `dst` is initialised, so reading it (when accumulating) is sound.
     let dst = unsafe { &mut *(dst as *mut [T] as *mut [MaybeUninit<T>]) };
-    gemm_into(m, n, k, dst, accumulate, a, a_transposed, b, b_transposed);
+    gemm_into((m, n, k), dst, accumulate, a, a_transposed, b, b_transposed, par);
 }
 
 /// [`matmul`] into memory that may be uninitialised: it must be when `accumulate`
 /// is true; otherwise all `m * n` values are written.
 #[allow(clippy::too_many_arguments)]
 fn gemm_into<T: 'static + Float>(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     dst: &mut [MaybeUninit<T>],
     accumulate: bool,
     a: &[T],
     a_transposed: bool,
     b: &[T],
     b_transposed: bool,
+    par: gemm::Parallelism,
 ) {
     assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
     // Row-major [m, k] has (column stride, row stride) = (1, k); its transpose, stored
@@ -241,27 +300,21 @@ fn gemm_into<T: 'static + Float>(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         )
     }
 }
 
-fn forward<T: 'static + Float + Send + Sync>(x: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
+fn forward<T: 'static + Float + Send + Sync>(cols: &impl Columns<T>, weight: &[T], g: &Geometry) -> Vec<T> {
     let (ckk, p) = (g.ckk(), g.p());
-    let image_len = g.c * g.h * g.w;
+    let par = parallelism(g.n);
     // SAFETY: gemm without accumulation writes all O x P outputs of an image.
     unsafe {
         filled_in_chunks(g.n * g.o * p, g.o * p, |i, y| {
-            let image = &x[i * image_len..(i + 1) * image_len];
-            if g.direct() {
-                gemm_into(g.o, p, ckk, y, false, weight, false, image, false);
-            } else {
-                COLS.with_borrow_mut(|cols| {
-                    let cols = scratch(cols, ckk * p);
-                    crate::widest!(im2col(image, g, cols));
-                    gemm_into(g.o, p, ckk, y, false, weight, false, cols, false);
-                });
-            }
+            with_cols(cols.scratch_len(), |buf| {
+                let columns = cols.of(i, buf);
+                gemm_into((g.o, p, ckk), y, false, weight, false, columns, false, par);
+            })
         })
     }
 }
@@ -269,16 +322,16 @@ fn forward<T: 'static + Float + Send + Sync>(x: &[T], weight: &[T], g: &Geometry
 fn backward_input<T: 'static + Float + Send + Sync>(grad_out: &[T], weight: &[T], g: &Geometry) -> Vec<T> {
     let (ckk, p) = (g.ckk(), g.p());
     let image_len = g.c * g.h * g.w;
+    let par = parallelism(g.n);
     // SAFETY: gemm (direct) or col2im (which zeroes first) writes the whole image gradient.
     unsafe {
         filled_in_chunks(g.n * image_len, image_len, |i, gx| {
             let gy = &grad_out[i * g.o * p..(i + 1) * g.o * p];
             if g.direct() {
-                gemm_into(ckk, p, g.o, gx, false, weight, true, gy, false);
+                gemm_into((ckk, p, g.o), gx, false, weight, true, gy, false, par);
             } else {
-                COLS.with_borrow_mut(|cols| {
-                    let cols = scratch(cols, ckk * p);
-                    matmul(ckk, p, g.o, cols, false, weight, true, gy, false);
+                with_cols(ckk * p, |cols| {
+                    matmul((ckk, p, g.o), cols, false, weight, true, gy, false, par);
                     col2im(cols, g, gx);
                 });
             }
@@ -289,38 +342,20 @@ fn backward_input<T: 'static + Float + Send + Sync>(grad_out: &[T], weight: &[T]
 /// Images per partial sum of the weight gradient: fixed by the batch alone.
 const WEIGHT_GROUP: usize = 4;
 
-fn backward_weight<T: 'static + Float + Send + Sync>(x: &[T], grad_out: &[T], g: &Geometry) -> Vec<T> {
+fn backward_weight<T: 'static + Float + Send + Sync>(cols: &impl Columns<T>, grad_out: &[T], g: &Geometry) -> Vec<T> {
     let (ckk, p) = (g.ckk(), g.p());
-    let image = g.c * g.h * g.w;
-    let partials: Vec<Vec<T>> = (0..g.n.div_ceil(WEIGHT_GROUP))
+    let groups = g.n.div_ceil(WEIGHT_GROUP);
+    let par = parallelism(groups);
+    let partials: Vec<Vec<T>> = (0..groups)
         .into_par_iter()
         .map(|group| {
             let mut acc = vec![T::zero(); g.o * ckk];
-            let mut cols = if g.direct() {
-                Vec::new()
-            } else {
-                vec![T::zero(); ckk * p]
-            };
+            let mut buf = vec![T::zero(); cols.scratch_len()];
             for i in group * WEIGHT_GROUP..((group + 1) * WEIGHT_GROUP).min(g.n) {
-                let img = &x[i * image..(i + 1) * image];
-                let columns: &[T] = if g.direct() {
-                    img
-                } else {
-                    crate::widest!(im2col(img, g, &mut cols));
-                    &cols
-                };
+                let columns = cols.of(i, &mut buf);
                 let gy = &grad_out[i * g.o * p..(i + 1) * g.o * p];
-                matmul(
-                    g.o,
-                    ckk,
-                    p,
-                    &mut acc,
-                    i > group * WEIGHT_GROUP,
-                    gy,
-                    false,
-                    columns,
-                    true,
-                );
+                let accumulate = i > group * WEIGHT_GROUP;
+                matmul((g.o, ckk, p), &mut acc, accumulate, gy, false, columns, true, par);
             }
             acc
         })
@@ -340,7 +375,7 @@ pub(crate) fn forward_values<T: 'static + Float + Send + Sync>(
     conv: Conv2d,
 ) -> Result<(Vec<T>, [usize; 4])> {
     let g = Geometry::new(x_dims, weight_dims, conv.stride, conv.padding)?;
-    Ok((forward(x, weight, &g), [g.n, g.o, g.oh, g.ow]))
+    Ok((forward(&Images { x, g }, weight, &g), [g.n, g.o, g.oh, g.ow]))
 }
 
 /// Convolution of (input [N, C, H, W], weight [O, C, k, k]) without bias.
@@ -357,7 +392,7 @@ impl CustomOp2 for Conv2d {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
-        let out = two_floats!(self.name(), s1, l1, s2, l2, |x, w| forward(x, w, &g));
+        let out = two_floats!(self.name(), s1, l1, s2, l2, |x, w| forward(&Images { x, g }, w, &g));
         Ok((out, Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 
@@ -431,7 +466,11 @@ impl CustomOp2 for Conv2dBackwardWeight {
         if l2.dims() != [g.n, g.o, g.oh, g.ow] {
             candle_core::bail!("{}: gradient {:?} does not fit the output", self.name(), l2.dims());
         }
-        let out = two_floats!(self.name(), s1, l1, s2, l2, |x, gy| backward_weight(x, gy, &g));
+        let out = two_floats!(self.name(), s1, l1, s2, l2, |x, gy| backward_weight(
+            &Images { x, g },
+            gy,
+            &g
+        ));
         Ok((out, Shape::from(self.weight)))
     }
 }
@@ -564,26 +603,36 @@ mod tests {
         }
     }
 
+    /// Forward and both gradients of a conv on `threads` threads, as f32 values.
+    fn on_threads(x: &Var, wt: &Var, stride: usize, threads: usize) -> [Vec<f32>; 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let y = conv2d(x.as_tensor(), wt.as_tensor(), stride, 1).unwrap();
+            let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            [
+                f(&y),
+                f(grads.get(x.as_tensor()).unwrap()),
+                f(grads.get(wt.as_tensor()).unwrap()),
+            ]
+        })
+    }
+
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        let x = Var::from_tensor(&random(&[9, 5, 12, 10], 8).to_dtype(candle_core::DType::F32).unwrap()).unwrap();
-        let wt = Var::from_tensor(&random(&[6, 5, 3, 3], 9).to_dtype(candle_core::DType::F32).unwrap()).unwrap();
-        let run = |threads: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| {
-                    let y = conv2d(x.as_tensor(), wt.as_tensor(), 2, 1).unwrap();
-                    let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-                    let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                    (
-                        f(&y),
-                        f(grads.get(x.as_tensor()).unwrap()),
-                        f(grads.get(wt.as_tensor()).unwrap()),
-                    )
-                })
+        let f32_var = |dims: &[usize], seed| {
+            Var::from_tensor(&random(dims, seed).to_dtype(candle_core::DType::F32).unwrap()).unwrap()
         };
-        assert_eq!(run(1), run(3));
+        let (x, wt) = (f32_var(&[9, 5, 12, 10], 8), f32_var(&[6, 5, 3, 3], 9));
+        assert_eq!(on_threads(&x, &wt, 2, 1), on_threads(&x, &wt, 2, 3));
+        // Fewer images (and weight groups) than threads: the GEMMs themselves
+        // run on several threads, being large enough for gemm to split them.
+        let wt = f32_var(&[32, 16, 3, 3], 10);
+        for n in [1, 2, 5] {
+            let x = f32_var(&[n, 16, 24, 24], 11 + n as u64);
+            let one = on_threads(&x, &wt, 1, 1);
+            assert_eq!(one, on_threads(&x, &wt, 1, 3), "{n} images");
+            assert_eq!(one, on_threads(&x, &wt, 1, 8), "{n} images");
+        }
     }
 }

@@ -35,7 +35,8 @@ macro_rules! binary {
 }
 
 /// `max(a + b, 0)`, NaN kept (as PyTorch's ReLU; `f32::max` would drop it).
-fn relu_of_sum<T: Float>(a: T, b: T) -> T {
+#[inline(always)]
+pub(crate) fn relu_of_sum<T: Float>(a: T, b: T) -> T {
     let s = a + b;
     if s <= T::zero() {
         T::zero()
@@ -76,7 +77,7 @@ impl CustomOp2 for AddRelu {
 
 /// (gradient, ReLU output) -> the gradient where the output is positive, else 0.
 #[derive(Debug, Clone, Copy)]
-struct ReluMask;
+pub(crate) struct ReluMask;
 
 impl CustomOp2 for ReluMask {
     fn name(&self) -> &'static str {
