@@ -171,6 +171,10 @@ pub struct Tape {
     entries: Vec<Entry>,
     /// Ids of every tensor an entry produced.
     produced: HashSet<TensorId>,
+    /// Bytes of extra memory ops keep for their backward ([`keep`]), and how
+    /// many they may.
+    kept_bytes: usize,
+    keep_budget: usize,
 }
 
 impl std::fmt::Debug for Tape {
@@ -186,7 +190,17 @@ thread_local! {
 /// Runs the forward `f` with its ops recorded on a new tape, returned beside its
 /// result. Ops run on this thread only are recorded.
 pub fn record<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Tape)> {
-    let outer = RECORDING.with(|r| r.replace(Some(Tape::default())));
+    record_keeping(0, f)
+}
+
+/// [`record`], with ops allowed to keep up to `budget` bytes of extra memory
+/// for their backward (see [`keep`]).
+pub fn record_keeping<R>(budget: usize, f: impl FnOnce() -> Result<R>) -> Result<(R, Tape)> {
+    let tape = Tape {
+        keep_budget: budget,
+        ..Tape::default()
+    };
+    let outer = RECORDING.with(|r| r.replace(Some(tape)));
     let result = f();
     let tape = RECORDING.with(|r| r.replace(outer)).expect("the tape set above");
     Ok((result?, tape))
@@ -195,6 +209,18 @@ pub fn record<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Tape)> {
 /// Whether a tape records on this thread.
 pub fn recording() -> bool {
     RECORDING.with(|r| r.borrow().is_some())
+}
+
+/// Whether an op may keep `bytes` of extra memory for its backward: true (and
+/// counted) if a tape records and they fit in what is left of its budget.
+pub fn keep(bytes: usize) -> bool {
+    RECORDING.with(|r| match r.borrow_mut().as_mut() {
+        Some(tape) if tape.kept_bytes + bytes <= tape.keep_budget => {
+            tape.kept_bytes += bytes;
+            true
+        }
+        _ => false,
+    })
 }
 
 /// Runs `f` with this thread's tape (if any) set aside: for candle ops whose
@@ -562,9 +588,16 @@ pub struct TapedOutput {
 }
 
 impl TapedOutput {
-    /// Runs and records `forward`; its output is copied into the leaf.
+    /// Runs and records `forward`; its output is copied into the leaf. Ops may
+    /// keep as much extra memory as `REID_KEEP_COLUMNS_MB` says (see
+    /// [`crate::ops::conv::column_budget`]).
     pub fn record(forward: impl FnOnce() -> Result<Tensor>) -> Result<Self> {
-        let (output, tape) = record(forward)?;
+        Self::record_keeping(crate::ops::conv::column_budget(), forward)
+    }
+
+    /// [`TapedOutput::record`] with a budget of `budget` bytes for what ops keep.
+    pub fn record_keeping(budget: usize, forward: impl FnOnce() -> Result<Tensor>) -> Result<Self> {
+        let (output, tape) = record_keeping(budget, forward)?;
         let leaf = candle_core::Var::from_tensor(&output.detach())?;
         Ok(TapedOutput { output, leaf, tape })
     }
@@ -623,36 +656,46 @@ mod tests {
                 let pooled = m.backbone.forward_t(&x, true).unwrap();
                 let g = random(pooled.dims(), 9).to_dtype(dtype).unwrap();
                 let graph = (pooled * &g).unwrap().sum_all().unwrap().backward().unwrap();
-                let taped = TapedOutput::record(|| m.backbone.forward_t(&x, true)).unwrap();
-                let mut store = (taped.leaf() * &g).unwrap().sum_all().unwrap().backward().unwrap();
-                taped.backward(&mut store).unwrap();
-                let mut compared = 0;
-                for (name, var) in m.trainable_vars().into_iter().filter(|(n, _)| !is_head(n)) {
-                    let values = |s: &GradStore| -> Vec<f64> {
-                        let t = s
-                            .get(var.as_tensor())
-                            .unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
-                        t.flatten_all()
-                            .unwrap()
-                            .to_dtype(DType::F64)
-                            .unwrap()
-                            .to_vec1()
-                            .unwrap()
-                    };
-                    let (want, got) = (values(&graph), values(&store));
-                    assert!(want.iter().any(|v| *v != 0.0), "{arch} {name}: a gradient");
-                    assert_eq!(want, got, "{arch} {dtype:?} {name}");
-                    compared += 1;
+                // Without and with the convolutions' columns kept.
+                for budget in [0, usize::MAX] {
+                    let taped = TapedOutput::record_keeping(budget, || m.backbone.forward_t(&x, true)).unwrap();
+                    assert_eq!(taped.tape.kept_bytes > 0, budget > 0, "{arch}: columns kept");
+                    let mut store = (taped.leaf() * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                    taped.backward(&mut store).unwrap();
+                    compare(arch, dtype, &m, &graph, &store);
                 }
-                assert!(compared > 20, "{arch}: {compared} variables compared");
             }
         }
+    }
+
+    /// Asserts that the backbone's gradients in `graph` and `store` are the same bits.
+    fn compare(arch: &str, dtype: DType, m: &ReidModel, graph: &GradStore, store: &GradStore) {
+        let mut compared = 0;
+        for (name, var) in m.trainable_vars().into_iter().filter(|(n, _)| !is_head(n)) {
+            let values = |s: &GradStore| -> Vec<f64> {
+                let t = s
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let (want, got) = (values(graph), values(store));
+            assert!(want.iter().any(|v| *v != 0.0), "{arch} {name}: a gradient");
+            assert_eq!(want, got, "{arch} {dtype:?} {name}");
+            compared += 1;
+        }
+        assert!(compared > 20, "{arch}: {compared} variables compared");
     }
 
     #[test]
     fn a_kept_tape_gives_the_same_gradients_twice() {
         let (m, x) = model("res2net_tiny", DType::F64);
-        let taped = TapedOutput::record(|| m.backbone.forward_t(&x, true)).unwrap();
+        // With the columns kept: the kept backward must leave them for the next.
+        let taped = TapedOutput::record_keeping(usize::MAX, || m.backbone.forward_t(&x, true)).unwrap();
         let run = || {
             let mut store = taped.leaf().sqr().unwrap().sum_all().unwrap().backward().unwrap();
             taped.backward_kept(&mut store).unwrap();

@@ -7,6 +7,7 @@
 //! bit for bit whatever the number of threads.
 
 mod cat;
+mod kept;
 
 use std::cell::Cell;
 use std::mem::MaybeUninit;
@@ -18,6 +19,7 @@ use rayon::prelude::*;
 use super::{filled_in_chunks, Kernels};
 use crate::tape::{self, Reads};
 pub use cat::ConvCat;
+pub use kept::column_budget;
 
 /// Geometry of one convolution call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -487,7 +489,11 @@ pub fn conv2d_with(kernels: Kernels, x: &Tensor, weight: &Tensor, stride: usize,
     match kernels {
         Kernels::Fused if x.device().is_cpu() && x.dtype() != candle_core::DType::BF16 => {
             let conv = Conv2d { stride, padding };
-            tape::op2(&x.contiguous()?, &weight.contiguous()?, conv, Reads::INPUTS)
+            let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+            match kept::Conv2dKept::new(conv, &x, &weight)? {
+                Some(op) => tape::op_n(&[(&x, false), (&weight, true)], op, false),
+                None => tape::op2(&x, &weight, conv, Reads::INPUTS),
+            }
         }
         #[cfg(feature = "cudnn")]
         Kernels::Fused if x.device().is_cuda() => super::cuda::conv2d(x, weight, stride, padding),
