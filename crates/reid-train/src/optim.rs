@@ -264,6 +264,16 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
+    /// [`Pass::apply`] once the operands' sizes are checked.
+    fn run<T: Float + Send + Sync>(&self, p: &mut [T], g: &[T], buf: Option<(&mut [T], bool)>) -> Result<()> {
+        let same = g.len() == p.len() && buf.as_ref().is_none_or(|(b, _)| b.len() == p.len());
+        if !same {
+            candle_core::bail!("sgd-update: operand sizes differ");
+        }
+        self.apply(p, g, buf);
+        Ok(())
+    }
+
     /// Updates `p` (and `buf`, if there is one) from the gradient `g`.
     fn apply<T: Float + Send + Sync>(&self, p: &mut [T], g: &[T], buf: Option<(&mut [T], bool)>) {
         let r = self.rule;
@@ -316,37 +326,22 @@ impl InplaceOp2 for Pass<'_> {
             candle_core::bail!("{op}: the updated tensor must be contiguous");
         };
         let mut buf = self.buf.as_ref().map(|b| (b.values.borrow_mut(), b.range, b.first));
-        let size = |len: usize| match len == hi - lo {
-            true => Ok(()),
-            false => Err(candle_core::Error::Msg(format!("{op}: operand sizes differ"))),
-        };
-        if let Some((_, (a, b), _)) = &buf {
-            size(b - a)?;
-        }
-        match (param, buf.as_mut().map(|(v, r, first)| (&mut ***v, *r, *first))) {
-            (CpuStorage::F32(p), None) => {
-                let g = values::<f32>(grad, grad_l, op)?;
-                size(g.len())?;
-                self.apply(&mut p[lo..hi], g, None);
-            }
-            (CpuStorage::F32(p), Some((CpuStorage::F32(b), (a, z), first))) => {
-                let g = values::<f32>(grad, grad_l, op)?;
-                size(g.len())?;
-                self.apply(&mut p[lo..hi], g, Some((&mut b[a..z], first)));
-            }
-            (CpuStorage::F64(p), None) => {
-                let g = values::<f64>(grad, grad_l, op)?;
-                size(g.len())?;
-                self.apply(&mut p[lo..hi], g, None);
-            }
-            (CpuStorage::F64(p), Some((CpuStorage::F64(b), (a, z), first))) => {
-                let g = values::<f64>(grad, grad_l, op)?;
-                size(g.len())?;
-                self.apply(&mut p[lo..hi], g, Some((&mut b[a..z], first)));
-            }
+        let buf = buf.as_mut().map(|(v, r, first)| (&mut ***v, *r, *first));
+        match (param, buf) {
+            (CpuStorage::F32(v), None) => self.run(&mut v[lo..hi], values::<f32>(grad, grad_l, op)?, None),
+            (CpuStorage::F32(v), Some((CpuStorage::F32(b), r, first))) => self.run(
+                &mut v[lo..hi],
+                values::<f32>(grad, grad_l, op)?,
+                Some((&mut b[r.0..r.1], first)),
+            ),
+            (CpuStorage::F64(v), None) => self.run(&mut v[lo..hi], values::<f64>(grad, grad_l, op)?, None),
+            (CpuStorage::F64(v), Some((CpuStorage::F64(b), r, first))) => self.run(
+                &mut v[lo..hi],
+                values::<f64>(grad, grad_l, op)?,
+                Some((&mut b[r.0..r.1], first)),
+            ),
             _ => candle_core::bail!("{op}: f32 or f64 parameters only, with buffers of their dtype"),
         }
-        Ok(())
     }
 }
 

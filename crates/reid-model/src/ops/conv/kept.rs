@@ -5,7 +5,8 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -74,6 +75,13 @@ pub(super) struct Conv2dKept {
 }
 
 impl Conv2dKept {
+    /// The forward, its columns left in `self.cols` for the backward.
+    fn forward_keeping<T: 'static + Float + WithDType + Send + Sync>(&self, x: &[T], w: &[T]) -> Vec<T> {
+        let (y, cols) = forward(x, w, &self.g);
+        *self.cols.lock().expect("columns lock") = Some(T::to_cpu_storage_owned(cols));
+        y
+    }
+
     /// The op for `x` and `weight`, if a tape records, the convolution needs
     /// columns, and they fit in the tape's budget.
     pub(super) fn new(conv: Conv2d, x: &Tensor, weight: &Tensor) -> Result<Option<Self>> {
@@ -100,27 +108,8 @@ impl TapeOp for Conv2dKept {
         let &[(x, lx), (w, lw)] = inputs else {
             candle_core::bail!("{}: expected (x, weight)", self.name());
         };
-        let g = &self.g;
-        let (y, cols) = match (x, w) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                let (x, w) = (
-                    super::super::contiguous(x, lx, self.name())?,
-                    super::super::contiguous(w, lw, self.name())?,
-                );
-                let (y, cols) = forward(x, w, g);
-                (CpuStorage::F32(y), CpuStorage::F32(cols))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                let (x, w) = (
-                    super::super::contiguous(x, lx, self.name())?,
-                    super::super::contiguous(w, lw, self.name())?,
-                );
-                let (y, cols) = forward(x, w, g);
-                (CpuStorage::F64(y), CpuStorage::F64(cols))
-            }
-            _ => candle_core::bail!("{}: two f32 or two f64 operands expected", self.name()),
-        };
-        *self.cols.lock().expect("columns lock") = Some(cols);
+        let g = self.g;
+        let y = two_floats!(self.name(), x, lx, w, lw, |x, w| self.forward_keeping(x, w));
         Ok((y, Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 
@@ -144,28 +133,14 @@ impl TapeOp for Conv2dKept {
         };
         let gw = {
             let (gs, gl) = grad.storage_and_layout();
-            let candle_core::Storage::Cpu(gs) = &*gs else {
+            let Storage::Cpu(gs) = &*gs else {
                 candle_core::bail!("{}: CPU tensors only", self.name());
             };
-            match (cols, gs) {
-                (CpuStorage::F32(c), CpuStorage::F32(gy)) => {
-                    let gy = super::super::contiguous(gy, gl, self.name())?;
-                    Tensor::from_vec(
-                        backward_weight(&Kept { cols: c, g }, gy, &g),
-                        weight.shape(),
-                        grad.device(),
-                    )?
-                }
-                (CpuStorage::F64(c), CpuStorage::F64(gy)) => {
-                    let gy = super::super::contiguous(gy, gl, self.name())?;
-                    Tensor::from_vec(
-                        backward_weight(&Kept { cols: c, g }, gy, &g),
-                        weight.shape(),
-                        grad.device(),
-                    )?
-                }
-                _ => candle_core::bail!("{}: gradient and columns of different dtypes", self.name()),
-            }
+            let cols_l = Layout::contiguous(g.n * g.ckk() * g.p());
+            let values = two_floats!(self.name(), cols, &cols_l, gs, gl, |cols, gy| {
+                backward_weight(&Kept { cols, g }, gy, &g)
+            });
+            Tensor::from_storage(Storage::Cpu(values), weight.shape(), BackpropOp::none(), false)
         };
         Ok(vec![grad_x, Some(gw)])
     }
