@@ -6,9 +6,9 @@ use candle_nn::VarBuilder;
 
 use crate::arch::{Arch, BlockKind};
 use crate::layers::{batch_norm, Conv, ConvBn};
+use crate::ops::avg_pool2d;
 use crate::ops::pool::Window;
 use crate::ops::residual::add;
-use crate::ops::{avg_pool2d, channel_slice};
 use crate::tape;
 
 /// timm's `Bottle2neck`: a 1x1 convolution split into `scale` groups; the first
@@ -79,8 +79,8 @@ impl Bottle2neck {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let out = self.conv1.forward_t(x, train, true)?;
-        let mut splits = tape::split_channels(&out, self.width, self.scale, channel_slice)?.into_iter();
+        let splits = self.conv1.forward_relu_split(x, self.width, self.scale, train)?;
+        let mut splits = splits.into_iter();
         let mut pieces = Vec::with_capacity(self.scale);
         let mut previous: Option<Tensor> = None;
         for (conv, split) in self.convs.iter().zip(splits.by_ref()) {

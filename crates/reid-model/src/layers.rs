@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use crate::ops::batch_norm::{BatchNormAddRelu, BatchNormTrain, BatchStats, ChannelAffine};
+use crate::ops::batch_norm::{BatchNormAddRelu, BatchNormReluSplit, BatchNormTrain, BatchStats, ChannelAffine};
 use crate::ops::conv::{Conv2d, ConvCat};
 use crate::ops::pool::{max_pool2d_with, Window};
 use crate::ops::stem::{BatchNormReluMaxPool, Stem};
-use crate::ops::{add_relu, current_precision, generic, Kernels, Precision};
+use crate::ops::{add_relu, channel_slice, current_precision, generic, Kernels, Precision};
 use crate::tape::{self, Reads};
 
 /// A bias-free 2-D convolution (`<name>.weight`, [out, in, k, k]).
@@ -165,6 +165,27 @@ impl BatchNorm {
         Ok(y)
     }
 
+    /// Batch norm and ReLU, the output cut into `count` pieces of `width`
+    /// channels (a Res2Net block's split): one op while a tape records (train
+    /// mode on the CPU), batch norm then [`tape::split_channels`] otherwise.
+    pub fn forward_relu_split(&self, x: &Tensor, width: usize, count: usize, train: bool) -> Result<Vec<Tensor>> {
+        if !(train && tape::recording() && Self::kernels(x) == Kernels::Fused) {
+            let y = self.forward_t(x, train, true)?;
+            return tape::split_channels(&y, width, count, channel_slice);
+        }
+        let x = x.contiguous()?;
+        let op = BatchNormReluSplit {
+            bn: self.train_op(true),
+            width,
+            count,
+        };
+        let [rx, rw, rb] = BatchNormReluSplit::READS;
+        let inputs = [(&x, rx), (&self.weight, rw), (&self.bias, rb)];
+        let pieces = tape::op_many(&inputs, op.clone(), true)?;
+        self.update_running(&op.bn, &x)?;
+        Ok(pieces)
+    }
+
     /// Batch norm, ReLU, then max pooling with `window` (the stem): one fused op
     /// in train mode on the CPU, the separate ops otherwise.
     pub fn forward_relu_max_pool(&self, x: &Tensor, train: bool, window: Window) -> Result<Tensor> {
@@ -259,6 +280,11 @@ impl ConvBn {
     /// Convolution, batch norm (batch statistics when `train`), optional ReLU.
     pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         self.bn.forward_t(&self.conv.forward(x)?, train, relu)
+    }
+
+    /// Convolution, then [`BatchNorm::forward_relu_split`].
+    pub fn forward_relu_split(&self, x: &Tensor, width: usize, count: usize, train: bool) -> Result<Vec<Tensor>> {
+        self.bn.forward_relu_split(&self.conv.forward(x)?, width, count, train)
     }
 
     /// `relu(bn(conv(x)) + r)`, as [`BatchNorm::forward_add_relu`].

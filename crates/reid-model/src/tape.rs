@@ -30,17 +30,26 @@ type Op1 = Arc<Box<dyn CustomOp1 + Send + Sync>>;
 type Op2 = Arc<Box<dyn CustomOp2 + Send + Sync>>;
 type Op3 = Arc<Box<dyn CustomOp3 + Send + Sync>>;
 
-/// An op of any number of inputs that runs only on a tape (CPU): for what
-/// candle's custom ops cannot take, at three operands at most.
+/// An op of any number of inputs and outputs that runs only on a tape (CPU):
+/// for what candle's custom ops cannot take (three operands, one output).
 pub trait TapeOp: Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// The output from the inputs' CPU storages and layouts.
-    fn cpu_fwd(&self, inputs: &[(&CpuStorage, &candle_core::Layout)]) -> Result<(CpuStorage, Shape)>;
+    /// The outputs from the inputs' CPU storages and layouts.
+    fn cpu_fwd(&self, inputs: &[(&CpuStorage, &candle_core::Layout)]) -> Result<Vec<(CpuStorage, Shape)>>;
 
-    /// The inputs' gradients, in order, from `tensors` ([inputs..., output], a
-    /// kept one in place of each that is not read) and the output's gradient.
-    fn bwd(&self, tensors: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>>;
+    /// The inputs' gradients, in order, from `tensors` ([inputs..., outputs...],
+    /// a kept one in place of each that is not read) and the outputs' gradients
+    /// (at least one of them there).
+    fn bwd(&self, tensors: &[&Tensor], grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>>;
+}
+
+/// The gradient of a one-output [`TapeOp`].
+pub(crate) fn only_grad<'a>(op: &str, grads: &'a [Option<Tensor>]) -> Result<&'a Tensor> {
+    match grads {
+        [Some(g)] => Ok(g),
+        _ => candle_core::bail!("{op}: expected the gradient of one output"),
+    }
 }
 
 /// What an op's backward reads: its inputs, in order, and its output. The
@@ -100,11 +109,11 @@ impl Saved {
     }
 }
 
-/// One recorded custom op: the op, its inputs, its output.
+/// One recorded custom op: the op, its inputs, its outputs.
 struct Custom<Op> {
     op: Op,
     inputs: Vec<Saved>,
-    output: Saved,
+    outputs: Vec<Saved>,
 }
 
 impl<Op> Custom<Op> {
@@ -114,23 +123,24 @@ impl<Op> Custom<Op> {
         Custom {
             op,
             inputs: inputs.collect(),
-            output: Saved::new(output, reads.output),
+            outputs: vec![Saved::new(output, reads.output)],
         }
     }
 
-    /// `op` on `inputs` (each with whether the backward reads it) giving `output`.
-    fn of_many(op: Op, inputs: &[(&Tensor, bool)], output: &Tensor, output_read: bool) -> Self {
+    /// `op` on `inputs` (each with whether the backward reads it) giving
+    /// `outputs` (which the backward reads if `outputs_read`).
+    fn of_many(op: Op, inputs: &[(&Tensor, bool)], outputs: &[Tensor], outputs_read: bool) -> Self {
         Custom {
             op,
             inputs: inputs.iter().map(|&(t, keep)| Saved::new(t, keep)).collect(),
-            output: Saved::new(output, output_read),
+            outputs: outputs.iter().map(|t| Saved::new(t, outputs_read)).collect(),
         }
     }
 
-    /// The tensors the backward gets, [inputs..., output]: a kept tensor in
+    /// The tensors the backward gets, [inputs..., outputs...]: a kept tensor in
     /// place of each one not kept.
     fn tensors(&self) -> Vec<&Tensor> {
-        let all = self.inputs.iter().chain(std::iter::once(&self.output));
+        let all = self.inputs.iter().chain(&self.outputs);
         let stand_in = all.clone().find_map(|s| match s {
             Saved::Kept(t) => Some(t),
             Saved::Named(..) => None,
@@ -336,8 +346,17 @@ impl<'a> Pass<'a> {
         if grads.iter().all(Option::is_none) {
             return Ok(());
         }
-        if let Step::Split(x, shapes) = &entry.step {
-            return self.split_back(x, shapes, grads);
+        match &entry.step {
+            Step::Split(x, shapes) => return self.split_back(x, shapes, grads),
+            Step::OpN(c) => {
+                let input_grads = c.op.bwd(&c.tensors(), &grads)?;
+                if input_grads.len() != c.inputs.len() {
+                    let (name, got, want) = (c.op.name(), input_grads.len(), c.inputs.len());
+                    candle_core::bail!("tape: {name} gave {got} gradients for {want} inputs");
+                }
+                return self.add_all(&c.inputs, input_grads);
+            }
+            _ => {}
         }
         let grad = grads.into_iter().next().flatten().expect("one output");
         match &entry.step {
@@ -356,18 +375,6 @@ impl<'a> Pass<'a> {
                 let (ga, gb, gc) = c.op.bwd(t[0], t[1], t[2], t[3], &grad)?;
                 self.add_all(&c.inputs, [ga, gb, gc])
             }
-            Step::OpN(c) => {
-                let grads = c.op.bwd(&c.tensors(), &grad)?;
-                if grads.len() != c.inputs.len() {
-                    candle_core::bail!(
-                        "tape: {} gave {} gradients for {} inputs",
-                        c.op.name(),
-                        grads.len(),
-                        c.inputs.len()
-                    );
-                }
-                self.add_all(&c.inputs, grads)
-            }
             Step::Add([a, b]) => {
                 self.add_to(a, grad.clone())?;
                 self.add_to(b, grad)
@@ -385,7 +392,7 @@ impl<'a> Pass<'a> {
                 let spread = scaled.reshape((*n, *c, 1, 1))?.broadcast_as((*n, *c, *h, *w))?;
                 self.add_to(x, spread.contiguous()?)
             }
-            Step::Split(..) => unreachable!("handled above"),
+            Step::Split(..) | Step::OpN(..) => unreachable!("handled above"),
         }
     }
 
@@ -495,27 +502,39 @@ pub fn op3(
 }
 
 /// `op` on `inputs` (each with whether its backward reads it), recorded on this
-/// thread's tape; an error where none records.
+/// thread's tape; an error where none records. Its one output is returned.
 pub fn op_n(inputs: &[(&Tensor, bool)], op: impl TapeOp + 'static, output_read: bool) -> Result<Tensor> {
+    let name = op.name();
+    match <[Tensor; 1]>::try_from(op_many(inputs, op, output_read)?) {
+        Ok([out]) => Ok(out),
+        Err(outs) => candle_core::bail!("tape: {name} gave {} outputs, not one", outs.len()),
+    }
+}
+
+/// [`op_n`] for an op of any number of outputs (which its backward reads if
+/// `outputs_read`).
+pub fn op_many(inputs: &[(&Tensor, bool)], op: impl TapeOp + 'static, outputs_read: bool) -> Result<Vec<Tensor>> {
     let op: Arc<dyn TapeOp> = Arc::new(op);
     if !recording() {
         candle_core::bail!("tape: {} runs only while a tape records", op.name());
     }
-    let out = {
+    let outs = {
         let guards: Vec<_> = inputs.iter().map(|(t, _)| t.storage_and_layout()).collect();
         let views = guards
             .iter()
             .map(|(s, l)| Ok((cpu(s, op.name())?, *l)))
             .collect::<Result<Vec<_>>>()?;
-        leaf(op.cpu_fwd(&views))?
+        let results = op.cpu_fwd(&views)?;
+        results.into_iter().map(|r| leaf(Ok(r))).collect::<Result<Vec<_>>>()?
     };
     let tensors: Vec<&Tensor> = inputs.iter().map(|(t, _)| *t).collect();
+    let outputs: Vec<&Tensor> = outs.iter().collect();
     push(
-        || Step::OpN(Custom::of_many(op, inputs, &out, output_read)),
-        &[&out],
+        || Step::OpN(Custom::of_many(op, inputs, &outs, outputs_read)),
+        &outputs,
         &tensors,
     )?;
-    Ok(out)
+    Ok(outs)
 }
 
 /// `a + b`, recorded on this thread's tape if one records (by `sum`, the op

@@ -6,6 +6,7 @@
 //! so the backward is two passes: the per-channel sums, then the input gradient.
 
 mod add_relu;
+mod split;
 
 use std::sync::{Arc, Mutex};
 
@@ -15,7 +16,7 @@ use num_traits::Float;
 #[cfg(feature = "cuda")]
 use super::batch_norm_cuda as cuda;
 use super::filled_in_chunks;
-use super::plane_sums::{grad_sums, per_channel, per_lane, rows, sums};
+use super::plane_sums::{grad_sums, per_channel, per_lane, rows, rows_by, sums};
 use crate::widest;
 pub use add_relu::BatchNormAddRelu;
 #[cfg(feature = "cuda")]
@@ -24,6 +25,7 @@ use candle_core::{
     cuda_backend::{CudaDType, CudaDevice},
     CudaStorage, WithDType,
 };
+pub use split::BatchNormReluSplit;
 
 /// Per-channel mean and biased variance of one forward.
 #[derive(Debug, Clone, Default)]
@@ -64,14 +66,27 @@ fn batch_stats<T: Float + Sync + 'static>(x: &[T], (n, c, hw): (usize, usize, us
 /// `y = x * scale[c] + shift[c]`, then ReLU if asked, over planes in parallel.
 fn affine<T: Float + Send + Sync>(
     x: &[T],
-    (_, c, hw): (usize, usize, usize),
+    (n, c, hw): (usize, usize, usize),
+    scale: &[f64],
+    shift: &[f64],
+    relu: bool,
+) -> Vec<T> {
+    affine_planes(x, (n * c, c, hw), |p| p, scale, shift, relu)
+}
+
+/// [`affine`] into `planes` planes, plane `q` from x's plane `source(q)`.
+fn affine_planes<T: Float + Send + Sync>(
+    x: &[T],
+    (planes, c, hw): (usize, usize, usize),
+    source: impl Fn(usize) -> usize + Sync,
     scale: &[f64],
     shift: &[f64],
     relu: bool,
 ) -> Vec<T> {
     // SAFETY: every value of each plane is written by the loop over it.
     unsafe {
-        filled_in_chunks(x.len(), hw, |plane, yo| {
+        filled_in_chunks(planes * hw, hw, |q, yo| {
+            let plane = source(q);
             let ch = plane % c;
             let (s, b) = (T::from(scale[ch]).unwrap(), T::from(shift[ch]).unwrap());
             widest!({
@@ -240,6 +255,27 @@ fn masked_chunks<T: Float>(x: &[T], y: &[T], g: &[T], relu: bool, mut f: impl Fn
     }
 }
 
+/// Plane `p` (of index `n * C + c`) of a tensor.
+type PlaneOf<'a, T> = dyn Fn(usize) -> &'a [T] + Sync + 'a;
+
+/// The contiguous values of `N` operands, or an error naming `op`.
+fn contiguous_all<'a, T, const N: usize>(
+    values: [&'a [T]; N],
+    layouts: [&Layout; N],
+    op: &str,
+) -> Result<[&'a [T]; N]> {
+    let mut out = values;
+    for (v, l) in out.iter_mut().zip(layouts) {
+        *v = super::contiguous(v, l, op)?;
+    }
+    Ok(out)
+}
+
+/// The planes of `hw` values of a contiguous tensor.
+fn planes<'a, T: Sync>(v: &'a [T], hw: usize) -> impl Fn(usize) -> &'a [T] + Sync + 'a {
+    move |p| &v[p * hw..(p + 1) * hw]
+}
+
 /// Per channel: sum(g * x_hat) and sum(g) as a [2, C] tensor, from (x, y, grad).
 #[derive(Debug, Clone)]
 struct GradSums {
@@ -249,16 +285,20 @@ struct GradSums {
 }
 
 impl GradSums {
-    fn sums<T: Float + Send + Sync + 'static>(
+    fn sums<T: Float + Send + Sync + 'static>(&self, x: &[T], y: &[T], g: &[T], d: (usize, usize, usize)) -> Vec<T> {
+        let hw = d.2;
+        self.sums_by([&planes(x, hw), &planes(y, hw), &planes(g, hw)], d)
+    }
+
+    /// [`GradSums::sums`] of the planes (x, y, g), each given by its index.
+    fn sums_by<'a, T: Float + Send + Sync + 'static>(
         &self,
-        x: &[T],
-        y: &[T],
-        g: &[T],
+        [x, y, g]: [&PlaneOf<'a, T>; 3],
         (n, c, hw): (usize, usize, usize),
     ) -> Vec<T> {
         let s = &self.stats;
         let per = per_channel((n, c, hw), |grp| {
-            let xyg = [x, y, g].map(|v| rows(v, grp, hw));
+            let xyg = [x, y, g].map(|v| rows_by(v, grp, n * c));
             grad_sums(xyg, self.relu, per_lane(&s.mean, grp))
         });
         let invstd = s.invstd(self.eps);
@@ -332,21 +372,30 @@ impl InputGrad {
         [&s.mean[..], &invstd, &k, &self.sum_g, &self.sum_gxhat].concat()
     }
 
-    fn backward<T: Float + Send + Sync>(&self, x: &[T], y: &[T], g: &[T], (_, c, hw): (usize, usize, usize)) -> Vec<T> {
+    fn backward<T: Float + Send + Sync>(&self, x: &[T], y: &[T], g: &[T], d: (usize, usize, usize)) -> Vec<T> {
+        let hw = d.2;
+        self.backward_by([&planes(x, hw), &planes(y, hw), &planes(g, hw)], d)
+    }
+
+    /// [`InputGrad::backward`] from the planes (x, y, g), each given by its index.
+    fn backward_by<T: Float + Send + Sync>(
+        &self,
+        [x, y, g]: [&PlaneOf<'_, T>; 3],
+        (batch, c, hw): (usize, usize, usize),
+    ) -> Vec<T> {
         let s = &self.stats;
         let (n, invstds) = (s.count as f64, s.invstd(self.eps));
         // SAFETY: every value of each plane is written by the loop over it.
         unsafe {
-            filled_in_chunks(x.len(), hw, |plane, o| {
+            filled_in_chunks(batch * c * hw, hw, |plane, o| {
                 let ch = plane % c;
-                let range = plane * hw..(plane + 1) * hw;
                 let invstd = invstds[ch];
                 let (mean, k) = (s.mean[ch], self.weight[ch] * invstd / n);
                 let (a, b) = (self.sum_g[ch], self.sum_gxhat[ch]);
                 widest!(masked_chunks(
-                    &x[range.clone()],
-                    &y[range.clone()],
-                    &g[range],
+                    x(plane),
+                    y(plane),
+                    g(plane),
                     self.relu,
                     |start, xs, kept| {
                         for ((o, &xv), &gv) in o[start..].iter_mut().zip(xs).zip(kept) {

@@ -31,11 +31,13 @@ pub(crate) type Rows<'a, T> = [&'a [T]; LANES];
 /// repeated where the group runs past the end (those lanes' sums are dropped).
 #[inline(always)]
 pub(crate) fn rows<T>(x: &[T], g: usize, hw: usize) -> Rows<'_, T> {
-    let planes = x.len() / hw;
-    std::array::from_fn(|k| {
-        let p = (g * LANES + k).min(planes - 1);
-        &x[p * hw..(p + 1) * hw]
-    })
+    rows_by(|p| &x[p * hw..(p + 1) * hw], g, x.len() / hw)
+}
+
+/// [`rows`] of a tensor of `planes` planes whose plane `p` is `plane(p)`.
+#[inline(always)]
+pub(crate) fn rows_by<'a, T>(plane: impl Fn(usize) -> &'a [T], g: usize, planes: usize) -> Rows<'a, T> {
+    std::array::from_fn(|k| plane((g * LANES + k).min(planes - 1)))
 }
 
 /// Two sums per channel: `group(g)` returns the two serial sums of each plane

@@ -5,10 +5,10 @@
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
-use super::{dims, to_f64, BatchNormTrain};
+use super::{contiguous_all, dims, to_f64, BatchNormTrain};
 use crate::ops::filled_in_chunks;
 use crate::ops::residual::{relu_of_sum, ReluMask};
-use crate::tape::TapeOp;
+use crate::tape::{self, TapeOp};
 use crate::widest;
 
 /// `relu(x * scale[c] + shift[c] + r)` over planes in parallel; each value is
@@ -33,15 +33,6 @@ fn affine_add_relu<T: Float + Send + Sync>(
             })
         })
     }
-}
-
-/// The contiguous values of four operands, or an error naming `op`.
-fn contiguous<'a, T>(values: [&'a [T]; 4], layouts: [&Layout; 4], op: &str) -> Result<[&'a [T]; 4]> {
-    let mut out = values;
-    for (v, l) in out.iter_mut().zip(layouts) {
-        *v = crate::ops::contiguous(v, l, op)?;
-    }
-    Ok(out)
 }
 
 /// Train-mode batch norm of (x, weight, bias) without ReLU, plus the residual
@@ -70,7 +61,7 @@ impl TapeOp for BatchNormAddRelu {
         "batch-norm-add-relu"
     }
 
-    fn cpu_fwd(&self, inputs: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, inputs: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
         let op = self.name();
         let &[(x, lx), (w, lw), (b, lb), (r, lr)] = inputs else {
             candle_core::bail!("{op}: expected 4 inputs, got {}", inputs.len());
@@ -82,19 +73,20 @@ impl TapeOp for BatchNormAddRelu {
         let layouts = [lx, lw, lb, lr];
         let y = match (x, w, b, r) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b), CpuStorage::F32(r)) => {
-                CpuStorage::F32(self.forward(contiguous([x, w, b, r], layouts, op)?, d))
+                CpuStorage::F32(self.forward(contiguous_all([&x[..], w, b, r], layouts, op)?, d))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b), CpuStorage::F64(r)) => {
-                CpuStorage::F64(self.forward(contiguous([x, w, b, r], layouts, op)?, d))
+                CpuStorage::F64(self.forward(contiguous_all([&x[..], w, b, r], layouts, op)?, d))
             }
             _ => candle_core::bail!("{op}: expected four f32 or four f64 inputs"),
         };
-        Ok((y, lx.shape().clone()))
+        Ok(vec![(y, lx.shape().clone())])
     }
 
     /// The gradient where the output is positive goes to the residual as it is,
     /// and through the batch norm to (x, weight, bias).
-    fn bwd(&self, t: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn bwd(&self, t: &[&Tensor], grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        let grad = tape::only_grad(self.name(), grads)?;
         let (x, w, out) = (t[0], t[1], t[4]);
         let masked = grad.contiguous()?.apply_op2_no_bwd(out, &ReluMask)?;
         // Without ReLU the batch norm's backward reads no output: `out` stands in.

@@ -11,7 +11,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::{backward_weight, forward, matmul, parallelism, with_cols, Columns, Geometry};
-use crate::tape::TapeOp;
+use crate::tape::{self, TapeOp};
 
 /// The pieces of a concatenation: each [N, C_i, H, W], the same N, H and W.
 struct Pieces<'a, T> {
@@ -136,7 +136,7 @@ impl TapeOp for ConvCat {
         "conv-cat"
     }
 
-    fn cpu_fwd(&self, inputs: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, inputs: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
         let Some((&(weight, wl), pieces)) = inputs.split_last() else {
             candle_core::bail!("conv-cat: no inputs");
         };
@@ -159,14 +159,15 @@ impl TapeOp for ConvCat {
                 )
             }};
         }
-        Ok(match weight {
+        Ok(vec![match weight {
             CpuStorage::F32(w) => run!(F32, w),
             CpuStorage::F64(w) => run!(F64, w),
             _ => candle_core::bail!("{op}: f32 or f64 only"),
-        })
+        }])
     }
 
-    fn bwd(&self, tensors: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn bwd(&self, tensors: &[&Tensor], grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        let grad = tape::only_grad(self.name(), grads)?;
         match grad.dtype() {
             candle_core::DType::F32 => Self::gradients::<f32>(tensors, grad),
             candle_core::DType::F64 => Self::gradients::<f64>(tensors, grad),

@@ -104,16 +104,17 @@ impl TapeOp for Conv2dKept {
         "conv2d-kept-columns"
     }
 
-    fn cpu_fwd(&self, inputs: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, inputs: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
         let &[(x, lx), (w, lw)] = inputs else {
             candle_core::bail!("{}: expected (x, weight)", self.name());
         };
         let g = self.g;
         let y = two_floats!(self.name(), x, lx, w, lw, |x, w| self.forward_keeping(x, w));
-        Ok((y, Shape::from((g.n, g.o, g.oh, g.ow))))
+        Ok(vec![(y, Shape::from((g.n, g.o, g.oh, g.ow)))])
     }
 
-    fn bwd(&self, t: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn bwd(&self, t: &[&Tensor], grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        let grad = tape::only_grad(self.name(), grads)?;
         let (weight, g) = (t[1], self.g);
         let grad = grad.contiguous()?;
         let grad_x = match self.input_grad {
