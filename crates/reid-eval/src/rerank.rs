@@ -183,25 +183,26 @@ impl Neighbours {
         }
     }
 
-    /// Offers a run of columns `j0..` at squared distances `run`.
+    /// Offers a run of columns `j0..` at squared distances `run`: one vector pass
+    /// per group of [`LANES`] columns, which most groups stop at.
+    #[inline(always)]
     fn offer_run(&mut self, keep: usize, j0: usize, run: &[f32]) {
-        // Sixteen lanes for the maximum, which the compiler vectorises.
-        let mut lanes = [f32::MIN; 16];
-        let chunks = run.chunks_exact(16);
-        for &x in chunks.remainder() {
-            lanes[0] = lanes[0].max(x);
-        }
-        for chunk in chunks {
-            for k in 0..16 {
-                lanes[k] = lanes[k].max(chunk[k]);
+        let mut lanes = [f32::MIN; LANES];
+        for (g, group) in run.chunks(LANES).enumerate() {
+            if !raise_and_test(
+                group,
+                &mut lanes[..group.len()],
+                &[self.threshold; LANES][..group.len()],
+            ) {
+                continue;
+            }
+            for (c, &d2) in group.iter().enumerate() {
+                if d2 <= self.threshold {
+                    self.admit(keep, (j0 + g * LANES + c) as u32, d2);
+                }
             }
         }
         self.max = lanes.iter().fold(self.max, |m, &x| m.max(x));
-        for (c, &d2) in run.iter().enumerate() {
-            if d2 <= self.threshold {
-                self.admit(keep, (j0 + c) as u32, d2);
-            }
-        }
     }
 
     /// The kept rows, nearest first, and their squared distances.
@@ -274,7 +275,15 @@ impl<'a> Rows<'a> {
     fn new(q: &'a Features<'a>, g: &'a Features<'a>, kept: &[usize], metric: Metric, tiling: Tiling) -> Self {
         let g_rows = match kept.len() == g.len() {
             true => Cow::Borrowed(g.rows),
-            false => Cow::Owned(kept.iter().flat_map(|&j| g.row(j).iter().copied()).collect()),
+            false => {
+                // Zeroed memory costs nothing until written; the rows are then
+                // written (and the pages faulted in) by both threads.
+                let mut rows = vec![0.0f32; kept.len() * g.dim];
+                rows.par_chunks_exact_mut(g.dim.max(1))
+                    .zip(kept)
+                    .for_each(|(dst, &j)| dst.copy_from_slice(g.row(j)));
+                Cow::Owned(rows)
+            }
         };
         let norms: Vec<f64> = q
             .norms
@@ -311,20 +320,59 @@ impl<'a> Rows<'a> {
         }
     }
 
-    /// Squared distances of rows `i0..i0 + rows` to rows `i0..` into `out`
-    /// [rows, len - i0], upper triangle only: row `i0 + r` holds the columns from
-    /// the start of its strip on (what lies left of that is stale).
-    fn squared_tile(&self, i0: usize, rows: usize, out: &mut [f32]) {
+    /// Dot products of rows `i0..i0 + rows` with rows `i0..` into `out` [rows,
+    /// len - i0], upper triangle only: row `i0 + r` holds the columns from the
+    /// start of its strip on (what lies left of that is stale).
+    fn dot_tile(&self, i0: usize, rows: usize, out: &mut [f32]) {
         let (width, strip) = (self.len() - i0, self.tiling.strip);
         self.dots(i0..i0 + rows, i0 + rows..self.len(), &mut out[rows..], width);
         for a in (0..rows).step_by(strip) {
             let b = (a + strip).min(rows);
             self.dots(i0 + a..i0 + b, i0 + a..i0 + rows, &mut out[a * width + a..], width);
         }
-        out.par_chunks_exact_mut(width).enumerate().for_each(|(r, row)| {
-            let from = r / strip * strip;
-            self.form_squared(i0 + r, i0 + from, &mut row[from..]);
-        });
+    }
+
+    /// Turns row `i`'s dot products with rows `j0..` into squared distances,
+    /// offers them to the row's own state, and copies the last `qg.len()` of them
+    /// (a query's gallery columns, or none) to `qg`: one pass while the row is in
+    /// cache.
+    fn finish_row(&self, i: usize, j0: usize, row: &mut [f32], state: &mut Neighbours, keep: usize, qg: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { self.finish_row_avx512(i, j0, row, state, keep, qg) };
+        }
+        self.finish_row_portable(i, j0, row, state, keep, qg)
+    }
+
+    /// [`Rows::finish_row`] compiled for AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish_row_avx512(
+        &self,
+        i: usize,
+        j0: usize,
+        row: &mut [f32],
+        state: &mut Neighbours,
+        keep: usize,
+        qg: &mut [f32],
+    ) {
+        self.finish_row_portable(i, j0, row, state, keep, qg)
+    }
+
+    #[inline(always)]
+    fn finish_row_portable(
+        &self,
+        i: usize,
+        j0: usize,
+        row: &mut [f32],
+        state: &mut Neighbours,
+        keep: usize,
+        qg: &mut [f32],
+    ) {
+        self.form_squared(i, j0, row);
+        state.offer_run(keep, j0, row);
+        qg.copy_from_slice(&row[row.len() - qg.len()..]);
     }
 
     /// Dot products of rows `rows` with rows `cols` into `out` (row stride
@@ -347,6 +395,7 @@ impl<'a> Rows<'a> {
 
     /// Turns the dot products of row `i` with rows `j0..` into squared distances
     /// (formed in f64, squared in f32).
+    #[inline(always)]
     fn form_squared(&self, i: usize, j0: usize, row: &mut [f32]) {
         match self.metric {
             Metric::Cosine => {
@@ -378,12 +427,23 @@ impl<'a> Rows<'a> {
         for i0 in (0..n).step_by(size) {
             let (rows, width) = (size.min(n - i0), n - i0);
             let block = &mut tile[..rows * width];
-            self.squared_tile(i0, rows, block);
+            self.dot_tile(i0, rows, block);
+            // The query rows' gallery columns are kept; other rows keep nothing.
+            let end = (i0 + rows).min(nq);
+            let mut kept_parts: Vec<&mut [f32]> = query_gallery[i0.min(end) * ng..end * ng]
+                .chunks_exact_mut(ng.max(1))
+                .collect();
+            kept_parts.resize_with(rows, Default::default);
+            near[i0..i0 + rows]
+                .par_iter_mut()
+                .zip(block.par_chunks_exact_mut(width))
+                .zip(kept_parts)
+                .enumerate()
+                .for_each(|(r, ((state, row), qg))| {
+                    let from = r / strip * strip;
+                    self.finish_row(i0 + r, i0 + from, &mut row[from..], state, keep, qg);
+                });
             let block = &*block;
-            near[i0..i0 + rows].par_iter_mut().enumerate().for_each(|(r, nb)| {
-                let from = r / strip * strip;
-                nb.offer_run(keep, i0 + from, &block[r * width + from..(r + 1) * width]);
-            });
             // The tile's own strips serve the columns of the strips after them.
             near[i0..i0 + rows]
                 .par_chunks_mut(strip)
@@ -394,12 +454,6 @@ impl<'a> Rows<'a> {
                 .par_chunks_mut(COLUMN_CHUNK)
                 .enumerate()
                 .for_each(|(k, states)| serve_columns(states, keep, block, width, rows + k * COLUMN_CHUNK, i0));
-            // The query-gallery part of these rows.
-            let end = (i0 + rows).min(nq);
-            query_gallery[i0.min(end) * ng..end * ng]
-                .par_chunks_exact_mut(ng)
-                .zip(block.par_chunks_exact(width))
-                .for_each(|(dst, row)| dst.copy_from_slice(&row[nq - i0..]));
         }
         let row_max = near.iter().map(|nb| nb.max).collect();
         let (initial_rank, nearest_d2) = near.into_par_iter().map(Neighbours::sorted).unzip();
