@@ -113,6 +113,16 @@ struct Rows<'a> {
     tiling: Tiling,
 }
 
+/// One row of an all-pairs tile: row `i`'s values for the rows `j0..`, its own
+/// state, and where its query-gallery part goes (empty for a gallery row).
+struct TileRow<'t> {
+    i: usize,
+    j0: usize,
+    values: &'t mut [f32],
+    state: &'t mut Neighbours,
+    qg: &'t mut [f32],
+}
+
 /// The results of the all-pairs pass.
 struct AllPairs {
     /// Each row's `keep` nearest rows, nearest first, and their squared distances.
@@ -332,47 +342,40 @@ impl<'a> Rows<'a> {
         }
     }
 
-    /// Turns row `i`'s dot products with rows `j0..` into squared distances,
-    /// offers them to the row's own state, and copies the last `qg.len()` of them
-    /// (a query's gallery columns, or none) to `qg`: one pass while the row is in
-    /// cache.
-    fn finish_row(&self, i: usize, j0: usize, row: &mut [f32], state: &mut Neighbours, keep: usize, qg: &mut [f32]) {
+    /// Turns a tile row's dot products into squared distances, offers them to the
+    /// row's own state, and copies the last `qg.len()` of them (a query's gallery
+    /// columns, or none) to `qg`: one pass while the row is in cache.
+    fn finish_row(&self, row: TileRow, keep: usize) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F.
-            return unsafe { self.finish_row_avx512(i, j0, row, state, keep, qg) };
+            return unsafe { self.finish_row_avx512(row, keep) };
         }
-        self.finish_row_portable(i, j0, row, state, keep, qg)
+        self.finish_row_portable(row, keep)
     }
 
     /// [`Rows::finish_row`] compiled for AVX-512.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn finish_row_avx512(
-        &self,
-        i: usize,
-        j0: usize,
-        row: &mut [f32],
-        state: &mut Neighbours,
-        keep: usize,
-        qg: &mut [f32],
-    ) {
-        self.finish_row_portable(i, j0, row, state, keep, qg)
+    unsafe fn finish_row_avx512(&self, row: TileRow, keep: usize) {
+        self.finish_row_portable(row, keep)
     }
 
     #[inline(always)]
     fn finish_row_portable(
         &self,
-        i: usize,
-        j0: usize,
-        row: &mut [f32],
-        state: &mut Neighbours,
+        TileRow {
+            i,
+            j0,
+            values,
+            state,
+            qg,
+        }: TileRow,
         keep: usize,
-        qg: &mut [f32],
     ) {
-        self.form_squared(i, j0, row);
-        state.offer_run(keep, j0, row);
-        qg.copy_from_slice(&row[row.len() - qg.len()..]);
+        self.form_squared(i, j0, values);
+        state.offer_run(keep, j0, values);
+        qg.copy_from_slice(&values[values.len() - qg.len()..]);
     }
 
     /// Dot products of rows `rows` with rows `cols` into `out` (row stride
@@ -441,7 +444,17 @@ impl<'a> Rows<'a> {
                 .enumerate()
                 .for_each(|(r, ((state, row), qg))| {
                     let from = r / strip * strip;
-                    self.finish_row(i0 + r, i0 + from, &mut row[from..], state, keep, qg);
+                    let values = &mut row[from..];
+                    self.finish_row(
+                        TileRow {
+                            i: i0 + r,
+                            j0: i0 + from,
+                            values,
+                            state,
+                            qg,
+                        },
+                        keep,
+                    );
                 });
             let block = &*block;
             // The tile's own strips serve the columns of the strips after them.
