@@ -212,7 +212,7 @@ impl BatchNorm {
     /// The running statistics moved towards the batch statistics that `op`'s
     /// forward on `x` computed (unbiased variance, as PyTorch).
     fn update_running(&self, op: &BatchNormTrain, x: &Tensor) -> Result<()> {
-        let BatchStats { mean, var, count } = op.stats.lock().expect("stats lock").clone().expect("forward ran");
+        let BatchStats { mean, var, count } = op.saved_stats();
         let unbiased = count as f64 / (count as f64 - 1.0).max(1.0);
         let (dtype, device) = (x.dtype(), x.device());
         let mean = Tensor::from_vec(mean, self.weight.dims(), device)?.to_dtype(dtype)?;

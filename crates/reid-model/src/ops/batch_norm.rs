@@ -120,11 +120,28 @@ impl BatchNormTrain {
         b: &[T],
         d: (usize, usize, usize),
     ) -> Vec<T> {
+        let (scale, shift) = self.normalise_batch(x, w, b, d);
+        affine(x, d, &scale, &shift, self.relu)
+    }
+
+    /// The batch statistics of `x` (left in `stats`) and the per-channel scale
+    /// and shift they give with weight `w` and bias `b`.
+    pub(crate) fn normalise_batch<T: Float + Send + Sync + 'static>(
+        &self,
+        x: &[T],
+        w: &[T],
+        b: &[T],
+        d: (usize, usize, usize),
+    ) -> (Vec<f64>, Vec<f64>) {
         let stats = batch_stats(x, d);
-        let (scale, shift) = self.scale_shift(&stats, &to_f64(w), &to_f64(b));
-        let y = affine(x, d, &scale, &shift, self.relu);
+        let scale_shift = self.scale_shift(&stats, &to_f64(w), &to_f64(b));
         *self.stats.lock().expect("stats lock") = Some(stats);
-        y
+        scale_shift
+    }
+
+    /// The batch statistics the last forward left.
+    pub(crate) fn saved_stats(&self) -> BatchStats {
+        self.stats.lock().expect("stats lock").clone().expect("the forward ran")
     }
 
     /// Per channel: `weight / sqrt(var + eps)` and `bias - mean * scale`.
@@ -159,7 +176,7 @@ impl BatchNormTrain {
         grad: &Tensor,
         input_grad: bool,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let stats = self.stats.lock().expect("stats lock").clone().expect("the forward ran");
+        let stats = self.saved_stats();
         let grad = grad.contiguous()?;
         let sums_op = GradSums {
             eps: self.eps,

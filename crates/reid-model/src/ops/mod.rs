@@ -13,6 +13,19 @@ pub fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a
     }
 }
 
+/// The contiguous values of a tensor's storage, which must be on the CPU and of
+/// type `T`; an error naming `op` otherwise.
+pub(crate) fn cpu_values<'a, T: candle_core::WithDType>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [T]> {
+    let candle_core::Storage::Cpu(s) = storage else {
+        candle_core::bail!("{op}: CPU tensors only");
+    };
+    contiguous(T::cpu_storage_as_slice(s)?, layout, op)
+}
+
 /// (N, C, H, W) of a 4-d layout; an error naming `op` otherwise.
 pub(crate) fn dims4(layout: &Layout, op: &str) -> Result<(usize, usize, usize, usize)> {
     match layout.dims() {

@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
-use super::{contiguous_all, dims, to_f64, BatchNormTrain};
+use super::{contiguous_all, dims, BatchNormTrain};
 use crate::ops::filled_in_chunks;
 use crate::ops::residual::{relu_of_sum, ReluMask};
 use crate::tape::{self, TapeOp};
@@ -48,11 +48,8 @@ impl BatchNormAddRelu {
     pub const READS: [bool; 4] = [true, true, false, false];
 
     fn forward<T: Float + Send + Sync + 'static>(&self, [x, w, b, r]: [&[T]; 4], d: (usize, usize, usize)) -> Vec<T> {
-        let stats = super::batch_stats(x, d);
-        let (scale, shift) = self.bn.scale_shift(&stats, &to_f64(w), &to_f64(b));
-        let y = affine_add_relu(x, r, d, &scale, &shift);
-        *self.bn.stats.lock().expect("stats lock") = Some(stats);
-        y
+        let (scale, shift) = self.bn.normalise_batch(x, w, b, d);
+        affine_add_relu(x, r, d, &scale, &shift)
     }
 }
 

@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
-use super::{affine_planes, batch_stats, dims, to_f64, BatchNormTrain, GradSums, InputGrad, PlaneOf};
+use super::{affine_planes, dims, to_f64, BatchNormTrain, GradSums, InputGrad, PlaneOf};
 use crate::tape::TapeOp;
 
 /// Train-mode batch norm + ReLU of (x, weight, bias), its output's channels cut
@@ -34,15 +34,12 @@ impl BatchNormReluSplit {
 
     fn forward<T: Float + Send + Sync + 'static>(&self, [x, w, b]: [&[T]; 3], d: (usize, usize, usize)) -> Vec<Vec<T>> {
         let (n, c, hw) = d;
-        let stats = batch_stats(x, d);
-        let (scale, shift) = self.bn.scale_shift(&stats, &to_f64(w), &to_f64(b));
+        let (scale, shift) = self.bn.normalise_batch(x, w, b, d);
         let pieces = (0..self.count).map(|j| {
             let source = |q: usize| (q / self.width) * c + j * self.width + q % self.width;
             affine_planes(x, (n * self.width, c, hw), source, &scale, &shift, true)
         });
-        let pieces = pieces.collect();
-        *self.bn.stats.lock().expect("stats lock") = Some(stats);
-        pieces
+        pieces.collect()
     }
 
     /// (x, weight, bias) gradients from x, the weight, the pieces and their
@@ -64,7 +61,9 @@ impl BatchNormReluSplit {
             .chain(grads.iter().flatten())
             .collect();
         let guards: Vec<_> = all.iter().map(|t| t.storage_and_layout()).collect();
-        let mut slices = guards.iter().map(|(s, l)| values::<T>(s, l));
+        let mut slices = guards
+            .iter()
+            .map(|(s, l)| crate::ops::cpu_values::<T>(s, l, self.name()));
         let xs = slices.next().expect("x")?;
         let ys = slices.by_ref().take(pieces.len()).collect::<Result<Vec<_>>>()?;
         let mut gs = Vec::with_capacity(grads.len());
@@ -81,13 +80,7 @@ impl BatchNormReluSplit {
             gs[j].map_or(&zeros[..], |g| &g[q * hw..(q + 1) * hw])
         };
         let planes: [&PlaneOf<T>; 3] = [&x_plane, &y_plane, &g_plane];
-        let stats = self
-            .bn
-            .stats
-            .lock()
-            .expect("stats lock")
-            .clone()
-            .expect("the forward ran");
+        let stats = self.bn.saved_stats();
         let sums = GradSums {
             eps: self.bn.eps,
             relu: true,
@@ -111,14 +104,6 @@ impl BatchNormReluSplit {
         let gb = Tensor::from_slice(sum_g, c, t[0].device())?;
         Ok(vec![gx, Some(gw), Some(gb)])
     }
-}
-
-/// The contiguous values of a CPU storage.
-fn values<'a, T: candle_core::WithDType>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [T]> {
-    let candle_core::Storage::Cpu(s) = s else {
-        candle_core::bail!("batch-norm-relu-split: CPU tensors only");
-    };
-    crate::ops::contiguous(T::cpu_storage_as_slice(s)?, l, "batch-norm-relu-split")
 }
 
 impl TapeOp for BatchNormReluSplit {

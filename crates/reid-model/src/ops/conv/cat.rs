@@ -104,13 +104,7 @@ impl ConvCat {
         let guards: Vec<_> = t[..=k].iter().chain([&&grad]).map(|x| x.storage_and_layout()).collect();
         let mut values = Vec::with_capacity(k + 2);
         for (s, l) in &guards {
-            let candle_core::Storage::Cpu(s) = &**s else {
-                candle_core::bail!("conv-cat: CPU tensors only");
-            };
-            values.push((
-                crate::ops::contiguous(T::cpu_storage_as_slice(s)?, l, "conv-cat")?,
-                l.dims(),
-            ));
+            values.push((crate::ops::cpu_values::<T>(s, l, "conv-cat")?, l.dims()));
         }
         let (gy, _) = values.pop().expect("the gradient");
         let (weight, weight_dims) = values.pop().expect("the weight");
