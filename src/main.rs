@@ -1,5 +1,5 @@
 //! `reid`: person re-identification with a siamese Res2Net, one stage per
-//! subcommand (DESIGN.md "Stages").
+//! subcommand (docs/USAGE.md).
 
 mod commands;
 mod progress;

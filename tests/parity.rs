@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device};
 use reid_fixtures::folders_with;
-use reid_pipeline::selftest::{model_folder, train_step_folder, Check};
+use reid_parity::{model_folder, train_step_folder, Check};
 
 fn assert_all_pass(what: &std::path::Path, checks: &[Check]) {
     let failed: Vec<String> = checks
@@ -73,7 +73,7 @@ fn a_float32_step_passes_the_float32_tier() {
 
 #[test]
 fn every_fused_op_matches_its_generic_composition() {
-    let checks = reid_pipeline::selftest::op_checks(&Device::Cpu).unwrap();
+    let checks = reid_parity::op_checks(&Device::Cpu).unwrap();
     assert!(checks.len() >= 10);
     assert_all_pass(std::path::Path::new("ops"), &checks);
 }

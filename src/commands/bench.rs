@@ -4,8 +4,8 @@
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
-use reid_model::ops::Precision;
 use reid_model::{Arch, DeviceSpec};
+use reid_ops::Precision;
 use reid_pipeline::bench::{peak_rss_mib, EvalBench, LoaderBench, ModelBench};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 use reid_model::DeviceSpec;
-use reid_pipeline::selftest::{fixture_root, run as run_checks};
+use reid_parity::{fixture_root, run as run_checks};
 
 #[derive(Args)]
 pub struct SelftestArgs {

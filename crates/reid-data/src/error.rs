@@ -19,6 +19,8 @@ pub enum DataError {
     Safetensors { path: PathBuf, message: String },
     #[error("{path}: image: {message}")]
     Image { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] reid_io::IoError),
 }
 
 impl DataError {

@@ -1,5 +1,5 @@
 //! The gallery file: extracted features with their identities and cameras, stored
-//! as safetensors (DESIGN.md "File formats"). numpy opens it with
+//! as safetensors (docs/FORMATS.md). numpy opens it with
 //! `safetensors.numpy.load_file`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,7 +11,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use sha2::{Digest, Sha256};
 
 use crate::error::{DataError, Result};
-use crate::feature_data::FeatureData;
+use reid_io::feature_data::FeatureData;
 
 /// Version of the gallery layout, stored as `format_version` metadata.
 pub const GALLERY_FORMAT_VERSION: &str = "1";
@@ -161,13 +161,13 @@ impl Gallery {
                 TensorView::new(Dtype::I64, vec![n], &c).map_err(st)?,
             ),
         ];
-        crate::tensor_file::write(path, tensors, &self.meta.to_map())
+        Ok(reid_io::tensor_file::write(path, tensors, &self.meta.to_map())?)
     }
 
     /// Reads a gallery file: features f32 (or f64, converted), pids and camids
     /// i64 (or i32), all checked (shapes, finite features, format version).
     pub fn read(path: &Path) -> Result<Gallery> {
-        let mut file = crate::tensor_file::TensorReader::open(path)?;
+        let mut file = reid_io::tensor_file::TensorReader::open(path)?;
         let meta = GalleryMeta::from_map(path, file.metadata.clone().into_iter().collect())?;
         check_version(path, meta.format_version.as_deref())?;
         let what = "a gallery holds features [N, D], pids [N] and camids [N]";
@@ -420,7 +420,7 @@ mod tests {
             ("camids".to_string(), TensorView::new(Dtype::I64, vec![1], &p).unwrap()),
         ];
         let meta = BTreeMap::from([("format_version".to_string(), "2".to_string())]);
-        crate::tensor_file::write(&path, tensors, &meta).unwrap();
+        reid_io::tensor_file::write(&path, tensors, &meta).unwrap();
         let err = Gallery::read(&path).unwrap_err().to_string();
         assert!(err.contains("format version 2") && err.contains("upgrade"), "{err}");
     }

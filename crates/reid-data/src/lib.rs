@@ -1,18 +1,15 @@
 //! Datasets for `reid`: layouts and file-name parsing, the parquet manifest, the
 //! synthetic pedestrian generator and the gallery feature-file format.
 
-pub mod atomic;
 pub mod error;
-pub mod feature_data;
 pub mod gallery;
 pub mod layout;
 pub mod manifest;
+pub mod metrics_csv;
 pub mod msmt17;
 pub mod names;
-pub mod seed;
 pub mod synth;
 pub mod synth_layout;
-pub mod tensor_file;
 
 pub use error::{DataError, Result};
 pub use layout::{DatasetKind, DatasetLayout, IndexOptions, IndexReport};

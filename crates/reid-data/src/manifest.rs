@@ -1,4 +1,4 @@
-//! The manifest: one row per image, stored as parquet (DESIGN.md "File formats").
+//! The manifest: one row per image, stored as parquet (docs/FORMATS.md).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -8,8 +8,8 @@ use std::str::FromStr;
 
 use polars::prelude::*;
 
-use crate::atomic::write_atomically;
 use crate::error::{DataError, Result};
+use reid_io::atomic::write_atomically;
 
 /// Version of the manifest layout, stored in the parquet key-value metadata.
 pub const MANIFEST_FORMAT_VERSION: &str = "1";

@@ -53,6 +53,8 @@ pub struct EvaluateOutcome {
 pub enum FilesError {
     #[error(transparent)]
     Data(#[from] reid_data::DataError),
+    #[error(transparent)]
+    File(#[from] reid_io::IoError),
     #[error("evaluating {query} against {gallery}: {source}")]
     Eval {
         query: PathBuf,
@@ -199,9 +201,9 @@ fn write_outputs(
 ) -> Result<EvaluateOutcome, FilesError> {
     let metrics_file = out.join("metrics.json");
     let json = serde_json::to_string_pretty(&runs[0].1).expect("metrics serialise");
-    reid_data::atomic::write_bytes_atomically(&metrics_file, json.as_bytes())?;
+    reid_io::atomic::write_bytes_atomically(&metrics_file, json.as_bytes())?;
     if runs.len() > 1 {
-        reid_data::atomic::write_bytes_atomically(&out.join("comparison.csv"), comparison_csv(runs).as_bytes())?;
+        reid_io::atomic::write_bytes_atomically(&out.join("comparison.csv"), comparison_csv(runs).as_bytes())?;
     }
     let report = match pictures {
         None => None,

@@ -59,7 +59,7 @@ fn render_png(
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| draw_err(path, e))?;
-    reid_data::atomic::write_bytes_atomically(path, &png).map_err(|e| ReportError::File {
+    reid_io::atomic::write_bytes_atomically(path, &png).map_err(|e| ReportError::File {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
@@ -216,62 +216,35 @@ pub struct LogRow {
     pub grad_norms: Option<[f64; 4]>,
 }
 
-/// Reads a run's `metrics.csv` (written by `reid train`).
+/// Reads a run's `metrics.csv` (its format: `reid_data::metrics_csv`) as the
+/// curves draw it.
 pub fn read_training_log(path: &Path) -> Result<Vec<LogRow>, ReportError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ReportError::File {
+    let rows = reid_data::metrics_csv::read(path).map_err(|e| ReportError::File {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
-    let col = |name: &str| header.iter().position(|h| *h == name);
-    let need = |name: &str| {
-        col(name).ok_or_else(|| ReportError::File {
-            path: path.to_path_buf(),
-            message: format!("no '{name}' column; expected a metrics.csv from `reid train`"),
-        })
-    };
-    let (k, e, s, l, l1, l2, lv, ia, va) = (
-        need("kind")?,
-        need("epoch")?,
-        need("step")?,
-        need("loss")?,
-        need("loss_id1")?,
-        need("loss_id2")?,
-        need("loss_verif")?,
-        need("id_acc")?,
-        need("verif_acc")?,
-    );
-    let r1 = col("rank1");
-    let lt = col("loss_triplet");
-    let norms = ["gnorm_id1", "gnorm_id2", "gnorm_verif", "gnorm_triplet", "gnorm_total"].map(col);
-    let mut rows = Vec::new();
-    for line in lines {
-        let f: Vec<&str> = line.split(',').collect();
-        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
-        let (Some(loss), Some(id1), Some(id2), Some(verif)) = (num(l), num(l1), num(l2), num(lv)) else {
-            continue;
-        };
-        let norm = |i: usize| norms[i].and_then(num);
-        let grad_norms = match (norm(0), norm(1), norm(2), norm(3), norm(4)) {
-            (Some(a), Some(b), Some(v), Some(t), Some(all)) => Some([(a * a + b * b).sqrt(), v, t, all]),
-            _ => None,
-        };
-        rows.push(LogRow {
-            kind: f.get(k).unwrap_or(&"").to_string(),
-            epoch: num(e).unwrap_or(0.0) as usize,
-            step: num(s).unwrap_or(0.0) as u64,
-            loss,
-            loss_id: (id1 + id2) / 2.0,
-            loss_verif: verif,
-            loss_triplet: lt.and_then(num).unwrap_or(0.0),
-            id_acc: num(ia).unwrap_or(f64::NAN),
-            verif_acc: num(va).unwrap_or(f64::NAN),
-            rank1: r1.and_then(num),
-            grad_norms,
-        });
+    Ok(rows.iter().map(LogRow::from).collect())
+}
+
+impl From<&reid_data::metrics_csv::MetricsRow> for LogRow {
+    fn from(r: &reid_data::metrics_csv::MetricsRow) -> Self {
+        let l = &r.losses;
+        LogRow {
+            kind: r.kind.clone(),
+            epoch: r.epoch,
+            step: r.step,
+            loss: l.total,
+            loss_id: (l.id1 + l.id2) / 2.0,
+            loss_verif: l.verif,
+            loss_triplet: l.triplet,
+            id_acc: r.id_acc,
+            verif_acc: r.verif_acc,
+            rank1: r.validation.map(|(r1, _)| r1),
+            grad_norms: r
+                .grad_norms
+                .map(|[a, b, v, t, all]| [(a * a + b * b).sqrt(), v, t, all]),
+        }
     }
-    Ok(rows)
 }
 
 /// Reads one value out of a log row.
@@ -463,7 +436,7 @@ figcaption {{ color: #555; font-size: 0.9em; }}
         title = escape(&page.title)
     );
     let path = dir.join("report.html");
-    reid_data::atomic::write_bytes_atomically(&path, html.as_bytes()).map_err(|e| ReportError::File {
+    reid_io::atomic::write_bytes_atomically(&path, html.as_bytes()).map_err(|e| ReportError::File {
         path: path.clone(),
         message: e.to_string(),
     })?;

@@ -56,6 +56,8 @@ pub enum ExportError {
     #[error(transparent)]
     Data(#[from] reid_data::DataError),
     #[error(transparent)]
+    File(#[from] reid_io::IoError),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error("cannot encode the ONNX model: {0}")]
     Encode(#[from] protobuf::Error),
@@ -187,7 +189,7 @@ pub fn export(checkpoint: &Path, options: &ExportOptions, out: &Path) -> Result<
     let proto = to_onnx(&model, &info, options, &sha)?;
     let nodes = proto.graph.node.len();
     let bytes = proto.write_to_bytes()?;
-    reid_data::atomic::write_bytes_atomically(out, &bytes)?;
+    reid_io::atomic::write_bytes_atomically(out, &bytes)?;
     Ok(Exported {
         path: out.to_path_buf(),
         info,

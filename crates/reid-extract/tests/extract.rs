@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use reid_data::gallery::Gallery;
-use reid_data::synth::{generate, SynthConfig};
-use reid_data::{DatasetKind, IndexOptions, Split};
+use reid_data::synth::{tiny_indexed_dataset, SynthConfig};
+use reid_data::Split;
 use reid_extract::{extract_split, ExtractOptions, Extracted, Extractor, SplitJob};
 use reid_model::{Arch, ModelConfig, ReidModel};
 
@@ -25,14 +25,8 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
         width: 32,
         layout: Default::default(),
     };
-    generate(&cfg, &dir.join("syn"), &|_| {}).unwrap();
-    let report = DatasetKind::Market1501
-        .layout()
-        .index(&dir.join("syn"), &IndexOptions::default())
-        .unwrap();
-    let manifest = dir.join("m.parquet");
-    report.manifest.write_parquet(&manifest).unwrap();
-    (manifest, checkpoint(dir, "a.safetensors", 5))
+    tiny_indexed_dataset(&cfg, dir).unwrap();
+    (dir.join("m.parquet"), checkpoint(dir, "a.safetensors", 5))
 }
 
 fn checkpoint(dir: &Path, name: &str, seed: u64) -> PathBuf {

@@ -5,11 +5,11 @@ use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::arch::{Arch, BlockKind};
-use crate::layers::{batch_norm, Conv, ConvBn};
-use crate::ops::avg_pool2d;
-use crate::ops::pool::Window;
-use crate::ops::residual::add;
-use crate::tape;
+use crate::layers::{batch_norm, Activation, Conv, ConvBn, ConvSpec};
+use reid_ops::avg_pool2d;
+use reid_ops::pool::Window;
+use reid_ops::residual::add;
+use reid_ops::tape;
 
 /// timm's `Bottle2neck`: a 1x1 convolution split into `scale` groups; the first
 /// `scale - 1` go through 3x3 convolutions, each after the previous group's output
@@ -43,25 +43,31 @@ impl Bottle2neck {
         let outplanes = planes * 4;
         let has_downsample = stride != 1 || inplanes != outplanes;
         let conv1 = ConvBn::new(
-            Conv::new(inplanes, width * scale, 1, 1, 0, vb.pp("conv1"))?,
+            Conv::new(ConvSpec::new(inplanes, width * scale, 1), vb.pp("conv1"))?,
             batch_norm(width * scale, vb.pp("bn1"))?,
         );
         let convs = (0..scale.max(2) - 1)
             .map(|i| {
                 Ok(ConvBn::new(
-                    Conv::new(width, width, 3, stride, 1, vb.pp(format!("convs.{i}")))?,
+                    Conv::new(
+                        ConvSpec::new(width, width, 3).stride(stride),
+                        vb.pp(format!("convs.{i}")),
+                    )?,
                     batch_norm(width, vb.pp(format!("bns.{i}")))?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
         let conv3 = ConvBn::new(
-            Conv::new(width * scale, outplanes, 1, 1, 0, vb.pp("conv3"))?,
+            Conv::new(ConvSpec::new(width * scale, outplanes, 1), vb.pp("conv3"))?,
             batch_norm(outplanes, vb.pp("bn3"))?,
         );
         let downsample = has_downsample
             .then(|| -> Result<ConvBn> {
                 Ok(ConvBn::new(
-                    Conv::new(inplanes, outplanes, 1, stride, 0, vb.pp("downsample.0"))?,
+                    Conv::new(
+                        ConvSpec::new(inplanes, outplanes, 1).stride(stride),
+                        vb.pp("downsample.0"),
+                    )?,
                     batch_norm(outplanes, vb.pp("downsample.1"))?,
                 ))
             })
@@ -88,7 +94,7 @@ impl Bottle2neck {
                 (Some(p), false) => add(p, &split)?,
                 _ => split,
             };
-            let y = conv.forward_t(&input, train, true)?;
+            let y = conv.forward_t(&input, train, Activation::Relu)?;
             pieces.push(y.clone());
             previous = Some(y);
         }
@@ -100,7 +106,7 @@ impl Bottle2neck {
             });
         }
         let shortcut = match &self.downsample {
-            Some(d) => d.forward_t(x, train, false)?,
+            Some(d) => d.forward_t(x, train, Activation::Identity)?,
             None => x.clone(),
         };
         let merged = self.conv3.conv.forward_cat(&pieces)?;
@@ -123,22 +129,25 @@ impl Bottleneck {
         let downsample = (stride != 1 || inplanes != outplanes)
             .then(|| -> Result<ConvBn> {
                 Ok(ConvBn::new(
-                    Conv::new(inplanes, outplanes, 1, stride, 0, vb.pp("downsample.0"))?,
+                    Conv::new(
+                        ConvSpec::new(inplanes, outplanes, 1).stride(stride),
+                        vb.pp("downsample.0"),
+                    )?,
                     batch_norm(outplanes, vb.pp("downsample.1"))?,
                 ))
             })
             .transpose()?;
         Ok(Bottleneck {
             conv1: ConvBn::new(
-                Conv::new(inplanes, planes, 1, 1, 0, vb.pp("conv1"))?,
+                Conv::new(ConvSpec::new(inplanes, planes, 1), vb.pp("conv1"))?,
                 batch_norm(planes, vb.pp("bn1"))?,
             ),
             conv2: ConvBn::new(
-                Conv::new(planes, planes, 3, stride, 1, vb.pp("conv2"))?,
+                Conv::new(ConvSpec::new(planes, planes, 3).stride(stride), vb.pp("conv2"))?,
                 batch_norm(planes, vb.pp("bn2"))?,
             ),
             conv3: ConvBn::new(
-                Conv::new(planes, outplanes, 1, 1, 0, vb.pp("conv3"))?,
+                Conv::new(ConvSpec::new(planes, outplanes, 1), vb.pp("conv3"))?,
                 batch_norm(outplanes, vb.pp("bn3"))?,
             ),
             downsample,
@@ -146,10 +155,10 @@ impl Bottleneck {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.conv1.forward_t(x, train, true)?;
-        let y = self.conv2.forward_t(&y, train, true)?;
+        let y = self.conv1.forward_t(x, train, Activation::Relu)?;
+        let y = self.conv2.forward_t(&y, train, Activation::Relu)?;
         let shortcut = match &self.downsample {
-            Some(d) => d.forward_t(x, train, false)?,
+            Some(d) => d.forward_t(x, train, Activation::Identity)?,
             None => x.clone(),
         };
         self.conv3.forward_add_relu(&y, &shortcut, train)
@@ -187,7 +196,7 @@ impl Backbone {
     /// (2 as in timm, 1 as common in re-ID).
     pub fn new(arch: Arch, last_stride: usize, vb: VarBuilder) -> Result<Self> {
         let stem = ConvBn::new(
-            Conv::new(3, 64, 7, 2, 3, vb.pp("conv1"))?,
+            Conv::new(ConvSpec::new(3, 64, 7).stride(2), vb.pp("conv1"))?,
             batch_norm(64, vb.pp("bn1"))?,
         );
         let mut inplanes = 64;

@@ -47,7 +47,7 @@ impl CheckpointInfo {
 
 /// The header metadata of a checkpoint (read without loading its tensors).
 pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, WeightError> {
-    reid_data::tensor_file::read_metadata(path).map_err(|e| WeightError::Read {
+    reid_io::tensor_file::read_metadata(path).map_err(|e| WeightError::Read {
         path: path.to_path_buf(),
         message: e.to_string(),
     })

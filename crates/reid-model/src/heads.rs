@@ -8,7 +8,7 @@ use candle_nn::{Linear, VarBuilder};
 use rand::Rng;
 
 use crate::metric::{batch_hard_triplet, pairwise_distances, verification_pairs, Negatives, TripletMargin};
-use crate::tape::TapedOutput;
+use reid_ops::tape::TapedOutput;
 
 /// A linear layer with `weight` ~ N(0, 0.001^2) and zero `bias`, the usual
 /// initialisation of re-ID classifiers.
@@ -28,7 +28,7 @@ fn classifier(din: usize, dout: usize, vb: VarBuilder) -> Result<Linear> {
 /// `linear(x)`, its matrix product in bf16 under mixed precision.
 fn apply(linear: &Linear, x: &Tensor) -> Result<Tensor> {
     let bias = linear.bias().expect("classifiers have a bias");
-    let y = crate::ops::in_compute_precision(&[x, linear.weight()], |t| t[0].matmul(&t[1].t()?))?;
+    let y = reid_ops::in_compute_precision(&[x, linear.weight()], |t| t[0].matmul(&t[1].t()?))?;
     y.broadcast_add(bias)
 }
 
@@ -69,11 +69,13 @@ impl Heads {
     }
 }
 
-/// Weights of the loss terms: `id1 * id(f1) + id2 * id(f2) + verif * verif`, plus
-/// `triplet * triplet` (batch-hard, P x K batches only).
+/// The loss (the `[loss]` section of a config): the weights of its terms,
+/// `id1 * id(f1) + id2 * id(f2) + verif * verif` plus `triplet * triplet`
+/// (batch-hard, P x K batches only), the identification's label smoothing, the
+/// triplet margin and how the verification's negatives are mined.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct LossWeights {
+pub struct LossSettings {
     pub id1: f64,
     pub id2: f64,
     pub verif: f64,
@@ -89,10 +91,10 @@ pub struct LossWeights {
     pub verif_negatives: Negatives,
 }
 
-impl Default for LossWeights {
+impl Default for LossSettings {
     /// The paper's (0.5, 0.5, 1.0).
     fn default() -> Self {
-        LossWeights {
+        LossSettings {
             id1: 0.5,
             id2: 0.5,
             verif: 1.0,
@@ -115,38 +117,70 @@ pub struct PairTargets {
     pub same: Tensor,
 }
 
+/// A term of [`PairLoss`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Term {
+    /// The weighted sum of the others.
+    Total,
+    Id1,
+    Id2,
+    Verif,
+    /// The triplet term (zero when its weight is 0).
+    Triplet,
+}
+
 /// The loss terms, their weighted total and the accuracies of one batch.
+///
+/// The terms' tensors are not handed out: where the backbone ran on a tape,
+/// candle's graph of a term stops at the backbone's output, so candle's own
+/// `backward` of it would give the backbone no gradient. The gradients come
+/// from [`PairLoss::backward`] (or [`PairLoss::term_backward`]), which continue
+/// through the tape.
 #[derive(Debug, Clone)]
 pub struct PairLoss {
-    pub total: Tensor,
-    pub id1: Tensor,
-    pub id2: Tensor,
-    pub verif: Tensor,
-    /// The triplet term (zero when its weight is 0).
-    pub triplet: Tensor,
+    total: Tensor,
+    id1: Tensor,
+    id2: Tensor,
+    verif: Tensor,
+    triplet: Tensor,
     /// Identification accuracy over all 2B images.
     pub id_accuracy: f64,
     /// Verification accuracy over the B pairs.
     pub verif_accuracy: f64,
-    /// The backbone's forward, when it ran on a tape (see [`crate::tape`]): the
+    /// The backbone's forward, when it ran on a tape (see [`reid_ops::tape`]): the
     /// backward continues through it from its output's gradient.
-    pub backbone: Option<Arc<TapedOutput>>,
+    backbone: Option<Arc<TapedOutput>>,
 }
 
 impl PairLoss {
     /// This loss with the backbone's tape (if its forward ran on one) for the
     /// backward to continue through.
-    pub fn through_backbone(self, taped: Option<Arc<TapedOutput>>) -> Self {
+    pub(crate) fn through_backbone(self, taped: Option<Arc<TapedOutput>>) -> Self {
         PairLoss {
             backbone: taped,
             ..self
         }
     }
 
-    /// The gradients of `total` for every variable: candle's backward through
+    fn tensor(&self, term: Term) -> &Tensor {
+        match term {
+            Term::Total => &self.total,
+            Term::Id1 => &self.id1,
+            Term::Id2 => &self.id2,
+            Term::Verif => &self.verif,
+            Term::Triplet => &self.triplet,
+        }
+    }
+
+    /// The value of `term` (a read from the device).
+    pub fn value(&self, term: Term) -> Result<f64> {
+        self.tensor(term).to_dtype(DType::F64)?.to_scalar::<f64>()
+    }
+
+    /// The gradients of the total for every variable: candle's backward through
     /// the heads, then the backbone's tape if it ran on one (consumed unless this
     /// loss was cloned).
-    pub fn backward(&mut self) -> Result<GradStore> {
+    pub fn backward(mut self) -> Result<GradStore> {
         let mut store = self.total.backward()?;
         match self.backbone.take().map(Arc::try_unwrap) {
             Some(Ok(taped)) => taped.backward(&mut store)?,
@@ -156,10 +190,10 @@ impl PairLoss {
         Ok(store)
     }
 
-    /// The gradients of `term` (one of this loss's tensors) for every variable,
-    /// keeping the tape for the other terms and [`PairLoss::backward`].
-    pub fn term_backward(&self, term: &Tensor) -> Result<GradStore> {
-        let mut store = term.backward()?;
+    /// The gradients of `term` for every variable, keeping the tape for the
+    /// other terms and [`PairLoss::backward`].
+    pub fn term_backward(&self, term: Term) -> Result<GradStore> {
+        let mut store = self.tensor(term).backward()?;
         if let Some(taped) = &self.backbone {
             taped.backward_kept(&mut store)?;
         }
@@ -202,7 +236,7 @@ impl Heads {
         &self,
         f: &Tensor,
         targets: &PairTargets,
-        weights: &LossWeights,
+        weights: &LossSettings,
         p_dropout: f64,
         rng: &mut R,
     ) -> Result<Identification> {
@@ -236,7 +270,7 @@ impl Heads {
         id: Identification,
         (verif, verif_accuracy): (Tensor, f64),
         triplet: Tensor,
-        w: &LossWeights,
+        w: &LossSettings,
     ) -> Result<PairLoss> {
         let mut total = ((&id.id1 * w.id1)? + (&id.id2 * w.id2)? + (&verif * w.verif)?)?;
         if w.triplet != 0.0 {
@@ -262,7 +296,7 @@ impl Heads {
         f: &Tensor,
         g: &Tensor,
         targets: &PairTargets,
-        weights: LossWeights,
+        weights: LossSettings,
         p_dropout: f64,
         rng: &mut R,
     ) -> Result<PairLoss> {
@@ -283,7 +317,7 @@ impl Heads {
         f: &Tensor,
         g: &Tensor,
         targets: &PairTargets,
-        weights: LossWeights,
+        weights: LossSettings,
         p_dropout: f64,
         rng: &mut R,
     ) -> Result<PairLoss> {

@@ -6,12 +6,48 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use crate::ops::batch_norm::{BatchNormAddRelu, BatchNormReluSplit, BatchNormTrain, BatchStats, ChannelAffine};
-use crate::ops::conv::{Conv2d, ConvCat};
-use crate::ops::pool::{max_pool2d_with, Window};
-use crate::ops::stem::{BatchNormReluMaxPool, Stem};
-use crate::ops::{add_relu, channel_slice, current_precision, generic, Kernels, Precision};
-use crate::tape::{self, Reads};
+use reid_ops::batch_norm::{BatchNormAddRelu, BatchNormReluSplit, BatchNormTrain, BatchStats, ChannelAffine};
+use reid_ops::conv::{Conv2d, ConvCat};
+use reid_ops::pool::{max_pool2d_with, Window};
+use reid_ops::stem::{BatchNormReluMaxPool, Stem};
+use reid_ops::tape::{self, Reads};
+use reid_ops::{add_relu, channel_slice, current_precision, generic, Kernels, Precision};
+
+/// What follows a batch norm: nothing, or ReLU (fused into the same op).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    Relu,
+}
+
+/// The shape of a bias-free square convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl ConvSpec {
+    /// A `kernel` x `kernel` convolution at stride 1, padded by `kernel / 2` (the
+    /// output keeps the input's size), as every convolution of these backbones.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: usize) -> Self {
+        ConvSpec {
+            in_channels,
+            out_channels,
+            kernel,
+            stride: 1,
+            padding: kernel / 2,
+        }
+    }
+
+    /// This convolution at `stride`.
+    pub fn stride(self, stride: usize) -> Self {
+        ConvSpec { stride, ..self }
+    }
+}
 
 /// A bias-free 2-D convolution (`<name>.weight`, [out, in, k, k]).
 #[derive(Debug, Clone)]
@@ -22,8 +58,15 @@ pub struct Conv {
 }
 
 impl Conv {
-    /// A `kernel` x `kernel` convolution from `cin` to `cout` channels.
-    pub fn new(cin: usize, cout: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+    /// The convolution `spec`, its weight under `vb` (He initialisation, fan-out).
+    pub fn new(spec: ConvSpec, vb: VarBuilder) -> Result<Self> {
+        let ConvSpec {
+            in_channels: cin,
+            out_channels: cout,
+            kernel,
+            stride,
+            padding,
+        } = spec;
         let fan_out = cout * kernel * kernel;
         let init = candle_nn::Init::Randn {
             mean: 0.0,
@@ -48,22 +91,22 @@ impl Conv {
         let weight = self.weight.contiguous()?;
         let mut inputs: Vec<(&Tensor, bool)> = pieces.iter().map(|p| (p, true)).collect();
         inputs.push((&weight, true));
-        tape::op_n(&inputs, ConvCat, false)
+        tape::op_any_inputs(&inputs, ConvCat, false)
     }
 }
 
 impl Module for Conv {
-    /// The convolution, in bf16 under mixed precision (see [`crate::ops::with_precision`]).
+    /// The convolution, in bf16 under mixed precision (see [`reid_ops::with_precision`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::in_compute_precision(&[x, &self.weight], |t| {
-            crate::ops::conv2d(&t[0], &t[1], self.stride, self.padding)
+        reid_ops::in_compute_precision(&[x, &self.weight], |t| {
+            reid_ops::conv2d(&t[0], &t[1], self.stride, self.padding)
         })
     }
 }
 
 /// Batch norm with PyTorch's settings (eps 1e-5, momentum 0.1, affine) and timm's
 /// names (`weight`, `bias`, `running_mean`, `running_var`). On the CPU it runs as
-/// the fused ops of [`crate::ops::batch_norm`], ReLU included when asked; on other
+/// the fused ops of [`reid_ops::batch_norm`], ReLU included when asked; on other
 /// devices (and under `REID_OPS=generic`) through candle's own batch norm.
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
@@ -103,20 +146,20 @@ impl BatchNorm {
     }
 
     /// Normalises `x` ([N, C, H, W] or [N, C]) with batch statistics (updating the
-    /// running ones) when `train`, else with the running statistics; then ReLU if
-    /// `relu`.
-    pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        self.forward_with(Self::kernels(x), x, train, relu)
+    /// running ones) when `train`, else with the running statistics; then `then`.
+    pub fn forward_t(&self, x: &Tensor, train: bool, then: Activation) -> Result<Tensor> {
+        self.forward_with(Self::kernels(x), x, train, then)
     }
 
     /// The fused ops where this device has them for `x` (the CPU; CUDA for f32
     /// and f64), else candle-nn's batch norm.
     fn kernels(x: &Tensor) -> Kernels {
-        Kernels::choose(x, crate::ops::cuda_batch_norm_kernels(x.dtype()))
+        Kernels::choose(x, reid_ops::cuda_batch_norm_kernels(x.dtype()))
     }
 
     /// [`BatchNorm::forward_t`] with the given kernels.
-    pub fn forward_with(&self, kernels: Kernels, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+    pub fn forward_with(&self, kernels: Kernels, x: &Tensor, train: bool, then: Activation) -> Result<Tensor> {
+        let relu = then == Activation::Relu;
         match (kernels, train) {
             (Kernels::Generic, _) => {
                 let y = self.generic.forward_t(x, train)?;
@@ -152,7 +195,7 @@ impl BatchNorm {
     /// records (train mode on the CPU), batch norm then [`add_relu`] otherwise.
     pub fn forward_add_relu(&self, x: &Tensor, r: &Tensor, train: bool) -> Result<Tensor> {
         if !(train && tape::recording() && Self::kernels(x) == Kernels::Fused) {
-            return add_relu(&self.forward_t(x, train, false)?, r);
+            return add_relu(&self.forward_t(x, train, Activation::Identity)?, r);
         }
         let (x, r) = (x.contiguous()?, r.contiguous()?);
         let op = BatchNormAddRelu {
@@ -160,7 +203,7 @@ impl BatchNorm {
         };
         let [rx, rw, rb, rr] = BatchNormAddRelu::READS;
         let inputs = [(&x, rx), (&self.weight, rw), (&self.bias, rb), (&r, rr)];
-        let y = tape::op_n(&inputs, op.clone(), true)?;
+        let y = tape::op_any_inputs(&inputs, op.clone(), true)?;
         self.update_running(&op.bn, &x)?;
         Ok(y)
     }
@@ -170,7 +213,7 @@ impl BatchNorm {
     /// mode on the CPU), batch norm then [`tape::split_channels`] otherwise.
     pub fn forward_relu_split(&self, x: &Tensor, width: usize, count: usize, train: bool) -> Result<Vec<Tensor>> {
         if !(train && tape::recording() && Self::kernels(x) == Kernels::Fused) {
-            let y = self.forward_t(x, train, true)?;
+            let y = self.forward_t(x, train, Activation::Relu)?;
             return tape::split_channels(&y, width, count, channel_slice);
         }
         let x = x.contiguous()?;
@@ -181,7 +224,7 @@ impl BatchNorm {
         };
         let [rx, rw, rb] = BatchNormReluSplit::READS;
         let inputs = [(&x, rx), (&self.weight, rw), (&self.bias, rb)];
-        let pieces = tape::op_many(&inputs, op.clone(), true)?;
+        let pieces = tape::op_any_outputs(&inputs, op.clone(), true)?;
         self.update_running(&op.bn, &x)?;
         Ok(pieces)
     }
@@ -197,7 +240,7 @@ impl BatchNorm {
             self.update_running(&op.bn, &x)?;
             return Ok(y);
         }
-        let y = self.forward_with(Self::kernels(x), x, train, true)?;
+        let y = self.forward_with(Self::kernels(x), x, train, Activation::Relu)?;
         max_pool2d_with(kernels, &y, window)
     }
 
@@ -277,9 +320,9 @@ impl ConvBn {
         Ok(y)
     }
 
-    /// Convolution, batch norm (batch statistics when `train`), optional ReLU.
-    pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train, relu)
+    /// Convolution, batch norm (batch statistics when `train`), then `then`.
+    pub fn forward_t(&self, x: &Tensor, train: bool, then: Activation) -> Result<Tensor> {
+        self.bn.forward_t(&self.conv.forward(x)?, train, then)
     }
 
     /// Convolution, then [`BatchNorm::forward_relu_split`].

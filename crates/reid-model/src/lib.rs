@@ -10,14 +10,12 @@ pub mod heads;
 pub mod layers;
 pub mod metric;
 pub mod model;
-pub mod ops;
-pub mod tape;
 pub mod weights;
 
 pub use arch::{Arch, BlockKind, ARCHS};
 pub use checkpoint::CheckpointInfo;
 pub use device::DeviceSpec;
-pub use heads::{LossWeights, PairLoss, PairTargets};
+pub use heads::{LossSettings, PairLoss, PairTargets, Term};
 pub use metric::{Negatives, TripletMargin};
 pub use model::{ModelConfig, ReidModel};
 pub use weights::{LoadScope, WeightError, WeightSource};

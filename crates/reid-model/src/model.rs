@@ -10,10 +10,11 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::arch::Arch;
 use crate::backbone::Backbone;
-use crate::heads::{Heads, LossWeights, PairLoss, PairTargets};
+use crate::heads::{Heads, LossSettings, PairLoss, PairTargets};
+use crate::layers::Activation;
 use crate::layers::BatchNorm;
-use crate::ops::{current_precision, Kernels, Precision};
-use crate::tape::TapedOutput;
+use reid_ops::tape::TapedOutput;
+use reid_ops::{current_precision, Kernels, Precision};
 
 /// What to build.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -113,7 +114,7 @@ impl ReidModel {
                     (2.0 / fan_out as f64).sqrt()
                 };
                 let mut rng =
-                    ChaCha8Rng::seed_from_u64(reid_data::seed::mix(seed.wrapping_add(INIT_STREAM), i as u64, 0));
+                    ChaCha8Rng::seed_from_u64(reid_io::seed::mix(seed.wrapping_add(INIT_STREAM), i as u64, 0));
                 let values: Vec<f64> = (0..n).map(|_| stdev * standard_normal(&mut rng)).collect();
                 Tensor::from_vec(values, dims, &self.device)?.to_dtype(self.dtype)?
             };
@@ -131,7 +132,7 @@ impl ReidModel {
     /// The neck's normalisation of pooled features [N, C] (identity without one).
     fn through_neck(&self, pooled: &Tensor, train: bool) -> Result<Tensor> {
         match &self.neck {
-            Some(bn) => bn.forward_t(pooled, train, false),
+            Some(bn) => bn.forward_t(pooled, train, Activation::Identity),
             None => Ok(pooled.clone()),
         }
     }
@@ -146,7 +147,7 @@ impl ReidModel {
         x1: &Tensor,
         x2: &Tensor,
         targets: &PairTargets,
-        weights: LossWeights,
+        weights: LossSettings,
         dropout: f64,
         rng: &mut R,
     ) -> Result<PairLoss> {
@@ -165,7 +166,7 @@ impl ReidModel {
         x1: &Tensor,
         x2: &Tensor,
         targets: &PairTargets,
-        weights: LossWeights,
+        weights: LossSettings,
         dropout: f64,
         rng: &mut R,
     ) -> Result<PairLoss> {
@@ -198,7 +199,7 @@ impl ReidModel {
 
 /// Whether the backbone's training forward on `x` runs on a tape (the CPU's fused
 /// ops on f32 or f64, in f32 precision: every op of it records itself there), so
-/// that its backward is [`crate::tape`]'s; elsewhere it is candle's.
+/// that its backward is [`reid_ops::tape`]'s; elsewhere it is candle's.
 fn taped_backbone(x: &Tensor) -> bool {
     Kernels::for_tensor(x) == Kernels::Fused
         && current_precision() == Precision::F32
@@ -219,6 +220,7 @@ fn standard_normal<R: Rng>(rng: &mut R) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::heads::Term;
 
     fn tiny(bnneck: bool) -> ReidModel {
         let config = ModelConfig {
@@ -272,12 +274,12 @@ mod tests {
         let (x1, x2) = (x.narrow(0, 0, 4).unwrap(), x.narrow(0, 4, 4).unwrap());
         let loss = |m: &ReidModel| {
             let mut rng = ChaCha8Rng::seed_from_u64(1);
-            m.pair_loss(&x1, &x2, &targets, LossWeights::default(), 0.0, &mut rng)
+            m.pair_loss(&x1, &x2, &targets, LossSettings::default(), 0.0, &mut rng)
                 .unwrap()
         };
         let (a, b) = (loss(&plain), loss(&necked));
-        assert!((scalar(&a.verif) - scalar(&b.verif)).abs() < 1e-12);
-        assert!((scalar(&a.id1) - scalar(&b.id1)).abs() > 1e-6);
+        assert!((a.value(Term::Verif).unwrap() - b.value(Term::Verif).unwrap()).abs() < 1e-12);
+        assert!((a.value(Term::Id1).unwrap() - b.value(Term::Id1).unwrap()).abs() > 1e-6);
     }
 
     #[test]
@@ -295,14 +297,14 @@ mod tests {
         };
         let (x1, x2) = (x.narrow(0, 0, 4).unwrap(), x.narrow(0, 4, 4).unwrap());
         let loss = m
-            .pair_loss(&x1, &x2, &targets, LossWeights::default(), 0.5, &mut rng)
+            .pair_loss(&x1, &x2, &targets, LossSettings::default(), 0.5, &mut rng)
             .unwrap();
-        let grads = |t: &Tensor| loss.term_backward(t).unwrap();
+        let grads = |t: Term| loss.term_backward(t).unwrap();
         let (total, id1, id2, verif) = (
-            grads(&loss.total),
-            grads(&loss.id1),
-            grads(&loss.id2),
-            grads(&loss.verif),
+            grads(Term::Total),
+            grads(Term::Id1),
+            grads(Term::Id2),
+            grads(Term::Verif),
         );
         let mut checked = 0;
         for (name, var) in m.named_vars() {

@@ -286,7 +286,7 @@ pub fn write_safetensors(
                 .map_err(|e| write_err(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    reid_data::tensor_file::write(path, views, metadata).map_err(|e| write_err(e.to_string()))
+    reid_io::tensor_file::write(path, views, metadata).map_err(|e| write_err(e.to_string()))
 }
 
 #[cfg(test)]

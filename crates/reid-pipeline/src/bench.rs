@@ -10,8 +10,8 @@ use rand_chacha::ChaCha8Rng;
 use reid_data::gallery::{Gallery, GalleryMeta};
 use reid_eval::files::{evaluate_files, EvaluateRequest};
 use reid_eval::{Metric, RerankParams};
-use reid_model::ops::{with_precision, Precision};
-use reid_model::{Arch, DeviceSpec, LossWeights, ModelConfig, PairTargets, ReidModel};
+use reid_model::{Arch, DeviceSpec, LossSettings, ModelConfig, PairTargets, ReidModel};
+use reid_ops::{with_precision, Precision};
 use reid_train::{train_step, BatchTensors, Sgd, SgdConfig, StepSettings};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -106,7 +106,7 @@ impl ModelBench {
             )));
         }
         let device = self.device.open()?;
-        reid_model::ops::set_tf32(self.tf32);
+        reid_ops::set_tf32(self.tf32);
         let config = ModelConfig {
             arch: self.arch,
             last_stride: 2,
@@ -125,7 +125,7 @@ impl ModelBench {
                         &model,
                         &mut sgd,
                         &batch,
-                        StepSettings::pairs(LossWeights::default(), 0.5),
+                        StepSettings::pairs(LossSettings::default(), 0.5),
                         0.01,
                         &mut rng,
                     )

@@ -6,7 +6,6 @@
 pub mod bench;
 pub mod demo;
 pub mod extract;
-pub mod selftest;
 
 /// An error of a pipeline step, with the stage crates' errors inside.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use reid_data::seed::mix;
+use reid_io::seed::mix;
 
 use crate::pairs::{Pair, PairSampler};
 use crate::transform::{guarded, load_normalized, Augment, Chw, DecodeError};

@@ -7,7 +7,7 @@
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use reid_data::seed::mix;
+use reid_io::seed::mix;
 
 /// One training pair: indices into the training images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use reid_model::ops::Precision;
-use reid_model::{Arch, DeviceSpec, LossWeights};
+use reid_model::{Arch, DeviceSpec, LossSettings};
+use reid_ops::Precision;
 use reid_sampling::Augment;
 use serde::{Deserialize, Serialize};
 
@@ -155,7 +155,7 @@ pub struct TrainConfig {
     pub data: DataConfig,
     pub augment: Augment,
     pub model: ModelSection,
-    pub loss: LossWeights,
+    pub loss: LossSettings,
     pub optim: SgdConfig,
     pub schedule: ScheduleConfig,
     pub run: RunConfig,
@@ -422,7 +422,7 @@ impl TrainConfig {
 }
 
 /// The rules of `[loss]` (`pk`: the batches are P x K).
-fn loss_rules(l: &LossWeights, pk: bool) -> [(&'static str, bool, &'static str); 7] {
+fn loss_rules(l: &LossSettings, pk: bool) -> [(&'static str, bool, &'static str); 7] {
     let weight = |x: f64| x.is_finite() && x >= 0.0;
     let fraction = |x: f64| (0.0..1.0).contains(&x);
     [

@@ -1,19 +1,17 @@
-//! `metrics.csv`: a row every `run.log_every` steps (means over the window) and
-//! one per epoch. A resumed run first drops the rows written after the state it
-//! resumes from (and a row cut off by a crash), so the log matches the weights.
+//! Writing `metrics.csv` (the format is `reid_data::metrics_csv`): a row every
+//! `run.log_every` steps (means over the window) and one per epoch. A resumed run
+//! first drops the rows written after the state it resumes from (and a row cut
+//! off by a crash), so the log matches the weights.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use reid_data::metrics_csv::{self, Losses, MetricsRow};
+
 use crate::step::StepStats;
 use crate::trainer::TrainError;
-
-/// The columns of `metrics.csv`.
-/// The `gnorm_*` columns hold the backbone gradient norm of each weighted term on
-/// the row's last step (with `run.log_grad_norms`; empty otherwise and on epoch rows).
-pub const CSV_HEADER: &str = "kind,epoch,step,lr,loss_id1,loss_id2,loss_verif,loss_triplet,loss,id_acc,verif_acc,images_per_s,rank1,mAP,gnorm_id1,gnorm_id2,gnorm_verif,gnorm_triplet,gnorm_total";
 
 /// The open log with the current window of step statistics.
 pub struct MetricsLog {
@@ -23,21 +21,6 @@ pub struct MetricsLog {
     window_steps: usize,
     window_images: usize,
     window_start: Instant,
-}
-
-/// The rows of an existing log that belong to steps up to `step`, header first.
-fn kept_rows(text: &str, step: u64) -> String {
-    let columns = CSV_HEADER.split(',').count();
-    let mut out = format!("{CSV_HEADER}\n");
-    for line in text.lines().skip(1) {
-        let fields: Vec<&str> = line.split(',').collect();
-        let at = fields.get(2).and_then(|s| s.parse::<u64>().ok());
-        if fields.len() == columns && at.is_some_and(|s| s <= step) {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
 }
 
 impl MetricsLog {
@@ -52,7 +35,7 @@ impl MetricsLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(io(e)),
         };
-        reid_data::atomic::write_bytes_atomically(path, kept_rows(&existing, step).as_bytes())?;
+        reid_io::atomic::write_bytes_atomically(path, metrics_csv::rows_up_to(&existing, step).as_bytes())?;
         let file = std::fs::OpenOptions::new().append(true).open(path).map_err(io)?;
         Ok(MetricsLog {
             path: path.to_path_buf(),
@@ -70,26 +53,32 @@ impl MetricsLog {
         (kind, epoch, step): (&str, usize, u64),
         stats: &StepStats,
         lr: f64,
-        ips: f64,
-        val: Option<(f64, f64)>,
+        images_per_s: f64,
+        validation: Option<(f64, f64)>,
     ) -> Result<(), TrainError> {
         let s = stats;
-        let mut row = format!(
-            "{kind},{epoch},{step},{lr:.6e},{:.6},{:.6},{:.6},{:.6},{:.6},{:.4},{:.4},{ips:.1}",
-            s.loss_id1, s.loss_id2, s.loss_verif, s.loss_triplet, s.loss, s.id_accuracy, s.verif_accuracy
-        );
-        match val {
-            Some((r1, map)) => row.push_str(&format!(",{r1:.4},{map:.4}")),
-            None => row.push_str(",,"),
-        }
-        match s.grad_norms.filter(|_| kind == "step") {
-            Some(g) => row.push_str(&format!(
-                ",{:.6e},{:.6e},{:.6e},{:.6e},{:.6e}",
-                g.id1, g.id2, g.verif, g.triplet, g.total
-            )),
-            None => row.push_str(",,,,,"),
-        }
-        writeln!(self.file, "{row}")
+        let row = MetricsRow {
+            kind: kind.to_string(),
+            epoch,
+            step,
+            lr,
+            losses: Losses {
+                id1: s.loss_id1,
+                id2: s.loss_id2,
+                verif: s.loss_verif,
+                triplet: s.loss_triplet,
+                total: s.loss,
+            },
+            id_acc: s.id_accuracy,
+            verif_acc: s.verif_accuracy,
+            images_per_s,
+            validation,
+            grad_norms: s
+                .grad_norms
+                .filter(|_| kind == "step")
+                .map(|g| [g.id1, g.id2, g.verif, g.triplet, g.total]),
+        };
+        writeln!(self.file, "{}", row.to_line())
             .and_then(|_| self.file.flush())
             .map_err(|e| TrainError::Io {
                 path: self.path.clone(),
@@ -132,26 +121,5 @@ impl MetricsLog {
         val: Option<(f64, f64)>,
     ) -> Result<(), TrainError> {
         self.row(("epoch", epoch, step), mean, lr, ips, val)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rows_after_the_resumed_step_and_cut_rows_are_dropped() {
-        let row = |kind: &str, epoch: usize, step: u64| format!("{kind},{epoch},{step},1,1,1,1,1,1,1,1,1,,,,,,,");
-        let text = format!(
-            "{CSV_HEADER}\n{}\n{}\n{}\n{}\nstep,1,8,1,1",
-            row("step", 0, 2),
-            row("step", 0, 4),
-            row("epoch", 0, 4),
-            row("step", 1, 6)
-        );
-        let kept = kept_rows(&text, 4);
-        assert_eq!(kept.lines().count(), 4, "{kept}");
-        assert!(!kept.contains("step,1,6"));
-        assert_eq!(kept_rows("", 0), format!("{CSV_HEADER}\n"));
     }
 }

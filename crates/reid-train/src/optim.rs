@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor, Var};
 use num_traits::Float;
 use rayon::prelude::*;
-use reid_model::ops::Kernels;
+use reid_ops::Kernels;
 use serde::{Deserialize, Serialize};
 
 /// Optimiser settings (`[optim]` in a config).
@@ -312,7 +312,7 @@ fn each_with<T: Float + Send + Sync>(dst: &mut [T], a: &[T], both: &mut [T], f: 
 
 /// The contiguous values of `storage` as `T`, or an error naming `op`.
 fn values<'a, T: candle_core::WithDType>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [T]> {
-    reid_model::ops::contiguous(T::cpu_storage_as_slice(storage)?, layout, op)
+    reid_ops::contiguous(T::cpu_storage_as_slice(storage)?, layout, op)
 }
 
 impl InplaceOp2 for Pass<'_> {

@@ -5,8 +5,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
 use reid_model::model::is_head;
-use reid_model::ops::{current_precision, with_precision};
-use reid_model::{LossWeights, PairLoss, PairTargets, ReidModel};
+use reid_model::{LossSettings, PairLoss, PairTargets, ReidModel, Term};
+use reid_ops::{current_precision, with_precision};
 use reid_sampling::PairBatch;
 
 use crate::optim::Sgd;
@@ -39,7 +39,7 @@ pub struct GradNorms {
 /// How a step computes its loss, and what it measures besides.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepSettings {
-    pub weights: LossWeights,
+    pub weights: LossSettings,
     /// Dropout before each classifier.
     pub dropout: f64,
     /// The batch is P x K: verification on in-batch pairs, triplet loss.
@@ -50,7 +50,7 @@ pub struct StepSettings {
 
 impl StepSettings {
     /// The paper's loss on pair batches with `dropout`, no norms.
-    pub fn pairs(weights: LossWeights, dropout: f64) -> Self {
+    pub fn pairs(weights: LossSettings, dropout: f64) -> Self {
         StepSettings {
             weights,
             dropout,
@@ -117,16 +117,16 @@ fn backbone_vars(model: &ReidModel) -> Vec<Var> {
 /// Each term's backbone gradient norm (id1, id2, verif, triplet), each from its
 /// own backward of the same forward, run before [`PairLoss::backward`] consumes
 /// the backbone's tape.
-fn term_norms(backbone: &[Var], loss: &PairLoss, w: &LossWeights) -> Result<[f64; 4]> {
-    let term = |t: &Tensor, weight: f64| match weight {
+fn term_norms(backbone: &[Var], loss: &PairLoss, w: &LossSettings) -> Result<[f64; 4]> {
+    let term = |t: Term, weight: f64| match weight {
         0.0 => Ok(0.0),
         _ => backbone_norm(backbone, &loss.term_backward(t)?, weight),
     };
     Ok([
-        term(&loss.id1, w.id1)?,
-        term(&loss.id2, w.id2)?,
-        term(&loss.verif, w.verif)?,
-        term(&loss.triplet, w.triplet)?,
+        term(Term::Id1, w.id1)?,
+        term(Term::Id2, w.id2)?,
+        term(Term::Verif, w.verif)?,
+        term(Term::Triplet, w.triplet)?,
     ])
 }
 
@@ -168,17 +168,16 @@ fn step_on_this_thread<R: Rng>(
 ) -> std::result::Result<StepStats, StepError> {
     let (x1, x2, t) = (&batch.x1, &batch.x2, &batch.targets);
     let (weights, dropout) = (settings.weights, settings.dropout);
-    let mut loss = match settings.pk {
+    let loss = match settings.pk {
         true => model.batch_loss(x1, x2, t, weights, dropout, rng)?,
         false => model.pair_loss(x1, x2, t, weights, dropout, rng)?,
     };
-    let scalar = |t: &Tensor| t.to_dtype(DType::F64)?.to_scalar::<f64>();
     let mut stats = StepStats {
-        loss: scalar(&loss.total)?,
-        loss_id1: scalar(&loss.id1)?,
-        loss_id2: scalar(&loss.id2)?,
-        loss_verif: scalar(&loss.verif)?,
-        loss_triplet: scalar(&loss.triplet)?,
+        loss: loss.value(Term::Total)?,
+        loss_id1: loss.value(Term::Id1)?,
+        loss_id2: loss.value(Term::Id2)?,
+        loss_verif: loss.value(Term::Verif)?,
+        loss_triplet: loss.value(Term::Triplet)?,
         id_accuracy: loss.id_accuracy,
         verif_accuracy: loss.verif_accuracy,
         grad_norms: None,

@@ -10,8 +10,8 @@ use std::time::Instant;
 use candle_core::DType;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use reid_data::seed::mix;
 use reid_data::{Manifest, Split};
+use reid_io::seed::mix;
 use reid_model::weights::{resolve, WeightSource};
 use reid_model::{LoadScope, ModelConfig, ReidModel, WeightError};
 use reid_sampling::{LoaderConfig, PairBatch, PairLoader, PairSampler};
@@ -32,6 +32,8 @@ pub enum TrainError {
     Weights(#[from] WeightError),
     #[error(transparent)]
     Data(#[from] reid_data::DataError),
+    #[error(transparent)]
+    File(#[from] reid_io::IoError),
     #[error(transparent)]
     Load(#[from] reid_sampling::LoadError),
     #[error("{path}: {source}")]
@@ -182,7 +184,7 @@ impl Trainer {
             path: paths.checkpoints(),
             source: e,
         })?;
-        reid_data::atomic::write_bytes_atomically(&paths.config(), config.to_toml().as_bytes())?;
+        reid_io::atomic::write_bytes_atomically(&paths.config(), config.to_toml().as_bytes())?;
         let optimizer = Sgd::new(model.trainable_vars(), config.optim.clone());
         Ok(Trainer {
             config,
@@ -213,7 +215,7 @@ impl Trainer {
                 paths.checkpoint("last").display()
             )));
         }
-        for stale in reid_data::atomic::remove_stale_temporaries(&paths.checkpoints())? {
+        for stale in reid_io::atomic::remove_stale_temporaries(&paths.checkpoints())? {
             tracing::info!("removed {}, left by a run killed while saving", stale.display());
         }
         let state = recover_state(&paths)?;
@@ -229,7 +231,7 @@ impl Trainer {
         model.load_weights(&paths.checkpoint("last"), LoadScope::Full)?;
         let mut optimizer = Sgd::new(model.trainable_vars(), config.optim.clone());
         load_momentum(&mut optimizer, &paths.state())?;
-        reid_data::atomic::write_bytes_atomically(&paths.config(), config.to_toml().as_bytes())?;
+        reid_io::atomic::write_bytes_atomically(&paths.config(), config.to_toml().as_bytes())?;
         let p = state.position;
         tracing::info!("resuming at epoch {}, batch {} (step {})", p.epoch, p.batch, p.step);
         Ok(Trainer {
@@ -538,7 +540,7 @@ impl Trainer {
 }
 
 fn build_model(config: &TrainConfig, num_classes: usize) -> Result<ReidModel, TrainError> {
-    reid_model::ops::set_tf32(config.run.tf32);
+    reid_ops::set_tf32(config.run.tf32);
     let model_config = ModelConfig {
         arch: config.model.arch,
         last_stride: config.model.last_stride,

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device};
 use rand::SeedableRng;
-use reid_model::{LossWeights, ModelConfig, ReidModel};
+use reid_model::{LossSettings, ModelConfig, ReidModel};
 mod common;
 
 use common::batch;
@@ -41,7 +41,7 @@ fn run(arch: &str, threads: usize, grad_norms: bool) -> (Values, Values, Option<
         let (batch, mut rng) = (batch(11), rand_chacha::ChaCha8Rng::seed_from_u64(2));
         let settings = StepSettings {
             grad_norms,
-            ..StepSettings::pairs(LossWeights::default(), 0.1)
+            ..StepSettings::pairs(LossSettings::default(), 0.1)
         };
         let mut norms = None;
         for _ in 0..3 {

@@ -18,8 +18,8 @@
 
 use candle_core::{DType, Device};
 use rand::SeedableRng;
-use reid_model::ops::{with_precision, Precision};
-use reid_model::{LossWeights, ModelConfig, ReidModel};
+use reid_model::{LossSettings, ModelConfig, ReidModel};
+use reid_ops::{with_precision, Precision};
 mod common;
 
 use common::batch;
@@ -45,7 +45,7 @@ fn run(precision: Precision) -> (Vec<f64>, Vec<Vec<f64>>) {
                 &model,
                 &mut sgd,
                 &batch,
-                StepSettings::pairs(LossWeights::default(), 0.0),
+                StepSettings::pairs(LossSettings::default(), 0.0),
                 0.01,
                 &mut rng,
             )

@@ -5,8 +5,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use reid_data::synth::{generate, SynthConfig};
-use reid_data::{DatasetKind, IndexOptions};
+use reid_data::synth::{tiny_indexed_dataset, SynthConfig};
 use reid_train::{Outcome, TrainConfig, TrainData, Trainer};
 
 fn data(dir: &Path) -> TrainData {
@@ -24,11 +23,7 @@ fn data(dir: &Path) -> TrainData {
         width: 32,
         layout: Default::default(),
     };
-    generate(&cfg, &dir.join("syn"), &|_| {}).unwrap();
-    let report = DatasetKind::Market1501
-        .layout()
-        .index(&dir.join("syn"), &IndexOptions::default())
-        .unwrap();
+    let report = tiny_indexed_dataset(&cfg, dir).unwrap();
     TrainData::from_manifest(&report.manifest, "manifest-sha".into()).unwrap()
 }
 

@@ -1,0 +1,285 @@
+//! The kernels of `reid`'s network: operations candle 0.11 lacks or gets wrong
+//! for training, each with its backward (CPU kernels, CUDA kernels behind the
+//! `cuda` and `cudnn` features, and device-generic compositions of candle ops),
+//! and the tape that replays the training forward's ops in reverse.
+//!
+//! This crate knows nothing of the model: it depends on candle (and cudarc)
+//! only. `reid-model` builds the network from these ops.
+
+use std::mem::MaybeUninit;
+
+use candle_core::{Layout, Result};
+use rayon::prelude::*;
+
+/// The values of a contiguous `layout` in `data`; an error naming `op` otherwise.
+pub fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: operands must be contiguous"),
+    }
+}
+
+/// The contiguous values of a tensor's storage, which must be on the CPU and of
+/// type `T`; an error naming `op` otherwise.
+pub(crate) fn cpu_values<'a, T: candle_core::WithDType>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [T]> {
+    let candle_core::Storage::Cpu(s) = storage else {
+        candle_core::bail!("{op}: CPU tensors only");
+    };
+    contiguous(T::cpu_storage_as_slice(s)?, layout, op)
+}
+
+/// (N, C, H, W) of a 4-d layout; an error naming `op` otherwise.
+pub(crate) fn dims4(layout: &Layout, op: &str) -> Result<(usize, usize, usize, usize)> {
+    match layout.dims() {
+        &[n, c, h, w] => Ok((n, c, h, w)),
+        d => candle_core::bail!("{op}: expected an NCHW tensor, got shape {d:?}"),
+    }
+}
+
+/// Runs `$body` on the f32 or f64 vector of a CPU storage, wrapping the result
+/// back into a storage of the same type.
+macro_rules! float_dispatch {
+    ($storage:expr, $op:expr, |$data:ident| $body:expr) => {
+        match $storage {
+            candle_core::CpuStorage::F32($data) => candle_core::CpuStorage::F32($body),
+            candle_core::CpuStorage::F64($data) => candle_core::CpuStorage::F64($body),
+            _ => candle_core::bail!("{}: only f32 and f64 are supported", $op),
+        }
+    };
+}
+
+/// Runs `$body` on the contiguous values of two f32 or two f64 operands.
+macro_rules! two_floats {
+    ($op:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, |$a:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (candle_core::CpuStorage::F32(a), candle_core::CpuStorage::F32(b)) => {
+                let ($a, $b) = ($crate::contiguous(a, $l1, $op)?, $crate::contiguous(b, $l2, $op)?);
+                candle_core::CpuStorage::F32($body)
+            }
+            (candle_core::CpuStorage::F64(a), candle_core::CpuStorage::F64(b)) => {
+                let ($a, $b) = ($crate::contiguous(a, $l1, $op)?, $crate::contiguous(b, $l2, $op)?);
+                candle_core::CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: two f32 or two f64 operands expected", $op),
+        }
+    };
+}
+
+/// Runs `$body` with three f32 or three f64 slices.
+macro_rules! three_floats {
+    ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
+        match ($s1, $s2, $s3) {
+            (candle_core::CpuStorage::F32(a), candle_core::CpuStorage::F32(b), candle_core::CpuStorage::F32(c)) => {
+                let ($a, $b, $c) = (
+                    $crate::contiguous(a, $l1, $op)?,
+                    $crate::contiguous(b, $l2, $op)?,
+                    $crate::contiguous(c, $l3, $op)?,
+                );
+                candle_core::CpuStorage::F32($body)
+            }
+            (candle_core::CpuStorage::F64(a), candle_core::CpuStorage::F64(b), candle_core::CpuStorage::F64(c)) => {
+                let ($a, $b, $c) = (
+                    $crate::contiguous(a, $l1, $op)?,
+                    $crate::contiguous(b, $l2, $op)?,
+                    $crate::contiguous(c, $l3, $op)?,
+                );
+                candle_core::CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: operands must all be f32 or all f64", $op),
+        }
+    };
+}
+
+/// Runs `$body` with three contiguous f32 or three f64 CUDA views (the CUDA
+/// side of `three_floats!`); `$body` gives a `CudaSlice`, wrapped for `$dev`.
+#[cfg(feature = "cuda")]
+macro_rules! three_cuda_floats {
+    ($op:expr, $dev:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {{
+        use candle_core::backend::BackendStorage;
+        use $crate::batch_norm_cuda::view;
+        match $s1.dtype() {
+            candle_core::DType::F32 => {
+                let ($a, $b, $c) = (
+                    &view::<f32>($s1, $l1)?,
+                    &view::<f32>($s2, $l2)?,
+                    &view::<f32>($s3, $l3)?,
+                );
+                candle_core::CudaStorage::wrap_cuda_slice($body, $dev.clone())
+            }
+            candle_core::DType::F64 => {
+                let ($a, $b, $c) = (
+                    &view::<f64>($s1, $l1)?,
+                    &view::<f64>($s2, $l2)?,
+                    &view::<f64>($s3, $l3)?,
+                );
+                candle_core::CudaStorage::wrap_cuda_slice($body, $dev.clone())
+            }
+            dt => candle_core::bail!("{}: {dt:?} on CUDA (f32 and f64 only)", $op),
+        }
+    }};
+}
+
+pub mod batch_norm;
+#[cfg(feature = "cuda")]
+mod batch_norm_cuda;
+pub mod channels;
+pub mod conv;
+#[cfg(feature = "cudnn")]
+pub mod cuda;
+pub mod generic;
+mod plane_sums;
+pub mod pool;
+pub mod residual;
+pub mod simd;
+pub mod stem;
+pub mod tape;
+
+/// The dtype convolutions and matrix products compute in: `bf16` is mixed
+/// precision (f32 weights, optimiser state, batch-norm statistics and losses;
+/// bf16 operands of convolutions and matrix products).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("unknown precision '{other}' (f32 or bf16)")),
+        }
+    }
+}
+
+thread_local! {
+    static PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::F32) };
+}
+
+/// Runs `f` with convolutions and matrix products of f32 tensors computed in
+/// `precision` on this thread (where the model runs; kernels may use others).
+pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
+    let before = PRECISION.with(|p| p.replace(precision));
+    let result = f();
+    PRECISION.with(|p| p.set(before));
+    result
+}
+
+/// The precision [`with_precision`] set on this thread (f32 by default).
+pub fn current_precision() -> Precision {
+    PRECISION.with(|p| p.get())
+}
+
+/// `op` on `operands`, in bf16 when [`with_precision`] asks for it and they are
+/// f32 (the result cast back to f32); as they are otherwise.
+pub fn in_compute_precision(
+    operands: &[&candle_core::Tensor],
+    op: impl FnOnce(&[candle_core::Tensor]) -> Result<candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
+    use candle_core::DType;
+    let bf16 = PRECISION.with(|p| p.get()) == Precision::Bf16 && operands.iter().all(|t| t.dtype() == DType::F32);
+    if !bf16 {
+        return op(&operands.iter().map(|t| (*t).clone()).collect::<Vec<_>>());
+    }
+    let cast: Vec<candle_core::Tensor> = operands
+        .iter()
+        .map(|t| t.to_dtype(DType::BF16))
+        .collect::<Result<_>>()?;
+    op(&cast)?.to_dtype(DType::F32)
+}
+
+/// Allows (the default, as PyTorch for convolutions) or forbids TF32 tensor cores
+/// in f32 matrix products and convolutions on CUDA; no effect elsewhere.
+pub fn set_tf32(allowed: bool) {
+    candle_core::cuda::set_gemm_reduced_precision_f32(allowed);
+    #[cfg(feature = "cudnn")]
+    cuda::set_reduced_precision_f32(allowed);
+}
+
+/// Whether this build has fused CUDA convolutions (the `cudnn` feature).
+pub const CUDA_CONV_KERNELS: bool = cfg!(feature = "cudnn");
+
+/// Whether this build has fused CUDA batch norm (+ ReLU) for `dtype` (the `cuda`
+/// feature; f32 and f64).
+pub fn cuda_batch_norm_kernels(dtype: candle_core::DType) -> bool {
+    cfg!(feature = "cuda") && matches!(dtype, candle_core::DType::F32 | candle_core::DType::F64)
+}
+
+/// Which implementation the ops run: the fused kernels of this crate, or the
+/// device-generic compositions of [`generic`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    Fused,
+    Generic,
+}
+
+impl Kernels {
+    /// The kernels for an op on `x` that has fused kernels on the CPU only.
+    pub fn for_tensor(x: &candle_core::Tensor) -> Kernels {
+        Kernels::choose(x, false)
+    }
+
+    /// The kernels for an op on `x`: fused where the op has a kernel for `x`'s
+    /// device (the CPU always; CUDA when `cuda_kernel`), unless `REID_OPS=generic`
+    /// is set (which runs the GPU code path on the CPU); generic otherwise.
+    pub fn choose(x: &candle_core::Tensor, cuda_kernel: bool) -> Kernels {
+        let fused_here = x.device().is_cpu() || (cuda_kernel && x.device().is_cuda());
+        if fused_here && !generic_forced() {
+            Kernels::Fused
+        } else {
+            Kernels::Generic
+        }
+    }
+}
+
+/// Whether `REID_OPS=generic` asks for the generic ops everywhere (read once).
+pub fn generic_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| match std::env::var("REID_OPS").as_deref() {
+        Ok("generic") => true,
+        Ok("fused") | Err(_) => false,
+        Ok(other) => {
+            tracing::warn!("REID_OPS={other} is neither `fused` nor `generic`; using the fused ops");
+            false
+        }
+    })
+}
+
+pub use channels::channel_slice;
+pub use conv::conv2d;
+pub use pool::{avg_pool2d, max_pool2d};
+pub use residual::add_relu;
+
+/// A vector of `len` values, each written by `fill` (given disjoint chunks of
+/// `chunk` values and their index) before the vector exists: no zeroing pass.
+///
+/// # Safety
+/// `fill` must write every value of every chunk it is given.
+pub(crate) unsafe fn filled_in_chunks<T: Send>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(i, c)| fill(i, c));
+    // SAFETY: `fill` wrote every value of every chunk (the caller's promise).
+    unsafe { out.set_len(len) };
+    out
+}
+
+#[cfg(test)]
+mod nonfinite_tests;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
