@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{ok, reid};
+use common::{ok, reid, tiny_dataset};
 
 const SETTINGS: [&str; 11] = [
     "model.pretrained=",
@@ -27,40 +27,7 @@ const SETTINGS: [&str; 11] = [
 
 /// A small synthetic dataset and its manifest, in `dir`.
 fn dataset(dir: &Path) {
-    let synth = [
-        "synth",
-        "--out",
-        "syn",
-        "--cameras",
-        "2",
-        "--train-ids",
-        "8",
-        "--train-images",
-        "80",
-        "--test-ids",
-        "2",
-        "--query-images",
-        "4",
-        "--gallery-images",
-        "4",
-        "--distractors",
-        "0",
-        "--junk",
-        "0",
-    ];
-    ok(&reid(&synth, dir));
-    ok(&reid(
-        &[
-            "index",
-            "--dataset",
-            "market1501",
-            "--root",
-            "syn",
-            "--out",
-            "m.parquet",
-        ],
-        dir,
-    ));
+    tiny_dataset(dir, [8, 80, 2, 4, 4, 0, 0]);
 }
 
 fn train_args(out: &str, extra: &[&str]) -> Vec<String> {
@@ -248,4 +215,23 @@ fn bad_settings_fail_at_load_time_and_resume_refuses_what_it_cannot_keep_exact()
     assert!(stdout.contains("schedule.epochs: 3 -> 1"), "{stdout}");
     let config = std::fs::read_to_string(dir.path().join("run/config.toml")).unwrap();
     assert!(config.contains("epochs = 1"), "{config}");
+}
+
+#[test]
+fn selftest_on_a_partial_fixture_folder_names_the_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/res2net_tiny");
+    let partial = dir.path().join("fixtures/res2net_tiny");
+    std::fs::create_dir_all(&partial).unwrap();
+    for file in ["meta.json", "model.safetensors", "input.safetensors"] {
+        std::fs::copy(fixtures.join(file), partial.join(file)).unwrap();
+    }
+    let out = reid(&["selftest", "--fixtures", "fixtures"], dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("res2net_tiny/expected.safetensors") && stderr.contains("missing"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

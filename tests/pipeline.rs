@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ok, reid};
+use common::{ok, reid, tiny_dataset};
 
 const DEMO: [&str; 15] = [
     "demo",
@@ -122,40 +122,7 @@ fn the_demo_writes_every_artifact_learns_and_reuses_its_caches() {
 #[test]
 fn a_corrupt_training_image_names_the_file_or_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    let synth = [
-        "synth",
-        "--out",
-        "syn",
-        "--cameras",
-        "2",
-        "--train-ids",
-        "4",
-        "--train-images",
-        "16",
-        "--test-ids",
-        "2",
-        "--query-images",
-        "4",
-        "--gallery-images",
-        "4",
-        "--distractors",
-        "0",
-        "--junk",
-        "0",
-    ];
-    ok(&reid(&synth, dir.path()));
-    ok(&reid(
-        &[
-            "index",
-            "--dataset",
-            "market1501",
-            "--root",
-            "syn",
-            "--out",
-            "m.parquet",
-        ],
-        dir.path(),
-    ));
+    tiny_dataset(dir.path(), [4, 16, 2, 4, 4, 0, 0]);
     let victim = std::fs::read_dir(dir.path().join("syn/bounding_box_train"))
         .unwrap()
         .next()

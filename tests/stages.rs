@@ -8,44 +8,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{ok, reid};
+use common::{ok, reid, tiny_dataset};
 use reid_data::gallery::{sha256_file, Gallery};
 
 fn prepare(dir: &Path) {
-    let synth = [
-        "synth",
-        "--out",
-        "syn",
-        "--cameras",
-        "2",
-        "--train-ids",
-        "6",
-        "--train-images",
-        "48",
-        "--test-ids",
-        "4",
-        "--query-images",
-        "8",
-        "--gallery-images",
-        "16",
-        "--distractors",
-        "2",
-        "--junk",
-        "1",
-    ];
-    ok(&reid(&synth, dir));
-    ok(&reid(
-        &[
-            "index",
-            "--dataset",
-            "market1501",
-            "--root",
-            "syn",
-            "--out",
-            "m.parquet",
-        ],
-        dir,
-    ));
+    tiny_dataset(dir, [6, 48, 4, 8, 16, 2, 1]);
     let mut train = vec!["train", "--manifest", "m.parquet", "--out", "run"];
     for s in [
         "model.pretrained=",

@@ -23,3 +23,23 @@ pub fn ok(out: &Output) -> String {
     );
     stdout
 }
+
+/// Renders `reid synth`'s default set resized to `[train ids, train images, test
+/// ids, query images, gallery images, distractors, junk]` on 2 cameras into
+/// `dir/syn`, and indexes it into `dir/m.parquet`.
+#[allow(dead_code)]
+pub fn tiny_dataset(dir: &Path, counts: [usize; 7]) {
+    let [train_ids, train_images, test_ids, query_images, gallery_images, distractors, junk] = counts;
+    let cfg = reid_data::SynthConfig {
+        cameras: 2,
+        train_ids,
+        train_images,
+        test_ids,
+        query_images,
+        gallery_images,
+        distractors,
+        junk,
+        ..reid_data::SynthConfig::demo(0)
+    };
+    reid_data::synth::tiny_indexed_dataset(&cfg, dir).expect("the tiny dataset renders and indexes");
+}
