@@ -3,6 +3,7 @@
 
 mod commands;
 mod progress;
+mod stop;
 
 use std::process::ExitCode;
 
@@ -129,7 +130,22 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The exit status of a failed command: 128 + the signal for a run stopped by
+/// one, 75 (`EX_TEMPFAIL`: try again later) for a run folder another process
+/// holds, 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(stopped) = cause.downcast_ref::<stop::Interrupted>() {
+            return stopped.exit_code();
+        }
+        if let Some(reid_train::TrainError::Busy { .. }) = cause.downcast_ref::<reid_train::TrainError>() {
+            return 75;
+        }
+    }
+    1
 }

@@ -1,7 +1,9 @@
 //! Failure as a first-class output: `reid train` killed with SIGKILL mid-epoch and
-//! inside a checkpoint save resumes to the bytes of an uninterrupted run; a
-//! diverging recipe and bad settings fail with their cause and write nothing
-//! non-finite; `--resume` applies the changes it may make and refuses the rest.
+//! inside a checkpoint save, or stopped by SIGINT and SIGTERM, resumes to the
+//! bytes of an uninterrupted run; a second process is refused a run folder that
+//! is in use; a diverging recipe and bad settings fail with their cause and write
+//! nothing non-finite; `--resume` applies the changes it may make and refuses the
+//! rest.
 
 mod common;
 
@@ -19,7 +21,7 @@ const SETTINGS: [&str; 11] = [
     "data.batch_size=4",
     "schedule.epochs=3",
     "schedule.warmup_epochs=1",
-    "optim.lr=0.02",
+    "optim.lr=0.005",
     "run.checkpoint_every=1",
     "run.log_every=3",
     "run.seed=5",
@@ -151,6 +153,98 @@ fn killed_runs_resume_to_the_bytes_of_an_uninterrupted_one() {
         );
     }
     assert!(landed >= 2, "only {landed} kills landed");
+
+    a_second_process_is_refused_the_run_folder(dir.path(), &reference);
+    signals_stop_a_run_that_resumes_to_the_same_bytes(dir.path(), &reference);
+}
+
+/// Every file under `dir` with its size and modification time.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = entry.metadata().unwrap();
+        if meta.is_dir() {
+            out.extend(snapshot(&entry.path()));
+        } else {
+            out.push((entry.path(), meta.len(), meta.modified().unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A `reid train --out` into a folder that a running training holds exits with
+/// 75, names the folder and the holder's pid, and changes nothing; the holder
+/// then finishes with the bytes of an uninterrupted run.
+fn a_second_process_is_refused_the_run_folder(dir: &Path, reference: &[u8]) {
+    let mut first = spawn(dir, &train_args("held", &[]));
+    let run = dir.join("held");
+    while !run.join("checkpoints").exists() && first.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first run ended before the second started"
+    );
+    let before = snapshot(&run);
+    let args = train_args("held", &[]);
+    let second = reid(&args.iter().map(String::as_str).collect::<Vec<_>>(), dir);
+    let held = first.try_wait().unwrap().is_none();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(75), "{stderr}");
+    assert!(
+        stderr.contains("held") && stderr.contains(&first.id().to_string()),
+        "{stderr}"
+    );
+    if held {
+        let after: Vec<_> = snapshot(&run)
+            .into_iter()
+            .filter(|f| before.iter().any(|b| b.0 == f.0))
+            .collect();
+        assert_eq!(before, after, "the refused process changed the run folder");
+    }
+    let resume = reid(&["train", "--resume", "held"], dir);
+    if first.try_wait().unwrap().is_none() {
+        assert_eq!(resume.status.code(), Some(75), "--resume is refused too");
+    }
+    assert!(first.wait().unwrap().success(), "the first run finishes");
+    assert!(
+        bytes(run.join("checkpoints/last.safetensors")) == reference,
+        "the first run is intact"
+    );
+}
+
+/// Sends `signal` to `child` once the run's first checkpoint exists; returns the
+/// exit status.
+fn stop_with(dir: &Path, mut child: Child, run: &str, epoch: usize, signal: i32) -> Option<i32> {
+    let ckpt = dir.join(run).join(format!("checkpoints/epoch-{epoch:04}.safetensors"));
+    while !ckpt.exists() && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // SAFETY: kill(2) on a child process this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    child.wait().unwrap().code()
+}
+
+/// SIGTERM, then SIGINT: each stops the run at a step boundary with 143 and
+/// 130, and resuming after each ends with the bytes of an uninterrupted run.
+fn signals_stop_a_run_that_resumes_to_the_same_bytes(dir: &Path, reference: &[u8]) {
+    let code = stop_with(
+        dir,
+        spawn(dir, &train_args("signalled", &[])),
+        "signalled",
+        1,
+        libc::SIGTERM,
+    );
+    assert_eq!(code, Some(143), "SIGTERM");
+    let resume = ["train", "--resume", "signalled"].map(String::from);
+    let code = stop_with(dir, spawn(dir, &resume), "signalled", 2, libc::SIGINT);
+    assert_eq!(code, Some(130), "SIGINT");
+    let last = dir.join("signalled/checkpoints/last.safetensors");
+    assert!(bytes(last.clone()) != reference, "the run stopped before its end");
+    ok(&reid(&["train", "--resume", "signalled"], dir));
+    assert!(bytes(last) == reference, "resumed after the signals: not bit-identical");
 }
 
 #[test]
@@ -205,7 +299,7 @@ fn bad_settings_fail_at_load_time_and_resume_refuses_what_it_cannot_keep_exact()
     let out = reid(&["train", "--resume", "run", "--set", "optim.lr=0.01"], dir.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("optim.lr: 0.02 -> 0.01"),
+        !out.status.success() && stderr.contains("optim.lr: 0.005 -> 0.01"),
         "{stderr}"
     );
     let stdout = ok(&reid(

@@ -77,3 +77,15 @@ fn every_fused_op_matches_its_generic_composition() {
     assert!(checks.len() >= 10);
     assert_all_pass(std::path::Path::new("ops"), &checks);
 }
+
+#[test]
+fn input_tensors_of_real_photographs_match_pil_and_torchvision() {
+    let folders = folders_with(&["meta.json", "expected.safetensors", "crops"]);
+    assert_eq!(folders.len(), 1, "the real-photo fixture: {folders:?}");
+    let checks = reid_parity::input_checks(&folders[0]).unwrap();
+    assert!(checks.len() >= 20, "{} checks", checks.len());
+    for c in &checks {
+        println!("{}: {}", c.name, c.detail);
+    }
+    assert_all_pass(&folders[0], &checks);
+}

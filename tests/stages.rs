@@ -23,7 +23,7 @@ fn prepare(dir: &Path) {
         "schedule.epochs=2",
         "schedule.warmup_epochs=0",
         "run.eval_every=1",
-        "run.checkpoint_every=0",
+        "run.checkpoint_every=1",
     ] {
         train.extend(["--set", s]);
     }
@@ -93,14 +93,19 @@ fn validation_keeps_best_and_the_later_stages_use_it() {
     );
     assert!(found.contains("bounding_box_test/"), "{found}");
     assert!(image::open(d.join("strip.png")).unwrap().width() > 100);
-    let last = d.join("run/checkpoints/last.safetensors");
+    // An epoch's checkpoint that is not best: another checkpoint than the gallery's.
+    let other = ["epoch-0001", "epoch-0002"]
+        .map(|e| d.join(format!("run/checkpoints/{e}.safetensors")))
+        .into_iter()
+        .find(|c| sha256_file(c).unwrap() != sha256_file(&best).unwrap())
+        .expect("best is one epoch's checkpoint, not both");
     let refused = reid(
         &[
             "search",
             "--gallery",
             "feat/gallery.safetensors",
             "--checkpoint",
-            last.to_str().unwrap(),
+            other.to_str().unwrap(),
             q,
         ],
         d,
@@ -116,7 +121,7 @@ fn validation_keeps_best_and_the_later_stages_use_it() {
         &[
             "extract",
             "--checkpoint",
-            last.to_str().unwrap(),
+            other.to_str().unwrap(),
             "--manifest",
             "m.parquet",
             "--out",
@@ -164,7 +169,11 @@ fn exported_features_match_the_gallery(d: &Path) {
     let paths = gallery.meta.paths.as_ref().unwrap();
     let data: Vec<f32> = paths
         .iter()
-        .flat_map(|p| reid_sampling::load_normalized(&root.join(p), 64, 32).unwrap().data)
+        .flat_map(|p| {
+            reid_sampling::load_normalized(&root.join(p), reid_sampling::InputSpec::bilinear(64, 32))
+                .unwrap()
+                .data
+        })
         .collect();
     let input = Tensor::from_shape(&[paths.len(), 3, 64, 32], &data).unwrap();
     let out = plan.run(tvec!(input.into())).unwrap();

@@ -57,6 +57,9 @@ pub struct BenchArgs {
     /// Loader benchmark without augmentation.
     #[arg(long)]
     pub no_augment: bool,
+    /// The loader benchmark's resize filter: bilinear or bicubic.
+    #[arg(long, default_value = "bilinear")]
+    pub interpolation: reid_sampling::Interpolation,
     /// Eval benchmark with k-reciprocal re-ranking (20, 6, 0.3); medians of
     /// --iters (at most 5) runs.
     #[arg(long)]
@@ -111,13 +114,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let Some(manifest) = args.manifest.clone() else {
                 anyhow::bail!("the loader benchmark needs --manifest (e.g. of `reid synth --preset market`)");
             };
-            let (height, width, batches) = (args.height, args.width, args.iters.max(1) * 5);
+            let input = reid_sampling::InputSpec {
+                height: args.height,
+                width: args.width,
+                interpolation: args.interpolation,
+            };
             LoaderBench {
                 manifest,
                 batch,
-                height,
-                width,
-                batches,
+                input,
+                batches: args.iters.max(1) * 5,
                 augment: !args.no_augment,
             }
             .run()?

@@ -10,6 +10,7 @@ use reid_pipeline::demo::{run_demo, DemoHooks, DemoRequest, DemoSize, Stage};
 
 use crate::commands::train;
 use crate::progress;
+use crate::stop::StopSignals;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -55,15 +56,24 @@ pub fn run(args: DemoArgs) -> Result<()> {
         device: args.device,
     };
     let epochs = request.train_config()?.schedule.epochs;
+    let signals = StopSignals::install()?;
     let bar = progress::bar(request.size.dataset(request.seed).total_images() as u64, "rendering");
     let hooks = DemoHooks {
         stage: &mut |s: &Stage| println!("[{}] {}", s.name, s.note),
         train: &mut train::printer(epochs),
         note: &mut |n| println!("[train] {n}"),
         render: &|n| bar.set_position(n as u64),
-        stop: train::interrupt_flag(),
+        stop: signals.flag.clone(),
     };
-    let outcome = run_demo(&request, hooks)?;
+    let outcome = match run_demo(&request, hooks) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            return Err(match signals.received() {
+                Some(stopped) => anyhow::Error::new(stopped).context(e.to_string()),
+                None => e.into(),
+            })
+        }
+    };
     bar.finish_and_clear();
     println!("\n{:<10} {:>9}  ", "stage", "time");
     for s in &outcome.stages {

@@ -40,7 +40,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         normalize: !args.no_normalize,
     };
     let done = export(&checkpoint, &options, &args.out)?;
-    let (h, w) = done.info.image_size;
+    let (h, w) = (done.info.input.height, done.info.input.width);
     println!(
         "{}: {} from {}, images [N, 3, {h}, {w}] -> features [N, {}]{}, opset {}, {} nodes, {:.1} MB",
         done.path.display(),

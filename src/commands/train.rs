@@ -1,8 +1,6 @@
 //! `reid train`: the paper's three-loss siamese training.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Args;
@@ -10,6 +8,7 @@ use reid_model::DeviceSpec;
 use reid_train::{Event, Launch, Outcome};
 
 use crate::progress;
+use crate::stop::StopSignals;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -53,19 +52,6 @@ impl TrainArgs {
             max_steps: self.max_steps,
         }
     }
-}
-
-/// Stops training cleanly on the first Ctrl-C, at once on the second.
-pub fn interrupt_flag() -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: saving the last checkpoint (Ctrl-C again to quit at once)");
-    });
-    stop
 }
 
 /// Prints one line per epoch and validation, with a progress bar in between.
@@ -114,7 +100,8 @@ pub fn printer(epochs: usize) -> impl FnMut(Event) {
 
 /// Trains as `launch` asks; returns the run folder.
 pub fn train(launch: &Launch) -> Result<PathBuf> {
-    let mut prepared = launch.prepare(interrupt_flag())?;
+    let signals = StopSignals::install()?;
+    let mut prepared = launch.prepare(signals.flag.clone())?;
     for change in &prepared.changes {
         println!("resume: {change} (recorded in config.toml)");
     }
@@ -134,7 +121,13 @@ pub fn train(launch: &Launch) -> Result<PathBuf> {
     let root = prepared.trainer.paths.root.clone();
     match outcome {
         Outcome::Finished => println!("done: {}", root.join("checkpoints/last.safetensors").display()),
-        Outcome::Interrupted => println!("stopped; continue with: reid train --resume {}", root.display()),
+        Outcome::Interrupted => {
+            println!("stopped; continue with: reid train --resume {}", root.display());
+            // A signal is a failure to finish; --max-steps is a stop asked for.
+            if let Some(stopped) = signals.received() {
+                return Err(stopped.into());
+            }
+        }
     }
     Ok(root)
 }

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{DataError, Result};
 use reid_io::feature_data::FeatureData;
+use reid_io::input::Interpolation;
 
 /// Version of the gallery layout, stored as `format_version` metadata.
 pub const GALLERY_FORMAT_VERSION: &str = "1";
@@ -25,6 +26,8 @@ pub struct GalleryMeta {
     pub arch: Option<String>,
     /// (height, width) of the network input.
     pub image_size: Option<(u32, u32)>,
+    /// The resize filter of the input.
+    pub interpolation: Option<Interpolation>,
     pub normalized: Option<bool>,
     pub flip: Option<bool>,
     pub checkpoint_sha256: Option<String>,
@@ -49,6 +52,7 @@ impl GalleryMeta {
         put("split", self.split.clone());
         put("arch", self.arch.clone());
         put("image_size", self.image_size.map(|(h, w)| format!("{h}x{w}")));
+        put("interpolation", self.interpolation.map(|i| i.to_string()));
         put("normalized", self.normalized.map(|b| b.to_string()));
         put("flip", self.flip.map(|b| b.to_string()));
         put("checkpoint_sha256", self.checkpoint_sha256.clone());
@@ -79,6 +83,9 @@ impl GalleryMeta {
                     .ok_or_else(|| bad("image_size", &v))
             })
             .transpose()?;
+        let interpolation = take("interpolation")
+            .map(|v| v.parse().map_err(|_| bad("interpolation", &v)))
+            .transpose()?;
         let normalized = parse_bool("normalized", take("normalized"))?;
         let flip = parse_bool("flip", take("flip"))?;
         let checkpoint_sha256 = take("checkpoint_sha256");
@@ -92,6 +99,7 @@ impl GalleryMeta {
             split,
             arch,
             image_size,
+            interpolation,
             normalized,
             flip,
             checkpoint_sha256,
@@ -303,6 +311,7 @@ mod tests {
                 split: Some("query".into()),
                 arch: Some("res2net_tiny".into()),
                 image_size: Some((256, 128)),
+                interpolation: Some(Interpolation::Bicubic),
                 normalized: Some(true),
                 flip: Some(false),
                 checkpoint_sha256: Some("ab".into()),

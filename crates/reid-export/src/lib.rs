@@ -99,12 +99,13 @@ fn join(v: &[f32]) -> String {
 /// The metadata of the exported file: what the model is, what it expects, and the
 /// checkpoint it came from.
 fn metadata(info: &CheckpointInfo, options: &ExportOptions, sha256: &str) -> Vec<StringStringEntryProto> {
-    let (h, w) = info.image_size;
+    let (h, w) = (info.input.height, info.input.width);
     vec![
         entry("reid.arch", info.model.arch.name),
         entry("reid.last_stride", info.model.last_stride),
         entry("reid.bnneck", info.model.bnneck),
         entry("reid.input_size", format!("{h}x{w}")),
+        entry("reid.input_interpolation", info.input.interpolation),
         entry("reid.input_layout", "NCHW RGB float32, x = (pixel / 255 - mean) / std"),
         entry("reid.input_mean", join(&INPUT_MEAN)),
         entry("reid.input_std", join(&INPUT_STD)),
@@ -128,7 +129,7 @@ pub fn to_onnx(
             OPSETS.end()
         )));
     }
-    let (h, w) = info.image_size;
+    let (h, w) = (info.input.height, info.input.width);
     let mut g = GraphBuilder::default();
     g.input(
         "images",

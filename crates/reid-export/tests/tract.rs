@@ -47,11 +47,13 @@ fn randomize(m: &ReidModel, seed: u64) {
 
 fn save(m: &ReidModel, size: (usize, usize), dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(format!("{name}.safetensors"));
-    reid_model::checkpoint::save(m, size, &Default::default(), &path).unwrap();
+    let input = reid_io::InputSpec::bilinear(size.0, size.1);
+    reid_model::checkpoint::save(m, input, &Default::default(), &path).unwrap();
     path
 }
 
-fn images(n: usize, (h, w): (usize, usize), seed: u64) -> Vec<Chw> {
+fn images(n: usize, input: reid_io::InputSpec, seed: u64) -> Vec<Chw> {
+    let (h, w) = (input.height, input.width);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n)
         .map(|_| Chw {
@@ -99,7 +101,7 @@ fn assert_close(onnx: &[f32], reid: &[f32], dim: usize, what: &str) {
 fn check(checkpoint: &Path, dir: &Path, seed: u64, normalize: &[bool]) {
     let (m, info) = reid_model::checkpoint::load(checkpoint, &Device::Cpu).unwrap();
     let dim = info.model.arch.feature_dim();
-    let batch = images(5, info.image_size, seed);
+    let batch = images(5, info.input, seed);
     for &normalize in normalize {
         let out = dir.join(format!("model-{normalize}.onnx"));
         let options = ExportOptions {
@@ -114,9 +116,9 @@ fn check(checkpoint: &Path, dir: &Path, seed: u64, normalize: &[bool]) {
             normalize,
         };
         let what = format!("{} normalize={normalize}", info.model.arch);
-        let one = embed(&m, info.image_size, &batch[..1], &extract).unwrap();
+        let one = embed(&m, info.input, &batch[..1], &extract).unwrap();
         assert_close(&onnx_features(&plan, &batch[..1]), &one, dim, &format!("{what} N=1"));
-        let five = embed(&m, info.image_size, &batch, &extract).unwrap();
+        let five = embed(&m, info.input, &batch, &extract).unwrap();
         assert_close(&onnx_features(&plan, &batch), &five, dim, &format!("{what} N=5"));
     }
 }
@@ -195,9 +197,9 @@ fn the_file_says_what_it_holds_and_loads_at_every_supported_opset() {
         ("images", "features")
     );
 
-    let batch = images(2, (64, 32), 9);
+    let batch = images(2, reid_io::InputSpec::bilinear(64, 32), 9);
     let (m, info) = reid_model::checkpoint::load(&ckpt, &Device::Cpu).unwrap();
-    let want = embed(&m, info.image_size, &batch, &ExtractOptions::default()).unwrap();
+    let want = embed(&m, info.input, &batch, &ExtractOptions::default()).unwrap();
     for opset in [13, 18, 21] {
         let out = dir.path().join(format!("m{opset}.onnx"));
         export(&ckpt, &ExportOptions { opset, normalize: true }, &out).unwrap();
@@ -243,7 +245,7 @@ fn a_malformed_or_mismatched_checkpoint_fails_clearly_and_writes_nothing() {
     randomize(&m, 1);
     let lie = std::collections::BTreeMap::from([("reid.arch".to_string(), "res2net_tiny".to_string())]);
     let mismatched = dir.path().join("mismatched.safetensors");
-    reid_model::checkpoint::save(&m, (64, 32), &lie, &mismatched).unwrap();
+    reid_model::checkpoint::save(&m, reid_io::InputSpec::bilinear(64, 32), &lie, &mismatched).unwrap();
     let err = failure(&mismatched, options, &out);
     assert!(
         err.contains("do not fit the model") && err.contains("layer1.0.convs.0.weight"),

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use reid_data::gallery::{sha256_file, Gallery, GalleryMeta, GALLERY_FORMAT_VERSION};
 use reid_data::{Manifest, Split};
 use reid_model::ReidModel;
-use reid_sampling::{load_normalized, Chw};
+use reid_sampling::{load_normalized, Chw, InputSpec};
 
 /// Why extraction failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +46,10 @@ impl Default for ExtractOptions {
     }
 }
 
-/// A trained model ready for inference, with the input size it was trained at.
+/// A trained model ready for inference, with the input it was trained on.
 pub struct Extractor {
     pub model: ReidModel,
-    pub image_size: (usize, usize),
+    pub input: InputSpec,
     pub checkpoint: PathBuf,
 }
 
@@ -59,14 +59,14 @@ impl Extractor {
         let (model, info) = reid_model::checkpoint::load(checkpoint, device)?;
         Ok(Extractor {
             model,
-            image_size: info.image_size,
+            input: info.input,
             checkpoint: checkpoint.to_path_buf(),
         })
     }
 
     /// Features [N, D] (row-major) of decoded images, in eval mode.
     pub fn embed(&self, images: &[Chw], options: &ExtractOptions) -> Result<Vec<f32>, ExtractError> {
-        embed(&self.model, self.image_size, images, options)
+        embed(&self.model, self.input, images, options)
     }
 
     /// Features of image files, `batch_size` at a time; `progress` gets the count done.
@@ -76,18 +76,18 @@ impl Extractor {
         options: &ExtractOptions,
         progress: &dyn Fn(usize),
     ) -> Result<Vec<f32>, ExtractError> {
-        embed_files(&self.model, self.image_size, paths, options, progress)
+        embed_files(&self.model, self.input, paths, options, progress)
     }
 }
 
-/// Features [N, D] (row-major) of decoded `images` of `image_size`, in eval mode.
+/// Features [N, D] (row-major) of decoded `images` of `input`'s size, in eval mode.
 pub fn embed(
     model: &ReidModel,
-    image_size: (usize, usize),
+    input: InputSpec,
     images: &[Chw],
     options: &ExtractOptions,
 ) -> Result<Vec<f32>, ExtractError> {
-    let (h, w) = image_size;
+    let (h, w) = (input.height, input.width);
     let mut data: Vec<f32> = Vec::with_capacity(images.len() * 3 * h * w * if options.flip { 2 } else { 1 });
     for img in images {
         data.extend_from_slice(&img.data);
@@ -117,19 +117,18 @@ pub fn embed(
 /// Decoding runs on all cores; memory holds one batch.
 pub fn embed_files(
     model: &ReidModel,
-    image_size: (usize, usize),
+    input: InputSpec,
     paths: &[PathBuf],
     options: &ExtractOptions,
     progress: &dyn Fn(usize),
 ) -> Result<Vec<f32>, ExtractError> {
-    let (h, w) = image_size;
     let mut features = Vec::new();
     for (i, chunk) in paths.chunks(options.batch_size.max(1)).enumerate() {
         let images: Vec<Chw> = chunk
             .par_iter()
-            .map(|p| load_normalized(p, h, w))
+            .map(|p| load_normalized(p, input))
             .collect::<Result<_, _>>()?;
-        features.extend(embed(model, image_size, &images, options)?);
+        features.extend(embed(model, input, &images, options)?);
         progress((i * options.batch_size + chunk.len()).min(paths.len()));
     }
     Ok(features)
@@ -140,7 +139,7 @@ pub fn embed_files(
 /// `progress` gets (done, total).
 pub fn split_features(
     model: &ReidModel,
-    image_size: (usize, usize),
+    input: InputSpec,
     manifest: &Manifest,
     split: Split,
     options: &ExtractOptions,
@@ -154,11 +153,12 @@ pub fn split_features(
     }
     let paths: Vec<PathBuf> = records.iter().map(|r| manifest.image_path(r)).collect();
     let total = paths.len();
-    let features = embed_files(model, image_size, &paths, options, &|done| progress(done, total))?;
+    let features = embed_files(model, input, &paths, options, &|done| progress(done, total))?;
     let meta = GalleryMeta {
         split: Some(split.as_str().into()),
         arch: Some(model.config.arch.name.to_string()),
-        image_size: Some((image_size.0 as u32, image_size.1 as u32)),
+        image_size: Some((input.height as u32, input.width as u32)),
+        interpolation: Some(input.interpolation),
         normalized: Some(options.normalize),
         flip: Some(options.flip),
         paths: Some(records.iter().map(|r| r.path.clone()).collect()),
@@ -188,13 +188,14 @@ fn expected_meta(
     checkpoint_sha: &str,
     manifest_sha: &str,
     split: Split,
-    image_size: (usize, usize),
+    input: InputSpec,
     options: &ExtractOptions,
 ) -> GalleryMeta {
     GalleryMeta {
         format_version: Some(GALLERY_FORMAT_VERSION.into()),
         split: Some(split.as_str().into()),
-        image_size: Some((image_size.0 as u32, image_size.1 as u32)),
+        image_size: Some((input.height as u32, input.width as u32)),
+        interpolation: Some(input.interpolation),
         normalized: Some(options.normalize),
         flip: Some(options.flip),
         checkpoint_sha256: Some(checkpoint_sha.into()),
@@ -207,6 +208,7 @@ fn same_settings(a: &GalleryMeta, b: &GalleryMeta) -> bool {
     a.format_version == b.format_version
         && a.split == b.split
         && a.image_size == b.image_size
+        && a.interpolation.unwrap_or_default() == b.interpolation.unwrap_or_default()
         && a.normalized == b.normalized
         && a.flip == b.flip
         && a.checkpoint_sha256 == b.checkpoint_sha256
@@ -237,7 +239,7 @@ pub fn extract_split(
     let checkpoint_sha = sha256_file(&job.checkpoint)?;
     let manifest_sha = sha256_file(&job.manifest)?;
     let info = reid_model::checkpoint::read_info(&job.checkpoint)?;
-    let wanted = expected_meta(&checkpoint_sha, &manifest_sha, job.split, info.image_size, &job.options);
+    let wanted = expected_meta(&checkpoint_sha, &manifest_sha, job.split, info.input, &job.options);
     if !job.force && job.out.exists() {
         if let Ok(existing) = Gallery::read(&job.out) {
             if same_settings(&existing.meta, &wanted) {
@@ -249,7 +251,7 @@ pub fn extract_split(
     let extractor = Extractor::load(&job.checkpoint, device)?;
     let mut gallery = split_features(
         &extractor.model,
-        extractor.image_size,
+        extractor.input,
         &manifest,
         job.split,
         &job.options,

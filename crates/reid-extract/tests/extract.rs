@@ -44,7 +44,13 @@ fn checkpoint(dir: &Path, name: &str, seed: u64) -> PathBuf {
     .unwrap();
     model.initialize(seed).unwrap();
     let path = dir.join(name);
-    reid_model::checkpoint::save(&model, (64, 32), &Default::default(), &path).unwrap();
+    reid_model::checkpoint::save(
+        &model,
+        reid_sampling::InputSpec::bilinear(64, 32),
+        &Default::default(),
+        &path,
+    )
+    .unwrap();
     path
 }
 
@@ -130,7 +136,7 @@ fn with_flip_an_image_and_its_mirror_have_one_feature() {
         .unwrap()
         .unwrap()
         .path();
-    let img = reid_sampling::load_normalized(&path, 64, 32).unwrap();
+    let img = reid_sampling::load_normalized(&path, reid_sampling::InputSpec::bilinear(64, 32)).unwrap();
     let mut mirror = img.clone();
     mirror.flip_horizontal();
     let on = ExtractOptions {

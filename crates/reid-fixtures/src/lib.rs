@@ -22,11 +22,12 @@ pub fn root() -> PathBuf {
     root
 }
 
-/// Every folder under the fixture root (recursively) that holds all of `files`,
+/// Every folder under the fixture root (recursively) that holds all of `files`
+/// (files or folders),
 /// sorted. Panics when there is none.
 pub fn folders_with(files: &[&str]) -> Vec<PathBuf> {
     fn walk(dir: &Path, files: &[&str], out: &mut Vec<PathBuf>) {
-        if files.iter().all(|f| dir.join(f).is_file()) {
+        if files.iter().all(|f| dir.join(f).exists()) {
             out.push(dir.to_path_buf());
         }
         if let Ok(entries) = std::fs::read_dir(dir) {

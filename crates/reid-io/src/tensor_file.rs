@@ -183,14 +183,15 @@ impl TensorReader {
         }
     }
 
-    /// Reads tensor `name` as f64 (from F64, or F32, I64 or I32 converted).
+    /// Reads tensor `name` as f64 (from F64, or F32, I64, I32 or U8 converted).
     pub fn read_f64(&mut self, name: &str) -> Result<Vec<f64>> {
         match self.entry(name)?.dtype.as_str() {
             "F64" => self.read_with(name, 8, |b| f64::from_le_bytes(b.try_into().expect("8 bytes"))),
             "F32" => self.read_with(name, 4, |b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64),
             "I64" => self.read_with(name, 8, |b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f64),
             "I32" => self.read_with(name, 4, |b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as f64),
-            d => Err(self.bad(format!("{name} must be F64, F32, I64 or I32, got {d}"))),
+            "U8" => self.read_with(name, 1, |b| b[0] as f64),
+            d => Err(self.bad(format!("{name} must be F64, F32, I64, I32 or U8, got {d}"))),
         }
     }
 

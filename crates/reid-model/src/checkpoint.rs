@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device};
+use reid_io::input::{InputSpec, Interpolation};
 
 use crate::arch::Arch;
 use crate::model::{ModelConfig, ReidModel};
@@ -20,14 +21,16 @@ pub mod keys {
     pub const BNNECK: &str = "reid.bnneck";
     pub const HEIGHT: &str = "reid.height";
     pub const WIDTH: &str = "reid.width";
+    /// The resize filter of the input (absent in older checkpoints: bilinear).
+    pub const INTERPOLATION: &str = "reid.interpolation";
 }
 
 /// What a checkpoint says about the model it holds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CheckpointInfo {
     pub model: ModelConfig,
-    /// Network input (height, width).
-    pub image_size: (usize, usize),
+    /// The network's input: size and resize filter.
+    pub input: InputSpec,
 }
 
 impl CheckpointInfo {
@@ -39,8 +42,9 @@ impl CheckpointInfo {
             (keys::LAST_STRIDE.to_string(), c.last_stride.to_string()),
             (keys::NUM_CLASSES.to_string(), c.num_classes.to_string()),
             (keys::BNNECK.to_string(), c.bnneck.to_string()),
-            (keys::HEIGHT.to_string(), self.image_size.0.to_string()),
-            (keys::WIDTH.to_string(), self.image_size.1.to_string()),
+            (keys::HEIGHT.to_string(), self.input.height.to_string()),
+            (keys::WIDTH.to_string(), self.input.width.to_string()),
+            (keys::INTERPOLATION.to_string(), self.input.interpolation.to_string()),
         ])
     }
 }
@@ -80,6 +84,13 @@ pub fn read_info(path: &Path) -> Result<CheckpointInfo, WeightError> {
         message: m,
     })?;
     let num = |k: &str| number(&meta, k, path).map(|v| v as usize);
+    let interpolation = match meta.get(keys::INTERPOLATION) {
+        None => Interpolation::Bilinear,
+        Some(v) => v.parse().map_err(|m: String| WeightError::Read {
+            path: path.to_path_buf(),
+            message: format!("metadata '{}': {m}", keys::INTERPOLATION),
+        })?,
+    };
     Ok(CheckpointInfo {
         model: ModelConfig {
             arch,
@@ -87,7 +98,11 @@ pub fn read_info(path: &Path) -> Result<CheckpointInfo, WeightError> {
             num_classes: num(keys::NUM_CLASSES)?,
             bnneck: meta.get(keys::BNNECK).is_some_and(|v| v == "true"),
         },
-        image_size: (num(keys::HEIGHT)?, num(keys::WIDTH)?),
+        input: InputSpec {
+            height: num(keys::HEIGHT)?,
+            width: num(keys::WIDTH)?,
+            interpolation,
+        },
     })
 }
 
@@ -95,13 +110,13 @@ pub fn read_info(path: &Path) -> Result<CheckpointInfo, WeightError> {
 /// atomically; refuses (writing nothing) when any tensor is not finite.
 pub fn save(
     model: &ReidModel,
-    image_size: (usize, usize),
+    input: InputSpec,
     extra: &BTreeMap<String, String>,
     path: &Path,
 ) -> Result<(), WeightError> {
     let info = CheckpointInfo {
         model: model.config,
-        image_size,
+        input,
     };
     let mut meta = info.metadata();
     meta.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -135,13 +150,18 @@ mod tests {
     #[test]
     fn the_header_rebuilds_the_model_neck_included() {
         let dir = tempfile::tempdir().unwrap();
-        for bnneck in [false, true] {
+        for (bnneck, interpolation) in [(false, Interpolation::Bilinear), (true, Interpolation::Bicubic)] {
             let saved = model(bnneck, 1);
             let path = dir.path().join(format!("{bnneck}.safetensors"));
-            save(&saved, (64, 32), &BTreeMap::new(), &path).unwrap();
+            let input = InputSpec {
+                height: 64,
+                width: 32,
+                interpolation,
+            };
+            save(&saved, input, &BTreeMap::new(), &path).unwrap();
             let (loaded, info) = load(&path, &Device::Cpu).unwrap();
             assert_eq!(info.model, saved.config);
-            assert_eq!(info.image_size, (64, 32));
+            assert_eq!(info.input, input);
             let (a, b) = (saved.state_dict().unwrap(), loaded.state_dict().unwrap());
             assert_eq!(a.len(), b.len());
             assert_eq!(a.contains_key("neck.weight"), bnneck);
@@ -158,8 +178,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let extra = BTreeMap::from([("reid.step".to_string(), "7".to_string())]);
         let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
-        save(&model(true, 4), (64, 32), &extra, &a).unwrap();
-        save(&model(true, 4), (64, 32), &extra, &b).unwrap();
+        save(&model(true, 4), InputSpec::bilinear(64, 32), &extra, &a).unwrap();
+        save(&model(true, 4), InputSpec::bilinear(64, 32), &extra, &b).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
         assert_eq!(read_metadata(&a).unwrap()["reid.step"], "7");
 
@@ -173,7 +193,9 @@ mod tests {
         v[1] = f32::NAN;
         var.set(&candle_core::Tensor::new(v, &Device::Cpu).unwrap()).unwrap();
         let c = dir.path().join("c.safetensors");
-        let err = save(&m, (64, 32), &extra, &c).unwrap_err().to_string();
+        let err = save(&m, InputSpec::bilinear(64, 32), &extra, &c)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&name) && err.contains("NaN"), "{err}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "nothing written");
     }

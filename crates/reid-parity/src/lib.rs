@@ -6,6 +6,7 @@
 //! error that names the file, never a panic.
 
 mod fixtures;
+mod inputs;
 mod ops;
 pub mod reference;
 
@@ -19,6 +20,8 @@ pub enum ParityError {
     #[error("{path}: {message}")]
     Fixture { path: PathBuf, message: String },
     #[error(transparent)]
+    File(#[from] reid_io::IoError),
+    #[error(transparent)]
     Weights(#[from] reid_model::WeightError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -30,6 +33,7 @@ pub enum ParityError {
 pub type Result<T> = std::result::Result<T, ParityError>;
 
 pub use fixtures::{model_folder, summarise, train_step_folder};
+pub use inputs::input_checks;
 pub use ops::op_checks;
 
 /// One named check, passed or not, with what was measured.
@@ -117,6 +121,10 @@ pub fn run(root: &Path, device: &Device) -> Result<Vec<Section>> {
             });
         }
     }
+    sections.push(Section {
+        title: "input tensors of real photographs against PIL and torchvision".into(),
+        checks: input_checks(&root.join("real_photos"))?,
+    });
     sections.push(Section {
         title: "fused kernels against the generic ops, f32, forward and backward".into(),
         checks: op_checks(device)?,

@@ -26,7 +26,7 @@ pub struct Reference {
 impl Reference {
     /// Reads every tensor of `path` (floats and integers alike, as f64).
     pub fn read(path: &Path) -> Result<Self> {
-        let tensors = reid_io::tensor_file::read_all_f64(path).map_err(|e| missing_or(path, e.to_string()))?;
+        let tensors = reid_io::tensor_file::read_all_f64(path).map_err(|e| missing_or(path, e.into()))?;
         let tensors = tensors
             .into_iter()
             .map(|(name, (shape, data))| (name, RefTensor { shape, data }))
@@ -48,7 +48,7 @@ impl Reference {
 
 /// Reads a JSON file.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| missing_or(path, e.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| missing_or(path, reid_io::IoError::io(path, e).into()))?;
     serde_json::from_str(&text).map_err(|e| ParityError::Fixture {
         path: path.to_path_buf(),
         message: format!("not JSON: {e}"),
@@ -56,15 +56,14 @@ pub fn read_json(path: &Path) -> Result<Value> {
 }
 
 /// "missing" where `path` does not exist (the usual case of a partial fixture
-/// folder), else `message`.
-fn missing_or(path: &Path, message: String) -> ParityError {
-    let message = match path.exists() {
-        false => "missing from the fixture folder (copy the repository's tests/fixtures)".to_string(),
-        true => message,
-    };
-    ParityError::Fixture {
-        path: path.to_path_buf(),
-        message,
+/// folder), else `error`.
+fn missing_or(path: &Path, error: ParityError) -> ParityError {
+    match path.exists() {
+        false => ParityError::Fixture {
+            path: path.to_path_buf(),
+            message: "missing from the fixture folder (copy the repository's tests/fixtures)".into(),
+        },
+        true => error,
     }
 }
 

@@ -166,8 +166,7 @@ pub struct LoaderBench {
     pub manifest: std::path::PathBuf,
     /// Pairs per batch.
     pub batch: usize,
-    pub height: usize,
-    pub width: usize,
+    pub input: reid_sampling::InputSpec,
     pub batches: usize,
     pub augment: bool,
 }
@@ -179,8 +178,7 @@ impl LoaderBench {
         let sampler = std::sync::Arc::new(reid_sampling::PairSampler::new(data.labels.clone(), 0.5, 0));
         let cfg = reid_sampling::LoaderConfig {
             batch_size: self.batch,
-            height: self.height,
-            width: self.width,
+            input: self.input,
             augment: if self.augment {
                 reid_sampling::Augment::default()
             } else {
@@ -207,8 +205,9 @@ impl LoaderBench {
             "augment": self.augment,
             "pairs_per_batch": self.batch,
             "batches": self.batches,
-            "height": self.height,
-            "width": self.width,
+            "height": self.input.height,
+            "width": self.input.width,
+            "interpolation": self.input.interpolation.as_str(),
             "images_per_s_median": median(rates),
         }))
     }

@@ -3,8 +3,11 @@
 
 pub mod loader;
 pub mod pairs;
+pub mod preprocess;
+pub mod resize;
 pub mod transform;
 
 pub use loader::{LoadError, LoaderConfig, PairBatch, PairLoader};
 pub use pairs::{Pair, PairSampler};
-pub use transform::{load_normalized, Augment, Chw, DecodeError, EraseFill};
+pub use preprocess::{load_normalized, InputSpec, Interpolation};
+pub use transform::{Augment, Chw, DecodeError, EraseFill};

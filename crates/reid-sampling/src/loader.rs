@@ -13,15 +13,16 @@ use rayon::prelude::*;
 use reid_io::seed::mix;
 
 use crate::pairs::{Pair, PairSampler};
-use crate::transform::{guarded, load_normalized, Augment, Chw, DecodeError};
+use crate::preprocess::{load_normalized, InputSpec};
+use crate::transform::{guarded, Augment, Chw, DecodeError};
 
 /// Loader settings.
 #[derive(Debug, Clone)]
 pub struct LoaderConfig {
     /// Pairs per batch.
     pub batch_size: usize,
-    pub height: usize,
-    pub width: usize,
+    /// The network's input size and resize filter.
+    pub input: InputSpec,
     pub augment: Augment,
     /// Batches decoded ahead of the trainer (memory stays bounded by this).
     pub prefetch: usize,
@@ -84,7 +85,7 @@ pub fn load_augmented(
     pair: usize,
     which: u64,
 ) -> Result<Chw, DecodeError> {
-    let mut img = load_normalized(path, cfg.height, cfg.width)?;
+    let mut img = load_normalized(path, cfg.input)?;
     let mut rng = ChaCha8Rng::seed_from_u64(mix(mix(cfg.seed, AUGMENT_STREAM, epoch), pair as u64, which));
     guarded(path, "augmenting", || cfg.augment.apply(&mut img, &mut rng))?;
     Ok(img)
@@ -119,7 +120,7 @@ fn build_batch(
             ))
         })
         .collect();
-    let plane = 3 * cfg.height * cfg.width;
+    let plane = 3 * cfg.input.height * cfg.input.width;
     let mut batch = PairBatch {
         epoch,
         index,
@@ -230,8 +231,11 @@ mod tests {
     fn config(threads: usize) -> LoaderConfig {
         LoaderConfig {
             batch_size: 5,
-            height: 16,
-            width: 8,
+            input: InputSpec {
+                height: 16,
+                width: 8,
+                interpolation: Default::default(),
+            },
             augment: Augment::default(),
             prefetch: 2,
             threads,

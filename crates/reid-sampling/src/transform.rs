@@ -1,16 +1,13 @@
-//! Image transforms: decoding, resizing, normalising (the evaluation transform) and
-//! the training augmentations (random crop, horizontal flip, random erasing).
-//! Images are CHW f32 buffers; every random draw comes from the caller's RNG.
+//! The training augmentations (random crop, horizontal flip, random erasing,
+//! colour and scale jitter) on normalised CHW f32 images (see
+//! [`crate::preprocess`]); every random draw comes from the caller's RNG.
 
 use std::path::Path;
 
-use image::imageops::FilterType;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-/// ImageNet channel means and standard deviations (RGB, on [0, 1] pixels).
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+use crate::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
 
 /// A CHW float image.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,33 +55,6 @@ pub fn guarded<T>(path: &Path, doing: &str, f: impl FnOnce() -> T) -> Result<T, 
         path: path.to_path_buf(),
         message: format!("panicked while {doing}: {}", panic_message(&panic)),
     })
-}
-
-/// Decodes `path`, resizes it bilinearly to `height` x `width` and normalises it
-/// with the ImageNet statistics: the evaluation transform.
-pub fn load_normalized(path: &Path, height: usize, width: usize) -> Result<Chw, DecodeError> {
-    let bytes = std::fs::read(path).map_err(|e| DecodeError {
-        path: path.to_path_buf(),
-        message: format!("cannot read image: {e}"),
-    })?;
-    let img = guarded(path, "decoding", || image::load_from_memory(&bytes))?.map_err(|e| DecodeError {
-        path: path.to_path_buf(),
-        message: format!("cannot decode image: {e}"),
-    })?;
-    let rgb = img.to_rgb8();
-    let rgb = if rgb.dimensions() == (width as u32, height as u32) {
-        rgb
-    } else {
-        image::imageops::resize(&rgb, width as u32, height as u32, FilterType::Triangle)
-    };
-    let plane = height * width;
-    let mut data = vec![0f32; 3 * plane];
-    for (i, p) in rgb.pixels().enumerate() {
-        for c in 0..3 {
-            data[c * plane + i] = (p[c] as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
-        }
-    }
-    Ok(Chw { height, width, data })
 }
 
 /// How random erasing fills the rectangle.
@@ -410,22 +380,5 @@ mod tests {
         let before = img.clone();
         assert_eq!(scale_jitter(&mut img, 0.0, &mut rng), 1.0);
         assert_eq!(img, before);
-    }
-
-    #[test]
-    fn decoding_resizes_and_normalises() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("red.png");
-        image::RgbImage::from_pixel(6, 12, image::Rgb([255, 0, 0]))
-            .save(&path)
-            .unwrap();
-        let img = load_normalized(&path, 24, 12).unwrap();
-        assert_eq!((img.height, img.width, img.data.len()), (24, 12, 3 * 24 * 12));
-        assert!((img.at(0, 5, 5) - (1.0 - 0.485) / 0.229).abs() < 1e-5);
-        assert!((img.at(1, 5, 5) - (0.0 - 0.456) / 0.224).abs() < 1e-5);
-        let err = load_normalized(&dir.path().join("missing.jpg"), 8, 4)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("missing.jpg"));
     }
 }

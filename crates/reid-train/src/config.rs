@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use reid_model::{Arch, DeviceSpec, LossSettings};
 use reid_ops::Precision;
-use reid_sampling::Augment;
+use reid_sampling::{Augment, InputSpec, Interpolation};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::SgdConfig;
@@ -21,6 +21,9 @@ pub struct DataConfig {
     pub manifest: Option<PathBuf>,
     pub height: usize,
     pub width: usize,
+    /// How images are resized to `height` x `width`: `bilinear` (torchreid's and
+    /// BoT's) or `bicubic` (fast-reid's), with Pillow's filters.
+    pub interpolation: Interpolation,
     /// How batches are drawn: `pairs` (the paper's) or `pk` (P identities x K
     /// images, verification on the pairs inside the batch).
     pub sampler: Sampler,
@@ -47,6 +50,7 @@ impl Default for DataConfig {
             manifest: None,
             height: 256,
             width: 128,
+            interpolation: Interpolation::Bilinear,
             sampler: Sampler::Pairs,
             batch_size: 32,
             p: 16,
@@ -70,6 +74,15 @@ pub enum Sampler {
 }
 
 impl DataConfig {
+    /// The network's input: size and resize filter.
+    pub fn input(&self) -> InputSpec {
+        InputSpec {
+            height: self.height,
+            width: self.width,
+            interpolation: self.interpolation,
+        }
+    }
+
     /// Pairs per loader batch: `batch_size`, or P x K / 2 (a P x K batch is loaded
     /// as pairs of its first and second half).
     pub fn pairs_per_batch(&self) -> usize {

@@ -109,9 +109,9 @@ impl Prepared {
     /// every `run.eval_every` epochs.
     pub fn run(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<Outcome, TrainError> {
         let c = &self.trainer.config;
-        let image_size = (c.data.height, c.data.width);
+        let input = c.data.input();
         let manifest = &self.manifest;
-        let mut validation = |model: &ReidModel| crate::validation::rank1_and_map(model, manifest, image_size);
+        let mut validation = |model: &ReidModel| crate::validation::rank1_and_map(model, manifest, input);
         let validate: Option<&mut crate::trainer::Validate> = if c.run.eval_every > 0 {
             Some(&mut validation)
         } else {

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod finite;
 pub mod launch;
+pub mod lock;
 pub mod log;
 pub mod optim;
 pub mod schedule;

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use reid_io::input::InputSpec;
 use reid_model::checkpoint::{number, read_metadata};
 use reid_model::{ReidModel, WeightError};
 
@@ -99,12 +100,12 @@ impl RunPaths {
 }
 
 /// Writes a training checkpoint: the model with the epoch and step it was taken at.
-pub fn save_model(model: &ReidModel, image_size: (usize, usize), at: Position, path: &Path) -> Result<(), WeightError> {
+pub fn save_model(model: &ReidModel, input: InputSpec, at: Position, path: &Path) -> Result<(), WeightError> {
     let extra = BTreeMap::from([
         (keys::EPOCH.to_string(), at.epoch.to_string()),
         (keys::STEP.to_string(), at.step.to_string()),
     ]);
-    reid_model::checkpoint::save(model, image_size, &extra, path)
+    reid_model::checkpoint::save(model, input, &extra, path)
 }
 
 /// The step a training checkpoint was written at.
@@ -187,12 +188,12 @@ impl TrainerState {
 pub fn save_last(
     paths: &RunPaths,
     model: &ReidModel,
-    image_size: (usize, usize),
+    input: InputSpec,
     state: &TrainerState,
     optimizer: &Sgd,
 ) -> Result<(), WeightError> {
     state.save(optimizer, &paths.state_next())?;
-    save_model(model, image_size, state.position, &paths.checkpoint("last"))?;
+    save_model(model, input, state.position, &paths.checkpoint("last"))?;
     let io = |e: std::io::Error| WeightError::Write {
         path: paths.state(),
         message: e.to_string(),
@@ -269,7 +270,7 @@ mod tests {
         };
         let model = ReidModel::new(config, candle_core::DType::F32, &Device::Cpu).unwrap();
         let sgd = Sgd::new(Vec::new(), crate::SgdConfig::default());
-        save_last(&paths, &model, (64, 32), &state_at(5), &sgd).unwrap();
+        save_last(&paths, &model, InputSpec::bilinear(64, 32), &state_at(5), &sgd).unwrap();
         assert_eq!(recover_state(&paths).unwrap().position.step, 5);
         // Cut off after the pending state was written: it is stale and dropped.
         state_at(6).save(&sgd, &paths.state_next()).unwrap();
@@ -277,11 +278,23 @@ mod tests {
         assert!(!paths.state_next().exists());
         // Cut off after the weights were replaced: the pending state is promoted.
         state_at(6).save(&sgd, &paths.state_next()).unwrap();
-        save_model(&model, (64, 32), state_at(6).position, &paths.checkpoint("last")).unwrap();
+        save_model(
+            &model,
+            InputSpec::bilinear(64, 32),
+            state_at(6).position,
+            &paths.checkpoint("last"),
+        )
+        .unwrap();
         assert_eq!(recover_state(&paths).unwrap().position.step, 6);
         assert_eq!(TrainerState::read(&paths.state()).unwrap().position.step, 6);
         // Weights with no state of their step cannot continue.
-        save_model(&model, (64, 32), state_at(7).position, &paths.checkpoint("last")).unwrap();
+        save_model(
+            &model,
+            InputSpec::bilinear(64, 32),
+            state_at(7).position,
+            &paths.checkpoint("last"),
+        )
+        .unwrap();
         assert!(recover_state(&paths).unwrap_err().to_string().contains("step 7"));
     }
 

@@ -14,10 +14,11 @@ use reid_data::{Manifest, Split};
 use reid_io::seed::mix;
 use reid_model::weights::{resolve, WeightSource};
 use reid_model::{LoadScope, ModelConfig, ReidModel, WeightError};
-use reid_sampling::{LoaderConfig, PairBatch, PairLoader, PairSampler};
+use reid_sampling::{InputSpec, LoaderConfig, PairBatch, PairLoader, PairSampler};
 
 use crate::config::{ConfigError, Sampler, TrainConfig};
 use crate::finite::first_non_finite;
+use crate::lock::RunLock;
 use crate::log::MetricsLog;
 use crate::optim::Sgd;
 use crate::state::{load_momentum, recover_state, save_model, Best, Position, RunPaths, TrainerState};
@@ -57,6 +58,8 @@ pub enum TrainError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("{run} is in use by process {pid}, which holds its lock; wait for it to end (or stop it) and run again (exit status 75)")]
+    Busy { run: PathBuf, pid: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -148,6 +151,8 @@ pub struct Trainer {
     stop: Arc<AtomicBool>,
     /// Stop (as if interrupted) once this many steps have been taken in all.
     pub max_steps: Option<u64>,
+    /// This process's ownership of the run folder.
+    _lock: RunLock,
 }
 
 const DROPOUT_STREAM: u64 = 31;
@@ -167,6 +172,8 @@ impl Trainer {
         stop: Arc<AtomicBool>,
     ) -> Result<Self, TrainError> {
         let paths = RunPaths::new(run_dir);
+        // A folder that exists may be another process's run: its lock first.
+        let lock = run_dir.is_dir().then(|| RunLock::acquire(run_dir)).transpose()?;
         if paths.state().exists() || paths.checkpoint("last").exists() {
             return Err(TrainError::Invalid(format!(
                 "{} already holds a run; continue it with --resume {0} or choose another --out",
@@ -184,6 +191,10 @@ impl Trainer {
             path: paths.checkpoints(),
             source: e,
         })?;
+        let lock = match lock {
+            Some(lock) => lock,
+            None => RunLock::acquire(run_dir)?,
+        };
         reid_io::atomic::write_bytes_atomically(&paths.config(), config.to_toml().as_bytes())?;
         let optimizer = Sgd::new(model.trainable_vars(), config.optim.clone());
         Ok(Trainer {
@@ -196,6 +207,7 @@ impl Trainer {
             data,
             stop,
             max_steps: None,
+            _lock: lock,
         })
     }
 
@@ -209,6 +221,15 @@ impl Trainer {
         stop: Arc<AtomicBool>,
     ) -> Result<Self, TrainError> {
         let paths = RunPaths::new(run_dir);
+        let lock = match run_dir.is_dir() {
+            true => RunLock::acquire(run_dir)?,
+            false => {
+                return Err(TrainError::Invalid(format!(
+                    "{}: no such run folder",
+                    run_dir.display()
+                )))
+            }
+        };
         if !paths.checkpoint("last").exists() {
             return Err(TrainError::Invalid(format!(
                 "{}: no checkpoint to resume from (the run did not finish an epoch); start it anew",
@@ -244,6 +265,7 @@ impl Trainer {
             data,
             stop,
             max_steps: None,
+            _lock: lock,
         })
     }
 
@@ -251,8 +273,7 @@ impl Trainer {
         let d = &self.config.data;
         LoaderConfig {
             batch_size: d.pairs_per_batch(),
-            height: d.height,
-            width: d.width,
+            input: d.input(),
             augment: self.config.augment,
             prefetch: d.prefetch,
             threads: d.workers,
@@ -262,8 +283,8 @@ impl Trainer {
         }
     }
 
-    fn image_size(&self) -> (usize, usize) {
-        (self.config.data.height, self.config.data.width)
+    fn input(&self) -> InputSpec {
+        self.config.data.input()
     }
 
     /// Writes `last` and the trainer state at position `next`.
@@ -274,7 +295,7 @@ impl Trainer {
             manifest_sha256: self.data.manifest_sha256.clone(),
             config_toml: self.config.to_toml(),
         };
-        crate::state::save_last(&self.paths, &self.model, self.image_size(), &state, &self.optimizer)?;
+        crate::state::save_last(&self.paths, &self.model, self.input(), &state, &self.optimizer)?;
         Ok(())
     }
 
@@ -454,7 +475,7 @@ impl Trainer {
 
     /// One training step on `batch`, with the checks that keep a run honest.
     fn step(&mut self, epoch: usize, lr: f64, batch: &PairBatch) -> Result<StepStats, TrainError> {
-        let (h, w) = self.image_size();
+        let (h, w) = (self.config.data.height, self.config.data.width);
         let tensors = BatchTensors::new(batch, h, w, self.model.dtype, &self.model.device)?;
         let seed = mix(
             mix(self.config.run.seed, DROPOUT_STREAM, epoch as u64),
@@ -505,12 +526,7 @@ impl Trainer {
         let (rank1, map) = v(&self.model).map_err(TrainError::Invalid)?;
         let better = self.best.is_none_or(|b| rank1 > b.rank1);
         if better {
-            save_model(
-                &self.model,
-                self.image_size(),
-                self.position,
-                &self.paths.checkpoint("best"),
-            )?;
+            save_model(&self.model, self.input(), self.position, &self.paths.checkpoint("best"))?;
             self.best = Some(Best {
                 rank1,
                 map,
@@ -532,7 +548,7 @@ impl Trainer {
         let keep = self.config.run.checkpoint_every;
         if keep > 0 && (epoch + 1).is_multiple_of(keep) {
             let numbered = self.paths.checkpoint(&format!("epoch-{:04}", epoch + 1));
-            save_model(&self.model, self.image_size(), self.position, &numbered)?;
+            save_model(&self.model, self.input(), self.position, &numbered)?;
             on_event(Event::Saved { path: numbered });
         }
         self.save_last(self.position)

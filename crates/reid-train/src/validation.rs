@@ -6,15 +6,16 @@ use reid_data::{Manifest, Split};
 use reid_eval::{FeatureSet, Metric};
 use reid_extract::{split_features, ExtractOptions};
 use reid_model::ReidModel;
+use reid_sampling::InputSpec;
 
 /// (rank-1, mAP) of `model` on the query/gallery split of `manifest`.
-pub fn rank1_and_map(model: &ReidModel, manifest: &Manifest, image_size: (usize, usize)) -> Result<(f64, f64), String> {
+pub fn rank1_and_map(model: &ReidModel, manifest: &Manifest, input: InputSpec) -> Result<(f64, f64), String> {
     let options = ExtractOptions {
         batch_size: 64,
         ..ExtractOptions::default()
     };
     let features =
-        |split| split_features(model, image_size, manifest, split, &options, &|_, _| {}).map_err(|e| e.to_string());
+        |split| split_features(model, input, manifest, split, &options, &|_, _| {}).map_err(|e| e.to_string());
     let (query, gallery) = (features(Split::Query)?, features(Split::Gallery)?);
     let m = reid_eval::evaluate(
         FeatureSet::from(&query),

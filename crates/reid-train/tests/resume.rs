@@ -85,6 +85,7 @@ fn interrupted_and_resumed_equals_uninterrupted() {
     let mut t = Trainer::new(config(), &cut, data.clone(), stop.clone()).unwrap();
     t.max_steps = Some(4);
     assert_eq!(t.run(&mut |_| {}, None).unwrap(), Outcome::Interrupted);
+    drop(t);
     assert!(
         Trainer::new(config(), &cut, data.clone(), stop.clone()).is_err(),
         "a run folder is not reused"
@@ -92,6 +93,7 @@ fn interrupted_and_resumed_equals_uninterrupted() {
     let mut t = Trainer::resume(&cut, config(), data.clone(), stop.clone()).unwrap();
     t.max_steps = Some(9);
     assert_eq!(t.run(&mut |_| {}, None).unwrap(), Outcome::Interrupted);
+    drop(t); // the run folder has one owner at a time
     let mut t = Trainer::resume(&cut, config(), data.clone(), stop.clone()).unwrap();
     assert_eq!(t.position.step, 9);
     assert_eq!(t.run(&mut |_| {}, None).unwrap(), Outcome::Finished);
@@ -105,7 +107,10 @@ fn interrupted_and_resumed_equals_uninterrupted() {
     assert!(csv.starts_with("kind,epoch,step,lr,"));
     assert_eq!(csv.lines().filter(|l| l.starts_with("epoch,")).count(), 2);
     let info = reid_model::checkpoint::read_info(&straight.join("checkpoints/last.safetensors")).unwrap();
-    assert_eq!((info.model.num_classes, info.image_size), (4, (64, 32)));
+    assert_eq!(
+        (info.model.num_classes, info.input.height, info.input.width),
+        (4, 64, 32)
+    );
     // The resumed run's log has each row once, as the uninterrupted one.
     let resumed = std::fs::read_to_string(cut.join("metrics.csv")).unwrap();
     let steps = |csv: &str| {
@@ -119,6 +124,7 @@ fn interrupted_and_resumed_equals_uninterrupted() {
     assert_eq!(bytes(&straight), bytes(&cut));
 
     // Another manifest is refused on resume.
+    drop(t);
     let mut other = data;
     other.manifest_sha256 = "another".into();
     let err = Trainer::resume(&cut, config(), other, stop).err().unwrap().to_string();
@@ -135,6 +141,7 @@ fn a_stop_at_an_epochs_last_batch_ends_the_epoch_first() {
     t.max_steps = Some(6);
     assert_eq!(t.run(&mut |_| {}, None).unwrap(), Outcome::Interrupted);
     assert_eq!((t.position.epoch, t.position.batch), (1, 0));
+    drop(t); // the run folder has one owner at a time
     let mut t = Trainer::resume(&run, config(), data, stop).unwrap();
     assert_eq!(t.run(&mut |_| {}, None).unwrap(), Outcome::Finished);
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
@@ -157,6 +164,7 @@ fn the_best_validation_survives_a_resume() {
     t.max_steps = Some(7);
     assert_eq!(t.run(&mut |_| {}, Some(&mut validate)).unwrap(), Outcome::Interrupted);
     let best_bytes = std::fs::read(run.join("checkpoints/best.safetensors")).unwrap();
+    drop(t); // the run folder has one owner at a time
     let mut t = Trainer::resume(&run, cfg, data, stop).unwrap();
     assert_eq!(t.best.unwrap().epoch, 1);
     assert_eq!(t.run(&mut |_| {}, Some(&mut validate)).unwrap(), Outcome::Finished);
@@ -204,6 +212,7 @@ fn a_pk_run_with_triplet_and_gradient_norms_resumes_mid_epoch_to_the_same_bytes(
     let mut t = Trainer::new(pk(), &cut, data.clone(), stop.clone()).unwrap();
     t.max_steps = Some(3);
     assert_eq!(t.run(&mut |_| {}, None).unwrap(), Outcome::Interrupted);
+    drop(t); // the run folder has one owner at a time
     let mut t = Trainer::resume(&cut, pk(), data, stop).unwrap();
     assert_eq!((t.position.epoch, t.position.batch), (1, 1), "mid-epoch");
     assert_eq!(t.run(&mut |_| {}, None).unwrap(), Outcome::Finished);
