@@ -2,42 +2,30 @@
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong while reading or writing dataset files.
+use reid_io::IoError;
+
+/// Everything that can go wrong while reading or writing dataset files: the
+/// file errors every stage shares (I/O, bad content, safetensors), and the
+/// formats only datasets have.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] IoError),
     #[error("{path}: parquet: {message}")]
     Parquet { path: PathBuf, message: String },
-    #[error("{path}: safetensors: {message}")]
-    Safetensors { path: PathBuf, message: String },
     #[error("{path}: image: {message}")]
     Image { path: PathBuf, message: String },
-    #[error(transparent)]
-    File(#[from] reid_io::IoError),
 }
 
 impl DataError {
     /// An I/O error about `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        IoError::io(path, source).into()
     }
 
     /// Bad content in `path`, with a message saying what was expected.
     pub fn invalid(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        DataError::Invalid {
-            path: path.into(),
-            message: message.into(),
-        }
+        IoError::invalid(path, message).into()
     }
 }
 

@@ -148,7 +148,7 @@ impl Gallery {
         if self.camids.len() != n || self.features.len() != n * self.dim {
             return Err(DataError::invalid(path, "features, pids and camids disagree in length"));
         }
-        let st = |e: safetensors::SafeTensorError| DataError::Safetensors {
+        let st = |e: safetensors::SafeTensorError| reid_io::IoError::Safetensors {
             path: path.to_path_buf(),
             message: e.to_string(),
         };

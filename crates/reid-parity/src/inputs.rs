@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use reid_sampling::preprocess::{decode_rgb, normalize, resize_rgb, Rgb8};
+use reid_sampling::preprocess::{decode_rgb, normalize, Rgb8};
+use reid_sampling::resize::resize;
 use reid_sampling::{InputSpec, Interpolation};
 use serde_json::Value;
 
@@ -50,7 +51,7 @@ fn crop_checks(folder: &Path, crop: &Value, expected: &Reference) -> Result<Vec<
             width: 128,
             interpolation,
         };
-        let resized = resize_rgb(decoded.clone(), spec.height, spec.width, interpolation);
+        let resized = resize(decoded.clone(), spec.height, spec.width, interpolation);
         let pil = expected.get(&key)?;
         checks.push(compare_u8(format!("{name}: {interpolation}"), &resized.data, &pil.data));
         if let Some(truth) = expected.tensors.get(&format!("{key}.input")) {

@@ -19,6 +19,7 @@ use std::path::Path;
 
 pub use reid_io::input::{InputSpec, Interpolation};
 
+use crate::resize::resize;
 use crate::transform::{guarded, Chw, DecodeError};
 
 /// ImageNet channel means and standard deviations (RGB, on [0, 1] pixels).
@@ -66,15 +67,6 @@ fn decode_jpeg(bytes: &[u8]) -> std::io::Result<Rgb8> {
     Ok(Rgb8 { height, width, data })
 }
 
-/// `img` resized to `height` x `width` with Pillow's filter (the image itself
-/// where it has that size already, as Pillow returns it).
-pub fn resize_rgb(img: Rgb8, height: usize, width: usize, interpolation: Interpolation) -> Rgb8 {
-    if (img.height, img.width) == (height, width) {
-        return img;
-    }
-    crate::resize::resize(&img, height, width, interpolation)
-}
-
 /// `ToTensor` then `Normalize` with ImageNet's statistics: a CHW f32 image.
 pub fn normalize(img: &Rgb8) -> Chw {
     let plane = img.height * img.width;
@@ -105,7 +97,7 @@ pub fn load_normalized(path: &Path, spec: InputSpec) -> Result<Chw, DecodeError>
             message: "the image has no pixels".into(),
         });
     }
-    Ok(normalize(&resize_rgb(img, spec.height, spec.width, spec.interpolation)))
+    Ok(normalize(&resize(img, spec.height, spec.width, spec.interpolation)))
 }
 
 #[cfg(test)]

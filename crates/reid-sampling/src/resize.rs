@@ -90,41 +90,53 @@ impl Taps {
     }
 }
 
-/// `img` resized to `height` x `width` as Pillow resizes it.
-pub fn resize(img: &Rgb8, height: usize, width: usize, interpolation: Interpolation) -> Rgb8 {
-    let mut current = img.clone();
-    if width != img.width {
-        let taps = Taps::new(img.width, width, interpolation);
-        let mut data = Vec::with_capacity(img.height * width * 3);
-        for row in img.data.chunks_exact(img.width * 3) {
-            for x in 0..width {
-                for c in 0..3 {
-                    data.push(taps.apply(x, |i| row[i * 3 + c]));
-                }
+/// `img` resized to `height` x `width` as Pillow resizes it: each axis whose
+/// size changes is resampled, the width first; an image of that size already
+/// comes back as it is.
+pub fn resize(img: Rgb8, height: usize, width: usize, interpolation: Interpolation) -> Rgb8 {
+    let img = match width == img.width {
+        true => img,
+        false => resize_width(&img, width, interpolation),
+    };
+    match height == img.height {
+        true => img,
+        false => resize_height(&img, height, interpolation),
+    }
+}
+
+/// The horizontal pass: every row resampled to `width`.
+fn resize_width(img: &Rgb8, width: usize, interpolation: Interpolation) -> Rgb8 {
+    let taps = Taps::new(img.width, width, interpolation);
+    let mut data = Vec::with_capacity(img.height * width * 3);
+    for row in img.data.chunks_exact(img.width * 3) {
+        for x in 0..width {
+            for c in 0..3 {
+                data.push(taps.apply(x, |i| row[i * 3 + c]));
             }
         }
-        current = Rgb8 {
-            height: img.height,
-            width,
-            data,
-        };
     }
-    if height != img.height {
-        let taps = Taps::new(img.height, height, interpolation);
-        let stride = current.width * 3;
-        let mut data = Vec::with_capacity(height * stride);
-        for y in 0..height {
-            for v in 0..stride {
-                data.push(taps.apply(y, |i| current.data[i * stride + v]));
-            }
+    Rgb8 {
+        height: img.height,
+        width,
+        data,
+    }
+}
+
+/// The vertical pass: every column resampled to `height`.
+fn resize_height(img: &Rgb8, height: usize, interpolation: Interpolation) -> Rgb8 {
+    let taps = Taps::new(img.height, height, interpolation);
+    let stride = img.width * 3;
+    let mut data = Vec::with_capacity(height * stride);
+    for y in 0..height {
+        for v in 0..stride {
+            data.push(taps.apply(y, |i| img.data[i * stride + v]));
         }
-        current = Rgb8 {
-            height,
-            width: current.width,
-            data,
-        };
     }
-    current
+    Rgb8 {
+        height,
+        width: img.width,
+        data,
+    }
 }
 
 #[cfg(test)]
@@ -160,11 +172,11 @@ mod tests {
             data: [12u8, 200, 99].repeat(70),
         };
         for interpolation in [Interpolation::Bilinear, Interpolation::Bicubic] {
-            let out = resize(&flat, 23, 5, interpolation);
+            let out = resize(flat.clone(), 23, 5, interpolation);
             assert_eq!((out.height, out.width), (23, 5));
             assert_eq!(out.data, [12u8, 200, 99].repeat(23 * 5));
         }
         let g = gradient(8, 4);
-        assert_eq!(resize(&g, 8, 4, Interpolation::Bicubic), g);
+        assert_eq!(resize(g.clone(), 8, 4, Interpolation::Bicubic), g);
     }
 }
