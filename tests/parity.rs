@@ -1,12 +1,19 @@
 //! Parity with PyTorch and timm on every fixture folder under the fixture root
 //! (tests/fixtures, or $REID_FIXTURES), on the CPU: model folders (eval forward in
 //! f32 and f64; train-mode logits, gradients and batch-norm updates in f64) and
-//! training-step folders (two SGD steps in f64 at the float64 tier). Run with
-//! `REID_OPS=generic` too, CI checks the device-generic ops (the CUDA code path).
+//! training-step folders (two SGD steps in f64 at the float64 tier). Each runs
+//! under every plan: `auto` (the CPU's fused ops and tape), `generic` (candle's
+//! ops) and `as-cuda` (the op graph CUDA runs).
 
 use candle_core::{DType, Device};
 use reid_fixtures::folders_with;
+use reid_model::{Exec, Ops, Precision};
 use reid_parity::{model_folder, train_step_folder, Check};
+
+/// The plans every parity suite runs under.
+fn plans() -> [Exec; 3] {
+    [Ops::Auto, Ops::Generic, Ops::AsCuda].map(|ops| Exec::new(ops, Precision::F32))
+}
 
 fn assert_all_pass(what: &std::path::Path, checks: &[Check]) {
     let failed: Vec<String> = checks
@@ -26,28 +33,31 @@ fn models_match_timm_forward_and_backward() {
         "expected.safetensors",
     ]);
     assert!(folders.len() >= 2, "the Res2Net and the ResNet fixture: {folders:?}");
-    for folder in folders {
+    for (folder, exec) in folders.iter().flat_map(|f| plans().map(|p| (f, p))) {
         for forward in [DType::F32, DType::F64] {
-            let checks = model_folder(&folder, &Device::Cpu, forward, DType::F64).unwrap();
+            let checks = model_folder(folder, &Device::Cpu, exec, forward, DType::F64).unwrap();
             assert!(
                 checks.iter().any(|c| c.name.starts_with("grad.")),
                 "{}: no gradient checked",
                 folder.display()
             );
-            assert_all_pass(&folder, &checks);
+            assert_all_pass(folder, &checks);
         }
     }
 }
 
 #[test]
 fn two_sgd_steps_match_pytorch_in_f64() {
-    for folder in folders_with(&[
+    for (folder, exec) in folders_with(&[
         "meta.json",
         "model.safetensors",
         "batches.safetensors",
         "expected_f64.safetensors",
-    ]) {
-        let checks = train_step_folder(&folder, &Device::Cpu, DType::F64, "float64").unwrap();
+    ])
+    .iter()
+    .flat_map(|f| plans().map(|p| (f.clone(), p)))
+    {
+        let checks = train_step_folder(&folder, &Device::Cpu, exec, DType::F64, "float64").unwrap();
         assert!(
             checks.len() > 700,
             "{}: only {} keys checked",
@@ -60,13 +70,16 @@ fn two_sgd_steps_match_pytorch_in_f64() {
 
 #[test]
 fn a_float32_step_passes_the_float32_tier() {
-    for folder in folders_with(&[
+    for (folder, exec) in folders_with(&[
         "meta.json",
         "model.safetensors",
         "batches.safetensors",
         "expected_f64.safetensors",
-    ]) {
-        let checks = train_step_folder(&folder, &Device::Cpu, DType::F32, "float32").unwrap();
+    ])
+    .iter()
+    .flat_map(|f| plans().map(|p| (f.clone(), p)))
+    {
+        let checks = train_step_folder(&folder, &Device::Cpu, exec, DType::F32, "float32").unwrap();
         assert_all_pass(&folder, &checks);
     }
 }

@@ -51,6 +51,13 @@ pub struct BenchArgs {
     /// allows them for convolutions).
     #[arg(long)]
     pub no_tf32: bool,
+    #[command(flatten)]
+    pub ops: super::OpsArg,
+    /// With train: count one more step's device work (host reads and uploads,
+    /// gradients started as zeros, ops on the tape and on candle's graph) and add
+    /// it as "ledger" to the JSON line.
+    #[arg(long)]
+    pub ledger: bool,
     /// Manifest for the loader benchmark (e.g. of `reid synth --preset market`).
     #[arg(long)]
     pub manifest: Option<std::path::PathBuf>,
@@ -89,8 +96,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             warmup: args.warmup,
             train,
             device: args.device,
-            precision: args.precision,
+            exec: reid_ops::Exec::new(args.ops.get()?.unwrap_or_default(), args.precision),
             tf32: !args.no_tf32,
+            ledger: args.ledger,
         }
         .run()?,
         BenchKind::Eval => {

@@ -20,18 +20,23 @@ pub struct SelftestArgs {
     /// Print every check, not only the failed ones and the section totals.
     #[arg(long)]
     pub verbose: bool,
+    #[command(flatten)]
+    pub ops: super::OpsArg,
 }
 
 pub fn run(args: SelftestArgs) -> Result<()> {
     let root = fixture_root(args.fixtures.as_deref())?;
     let device = args.device.open()?;
+    let exec = reid_model::Exec::new(args.ops.get()?.unwrap_or_default(), reid_model::Precision::F32);
+    exec.check(&device).map_err(anyhow::Error::msg)?;
     println!(
-        "reid selftest on {} with the fixtures in {}",
+        "reid selftest on {} (ops {}) with the fixtures in {}",
         args.device,
+        exec.ops,
         root.display()
     );
     let started = std::time::Instant::now();
-    let sections = run_checks(&root, &device)?;
+    let sections = run_checks(&root, &device, exec)?;
     let (mut passed, mut failed) = (0, 0);
     for section in &sections {
         let bad = section.checks.iter().filter(|c| !c.passed).count();

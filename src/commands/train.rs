@@ -26,7 +26,7 @@ pub struct TrainArgs {
     pub out: PathBuf,
     /// Continue the run in this folder from its last checkpoint, exactly. With
     /// --set, --config or --device, only settings that keep the run exact may
-    /// change (schedule.epochs, run.device, run.log_every, run.eval_every,
+    /// change (schedule.epochs, run.device, run.ops, run.log_every, run.eval_every,
     /// run.checkpoint_every, data.manifest, data.workers, data.prefetch); they are
     /// recorded in the run's config.toml.
     #[arg(long, value_name = "RUN")]
@@ -37,20 +37,23 @@ pub struct TrainArgs {
     /// Stop after this many steps in all, saving `last` (for quick checks).
     #[arg(long)]
     pub max_steps: Option<u64>,
+    #[command(flatten)]
+    pub ops: super::OpsArg,
 }
 
 impl TrainArgs {
     /// The run these flags ask for.
-    pub fn launch(&self) -> Launch {
-        Launch {
+    pub fn launch(&self) -> Result<Launch> {
+        Ok(Launch {
             run_dir: self.resume.clone().unwrap_or_else(|| self.out.clone()),
             resume: self.resume.is_some(),
             manifest: self.manifest.clone(),
             config: self.config.clone(),
             overrides: self.overrides.clone(),
             device: self.device,
+            ops: self.ops.get()?,
             max_steps: self.max_steps,
-        }
+        })
     }
 }
 
@@ -133,5 +136,5 @@ pub fn train(launch: &Launch) -> Result<PathBuf> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    train(&args.launch()).map(|_| ())
+    train(&args.launch()?).map(|_| ())
 }

@@ -185,7 +185,7 @@ pub fn export(checkpoint: &Path, options: &ExportOptions, out: &Path) -> Result<
             out.display()
         )));
     }
-    let (model, info) = reid_model::checkpoint::load(checkpoint, &Device::Cpu)?;
+    let (model, info) = reid_model::checkpoint::load(checkpoint, reid_model::Exec::default(), &Device::Cpu)?;
     let sha = reid_data::gallery::sha256_file(checkpoint)?;
     let proto = to_onnx(&model, &info, options, &sha)?;
     let nodes = proto.graph.node.len();

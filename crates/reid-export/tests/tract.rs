@@ -24,7 +24,7 @@ fn model(arch: &str, bnneck: bool, last_stride: usize) -> ReidModel {
         num_classes: 7,
         bnneck,
     };
-    ReidModel::new(config, DType::F32, &Device::Cpu).unwrap()
+    ReidModel::new(config, reid_model::Exec::default(), DType::F32, &Device::Cpu).unwrap()
 }
 
 /// Seeded weights with batch norms far from the identity (so folding matters):
@@ -99,7 +99,7 @@ fn assert_close(onnx: &[f32], reid: &[f32], dim: usize, what: &str) {
 /// Exports `checkpoint` with and/or without normalisation (`normalize`) and checks
 /// batch sizes 1 and 5 against `reid`.
 fn check(checkpoint: &Path, dir: &Path, seed: u64, normalize: &[bool]) {
-    let (m, info) = reid_model::checkpoint::load(checkpoint, &Device::Cpu).unwrap();
+    let (m, info) = reid_model::checkpoint::load(checkpoint, reid_model::Exec::default(), &Device::Cpu).unwrap();
     let dim = info.model.arch.feature_dim();
     let batch = images(5, info.input, seed);
     for &normalize in normalize {
@@ -198,7 +198,7 @@ fn the_file_says_what_it_holds_and_loads_at_every_supported_opset() {
     );
 
     let batch = images(2, reid_io::InputSpec::bilinear(64, 32), 9);
-    let (m, info) = reid_model::checkpoint::load(&ckpt, &Device::Cpu).unwrap();
+    let (m, info) = reid_model::checkpoint::load(&ckpt, reid_model::Exec::default(), &Device::Cpu).unwrap();
     let want = embed(&m, info.input, &batch, &ExtractOptions::default()).unwrap();
     for opset in [13, 18, 21] {
         let out = dir.path().join(format!("m{opset}.onnx"));

@@ -56,7 +56,7 @@ pub struct Extractor {
 impl Extractor {
     /// Loads a checkpoint written by `reid train` onto `device`.
     pub fn load(checkpoint: &Path, device: &Device) -> Result<Self, ExtractError> {
-        let (model, info) = reid_model::checkpoint::load(checkpoint, device)?;
+        let (model, info) = reid_model::checkpoint::load(checkpoint, reid_model::Exec::default(), device)?;
         Ok(Extractor {
             model,
             input: info.input,

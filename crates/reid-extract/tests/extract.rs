@@ -38,6 +38,7 @@ fn checkpoint(dir: &Path, name: &str, seed: u64) -> PathBuf {
             num_classes: 3,
             bnneck: false,
         },
+        reid_model::Exec::default(),
         DType::F32,
         &Device::Cpu,
     )

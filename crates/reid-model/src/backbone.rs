@@ -6,10 +6,10 @@ use candle_nn::VarBuilder;
 
 use crate::arch::{Arch, BlockKind};
 use crate::layers::{batch_norm, Activation, Conv, ConvBn, ConvSpec};
-use reid_ops::avg_pool2d;
-use reid_ops::pool::Window;
+use reid_ops::pool::{avg_pool2d_with, Window};
 use reid_ops::residual::add;
 use reid_ops::tape;
+use reid_ops::{Exec, OpKind};
 
 /// timm's `Bottle2neck`: a 1x1 convolution split into `scale` groups; the first
 /// `scale - 1` go through 3x3 convolutions, each after the previous group's output
@@ -28,6 +28,7 @@ pub struct Bottle2neck {
     pub stride: usize,
     /// A stage's first block: groups are not chained and the last one is pooled.
     pub is_first: bool,
+    exec: Exec,
 }
 
 impl Bottle2neck {
@@ -37,38 +38,41 @@ impl Bottle2neck {
         stride: usize,
         scale: usize,
         base_width: usize,
+        exec: Exec,
         vb: VarBuilder,
     ) -> Result<Self> {
         let width = planes * base_width / 64;
         let outplanes = planes * 4;
         let has_downsample = stride != 1 || inplanes != outplanes;
         let conv1 = ConvBn::new(
-            Conv::new(ConvSpec::new(inplanes, width * scale, 1), vb.pp("conv1"))?,
-            batch_norm(width * scale, vb.pp("bn1"))?,
+            Conv::new(ConvSpec::new(inplanes, width * scale, 1), exec, vb.pp("conv1"))?,
+            batch_norm(width * scale, exec, vb.pp("bn1"))?,
         );
         let convs = (0..scale.max(2) - 1)
             .map(|i| {
                 Ok(ConvBn::new(
                     Conv::new(
                         ConvSpec::new(width, width, 3).stride(stride),
+                        exec,
                         vb.pp(format!("convs.{i}")),
                     )?,
-                    batch_norm(width, vb.pp(format!("bns.{i}")))?,
+                    batch_norm(width, exec, vb.pp(format!("bns.{i}")))?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
         let conv3 = ConvBn::new(
-            Conv::new(ConvSpec::new(width * scale, outplanes, 1), vb.pp("conv3"))?,
-            batch_norm(outplanes, vb.pp("bn3"))?,
+            Conv::new(ConvSpec::new(width * scale, outplanes, 1), exec, vb.pp("conv3"))?,
+            batch_norm(outplanes, exec, vb.pp("bn3"))?,
         );
         let downsample = has_downsample
             .then(|| -> Result<ConvBn> {
                 Ok(ConvBn::new(
                     Conv::new(
                         ConvSpec::new(inplanes, outplanes, 1).stride(stride),
+                        exec,
                         vb.pp("downsample.0"),
                     )?,
-                    batch_norm(outplanes, vb.pp("downsample.1"))?,
+                    batch_norm(outplanes, exec, vb.pp("downsample.1"))?,
                 ))
             })
             .transpose()?;
@@ -81,6 +85,7 @@ impl Bottle2neck {
             scale,
             stride,
             is_first: has_downsample,
+            exec,
         })
     }
 
@@ -100,7 +105,12 @@ impl Bottle2neck {
         }
         if let Some(last) = splits.next() {
             pieces.push(if self.is_first {
-                avg_pool2d(&last, 3, self.stride, 1)?
+                let window = Window {
+                    kernel: 3,
+                    stride: self.stride,
+                    padding: 1,
+                };
+                avg_pool2d_with(self.exec.kernels(OpKind::Pool, &last), &last, window)?
             } else {
                 last
             });
@@ -124,31 +134,32 @@ pub struct Bottleneck {
 }
 
 impl Bottleneck {
-    pub fn new(inplanes: usize, planes: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(inplanes: usize, planes: usize, stride: usize, exec: Exec, vb: VarBuilder) -> Result<Self> {
         let outplanes = planes * 4;
         let downsample = (stride != 1 || inplanes != outplanes)
             .then(|| -> Result<ConvBn> {
                 Ok(ConvBn::new(
                     Conv::new(
                         ConvSpec::new(inplanes, outplanes, 1).stride(stride),
+                        exec,
                         vb.pp("downsample.0"),
                     )?,
-                    batch_norm(outplanes, vb.pp("downsample.1"))?,
+                    batch_norm(outplanes, exec, vb.pp("downsample.1"))?,
                 ))
             })
             .transpose()?;
         Ok(Bottleneck {
             conv1: ConvBn::new(
-                Conv::new(ConvSpec::new(inplanes, planes, 1), vb.pp("conv1"))?,
-                batch_norm(planes, vb.pp("bn1"))?,
+                Conv::new(ConvSpec::new(inplanes, planes, 1), exec, vb.pp("conv1"))?,
+                batch_norm(planes, exec, vb.pp("bn1"))?,
             ),
             conv2: ConvBn::new(
-                Conv::new(ConvSpec::new(planes, planes, 3).stride(stride), vb.pp("conv2"))?,
-                batch_norm(planes, vb.pp("bn2"))?,
+                Conv::new(ConvSpec::new(planes, planes, 3).stride(stride), exec, vb.pp("conv2"))?,
+                batch_norm(planes, exec, vb.pp("bn2"))?,
             ),
             conv3: ConvBn::new(
-                Conv::new(ConvSpec::new(planes, outplanes, 1), vb.pp("conv3"))?,
-                batch_norm(outplanes, vb.pp("bn3"))?,
+                Conv::new(ConvSpec::new(planes, outplanes, 1), exec, vb.pp("conv3"))?,
+                batch_norm(outplanes, exec, vb.pp("bn3"))?,
             ),
             downsample,
         })
@@ -193,11 +204,11 @@ pub struct Backbone {
 
 impl Backbone {
     /// Builds `arch` with timm names under `vb`; `last_stride` is layer4's stride
-    /// (2 as in timm, 1 as common in re-ID).
-    pub fn new(arch: Arch, last_stride: usize, vb: VarBuilder) -> Result<Self> {
+    /// (2 as in timm, 1 as common in re-ID); its layers run as `exec` says.
+    pub fn new(arch: Arch, last_stride: usize, exec: Exec, vb: VarBuilder) -> Result<Self> {
         let stem = ConvBn::new(
-            Conv::new(ConvSpec::new(3, 64, 7).stride(2), vb.pp("conv1"))?,
-            batch_norm(64, vb.pp("bn1"))?,
+            Conv::new(ConvSpec::new(3, 64, 7).stride(2), exec, vb.pp("conv1"))?,
+            batch_norm(64, exec, vb.pp("bn1"))?,
         );
         let mut inplanes = 64;
         let mut stages = Vec::with_capacity(4);
@@ -219,9 +230,10 @@ impl Backbone {
                         block_stride,
                         scale,
                         base_width,
+                        exec,
                         vbb,
                     )?),
-                    BlockKind::ResNet => Block::ResNet(Bottleneck::new(inplanes, planes, block_stride, vbb)?),
+                    BlockKind::ResNet => Block::ResNet(Bottleneck::new(inplanes, planes, block_stride, exec, vbb)?),
                 });
                 inplanes = planes * 4;
             }

@@ -11,6 +11,7 @@ use reid_io::input::{InputSpec, Interpolation};
 use crate::arch::Arch;
 use crate::model::{ModelConfig, ReidModel};
 use crate::weights::{LoadScope, WeightError};
+use reid_ops::Exec;
 
 /// Metadata keys stored in every checkpoint's header.
 pub mod keys {
@@ -123,10 +124,11 @@ pub fn save(
     model.save_weights(path, &meta)
 }
 
-/// Rebuilds the model a checkpoint describes, in f32 on `device`, with its weights.
-pub fn load(path: &Path, device: &Device) -> Result<(ReidModel, CheckpointInfo), WeightError> {
+/// Rebuilds the model a checkpoint describes, in f32 on `device` to run as `exec`
+/// says, with its weights.
+pub fn load(path: &Path, exec: Exec, device: &Device) -> Result<(ReidModel, CheckpointInfo), WeightError> {
     let info = read_info(path)?;
-    let model = ReidModel::new(info.model, DType::F32, device)?;
+    let model = ReidModel::new(info.model, exec, DType::F32, device)?;
     model.load_weights(path, LoadScope::Full)?;
     Ok((model, info))
 }
@@ -142,7 +144,7 @@ mod tests {
             num_classes: 6,
             bnneck,
         };
-        let m = ReidModel::new(config, DType::F32, &Device::Cpu).unwrap();
+        let m = ReidModel::new(config, Exec::default(), DType::F32, &Device::Cpu).unwrap();
         m.initialize(seed).unwrap();
         m
     }
@@ -159,7 +161,7 @@ mod tests {
                 interpolation,
             };
             save(&saved, input, &BTreeMap::new(), &path).unwrap();
-            let (loaded, info) = load(&path, &Device::Cpu).unwrap();
+            let (loaded, info) = load(&path, Exec::default(), &Device::Cpu).unwrap();
             assert_eq!(info.model, saved.config);
             assert_eq!(info.input, input);
             let (a, b) = (saved.state_dict().unwrap(), loaded.state_dict().unwrap());

@@ -8,6 +8,7 @@ use candle_nn::{Linear, VarBuilder};
 use rand::Rng;
 
 use crate::metric::{batch_hard_triplet, pairwise_distances, verification_pairs, Negatives, TripletMargin};
+use reid_ops::ledger;
 use reid_ops::tape::TapedOutput;
 
 /// A linear layer with `weight` ~ N(0, 0.001^2) and zero `bias`, the usual
@@ -25,10 +26,10 @@ fn classifier(din: usize, dout: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear::new(w, Some(b)))
 }
 
-/// `linear(x)`, its matrix product in bf16 under mixed precision.
-fn apply(linear: &Linear, x: &Tensor) -> Result<Tensor> {
+/// `linear(x)`, its matrix product in bf16 when `bf16` (mixed precision).
+fn apply(linear: &Linear, x: &Tensor, bf16: bool) -> Result<Tensor> {
     let bias = linear.bias().expect("classifiers have a bias");
-    let y = reid_ops::in_compute_precision(&[x, linear.weight()], |t| t[0].matmul(&t[1].t()?))?;
+    let y = reid_ops::in_compute_precision(bf16, &[x, linear.weight()], |t| t[0].matmul(&t[1].t()?))?;
     y.broadcast_add(bias)
 }
 
@@ -48,7 +49,7 @@ pub fn dropout<R: Rng>(x: &Tensor, p: f64, rng: &mut R) -> Result<Tensor> {
             }
         })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    let mask = ledger::upload(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
 }
 
@@ -58,13 +59,17 @@ pub fn dropout<R: Rng>(x: &Tensor, p: f64, rng: &mut R) -> Result<Tensor> {
 pub struct Heads {
     pub id_classifier: Linear,
     pub verif_classifier: Linear,
+    /// Matrix products in bf16 (mixed precision).
+    bf16: bool,
 }
 
 impl Heads {
-    pub fn new(feature_dim: usize, num_classes: usize, vb: VarBuilder) -> Result<Self> {
+    /// Both classifiers under `vb`, their products in `exec`'s precision.
+    pub fn new(feature_dim: usize, num_classes: usize, exec: reid_ops::Exec, vb: VarBuilder) -> Result<Self> {
         Ok(Heads {
             id_classifier: classifier(feature_dim, num_classes, vb.pp("id_classifier"))?,
             verif_classifier: classifier(feature_dim, 2, vb.pp("verif_classifier"))?,
+            bf16: exec.bf16(),
         })
     }
 }
@@ -129,6 +134,20 @@ pub enum Term {
     Triplet,
 }
 
+/// The values of a [`PairLoss`] on the host.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossValues {
+    pub total: f64,
+    pub id1: f64,
+    pub id2: f64,
+    pub verif: f64,
+    pub triplet: f64,
+    /// Identification accuracy over all 2B images.
+    pub id_accuracy: f64,
+    /// Verification accuracy over the B pairs.
+    pub verif_accuracy: f64,
+}
+
 /// The loss terms, their weighted total and the accuracies of one batch.
 ///
 /// The terms' tensors are not handed out: where the backbone ran on a tape,
@@ -143,10 +162,8 @@ pub struct PairLoss {
     id2: Tensor,
     verif: Tensor,
     triplet: Tensor,
-    /// Identification accuracy over all 2B images.
-    pub id_accuracy: f64,
-    /// Verification accuracy over the B pairs.
-    pub verif_accuracy: f64,
+    /// The right identifications of f1 and f2, and the right verifications.
+    right: [Right; 3],
     /// The backbone's forward, when it ran on a tape (see [`reid_ops::tape`]): the
     /// backward continues through it from its output's gradient.
     backbone: Option<Arc<TapedOutput>>,
@@ -174,13 +191,41 @@ impl PairLoss {
 
     /// The value of `term` (a read from the device).
     pub fn value(&self, term: Term) -> Result<f64> {
-        self.tensor(term).to_dtype(DType::F64)?.to_scalar::<f64>()
+        ledger::read_scalar(&self.tensor(term).to_dtype(DType::F64)?)
+    }
+
+    /// Every term and both accuracies, in one read from the device.
+    pub fn read(&self) -> Result<LossValues> {
+        let [r1, r2, rv] = &self.right;
+        let all = [
+            &self.total,
+            &self.id1,
+            &self.id2,
+            &self.verif,
+            &self.triplet,
+            &r1.count,
+            &r2.count,
+            &rv.count,
+        ];
+        let all = all.iter().map(|t| t.to_dtype(DType::F64)).collect::<Result<Vec<_>>>()?;
+        let v: Vec<f64> = ledger::read(&Tensor::stack(&all, 0)?)?;
+        let fraction = |right: f64, r: &Right| right / r.of as f64;
+        Ok(LossValues {
+            total: v[0],
+            id1: v[1],
+            id2: v[2],
+            verif: v[3],
+            triplet: v[4],
+            id_accuracy: (fraction(v[5], r1) + fraction(v[6], r2)) / 2.0,
+            verif_accuracy: fraction(v[7], rv),
+        })
     }
 
     /// The gradients of the total for every variable: candle's backward through
     /// the heads, then the backbone's tape if it ran on one (consumed unless this
     /// loss was cloned).
     pub fn backward(mut self) -> Result<GradStore> {
+        ledger::graph_backward(&self.total);
         let mut store = self.total.backward()?;
         match self.backbone.take().map(Arc::try_unwrap) {
             Some(Ok(taped)) => taped.backward(&mut store)?,
@@ -193,6 +238,7 @@ impl PairLoss {
     /// The gradients of `term` for every variable, keeping the tape for the
     /// other terms and [`PairLoss::backward`].
     pub fn term_backward(&self, term: Term) -> Result<GradStore> {
+        ledger::graph_backward(self.tensor(term));
         let mut store = self.tensor(term).backward()?;
         if let Some(taped) = &self.backbone {
             taped.backward_kept(&mut store)?;
@@ -201,15 +247,22 @@ impl PairLoss {
     }
 }
 
-fn accuracy(logits: &Tensor, targets: &Tensor) -> Result<f64> {
+/// How many of `of` predictions were right (the count a scalar on the device).
+#[derive(Debug, Clone)]
+struct Right {
+    count: Tensor,
+    of: usize,
+}
+
+/// The rows of `logits` whose largest value is at the target.
+fn accuracy(logits: &Tensor, targets: &Tensor) -> Result<Right> {
     let predicted = logits.argmax(D::Minus1)?;
     let targets = targets.to_dtype(DType::U32)?;
-    let right = predicted
-        .eq(&targets)?
-        .to_dtype(DType::F64)?
-        .sum_all()?
-        .to_scalar::<f64>()?;
-    Ok(right / targets.elem_count() as f64)
+    let count = predicted.eq(&targets)?.to_dtype(DType::F64)?.sum_all()?;
+    Ok(Right {
+        count,
+        of: targets.elem_count(),
+    })
 }
 
 /// Mean cross-entropy of `logits` [B, K] against `targets` [B] with label
@@ -228,7 +281,7 @@ fn smoothed_cross_entropy(logits: &Tensor, targets: &Tensor, e: f64) -> Result<T
 struct Identification {
     id1: Tensor,
     id2: Tensor,
-    accuracy: f64,
+    right: [Right; 2],
 }
 
 impl Heads {
@@ -242,12 +295,12 @@ impl Heads {
     ) -> Result<Identification> {
         let b = f.dim(0)? / 2;
         let (f1, f2) = (f.narrow(0, 0, b)?, f.narrow(0, b, b)?);
-        let logits1 = apply(&self.id_classifier, &dropout(&f1, p_dropout, rng)?)?;
-        let logits2 = apply(&self.id_classifier, &dropout(&f2, p_dropout, rng)?)?;
+        let logits1 = apply(&self.id_classifier, &dropout(&f1, p_dropout, rng)?, self.bf16)?;
+        let logits2 = apply(&self.id_classifier, &dropout(&f2, p_dropout, rng)?, self.bf16)?;
         Ok(Identification {
             id1: smoothed_cross_entropy(&logits1, &targets.y1, weights.id_label_smoothing)?,
             id2: smoothed_cross_entropy(&logits2, &targets.y2, weights.id_label_smoothing)?,
-            accuracy: (accuracy(&logits1, &targets.y1)? + accuracy(&logits2, &targets.y2)?) / 2.0,
+            right: [accuracy(&logits1, &targets.y1)?, accuracy(&logits2, &targets.y2)?],
         })
     }
 
@@ -259,16 +312,16 @@ impl Heads {
         same: &Tensor,
         p_dropout: f64,
         rng: &mut R,
-    ) -> Result<(Tensor, f64)> {
+    ) -> Result<(Tensor, Right)> {
         let square = (a - b)?.sqr()?;
-        let logits = apply(&self.verif_classifier, &dropout(&square, p_dropout, rng)?)?;
+        let logits = apply(&self.verif_classifier, &dropout(&square, p_dropout, rng)?, self.bf16)?;
         Ok((candle_nn::loss::cross_entropy(&logits, same)?, accuracy(&logits, same)?))
     }
 
     /// The terms and their weighted total.
     fn combine(
         id: Identification,
-        (verif, verif_accuracy): (Tensor, f64),
+        (verif, verif_right): (Tensor, Right),
         triplet: Tensor,
         w: &LossSettings,
     ) -> Result<PairLoss> {
@@ -282,8 +335,10 @@ impl Heads {
             id2: id.id2,
             verif,
             triplet,
-            id_accuracy: id.accuracy,
-            verif_accuracy,
+            right: {
+                let [r1, r2] = id.right;
+                [r1, r2, verif_right]
+            },
             backbone: None,
         })
     }
@@ -321,14 +376,14 @@ impl Heads {
         p_dropout: f64,
         rng: &mut R,
     ) -> Result<PairLoss> {
-        let labels: Vec<i64> = Tensor::cat(&[&targets.y1, &targets.y2], 0)?
-            .to_dtype(DType::I64)?
-            .to_vec1()?;
+        let labels: Vec<i64> = ledger::read(&Tensor::cat(&[&targets.y1, &targets.y2], 0)?.to_dtype(DType::I64)?)?;
         let id = self.identification(f, targets, &weights, p_dropout, rng)?;
         let dist = pairwise_distances(g)?;
-        let values: Vec<Vec<f64>> = dist.to_dtype(DType::F64)?.to_vec2()?;
+        let n = dist.dim(0)?;
+        let flat: Vec<f64> = ledger::read(&dist.to_dtype(DType::F64)?)?;
+        let values: Vec<Vec<f64>> = flat.chunks(n.max(1)).map(<[f64]>::to_vec).collect();
         let (first, second, same) = verification_pairs(&values, &labels, weights.verif_negatives, rng);
-        let rows = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), g.device());
+        let rows = |v: Vec<u32>| ledger::upload(v.clone(), v.len(), g.device());
         let same = rows(same)?;
         let (a, b) = (g.index_select(&rows(first)?, 0)?, g.index_select(&rows(second)?, 0)?);
         let (verif, verif_accuracy) = self.verification(&a, &b, &same, p_dropout, rng)?;

@@ -6,12 +6,14 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use reid_ops::batch_norm::{BatchNormAddRelu, BatchNormReluSplit, BatchNormTrain, BatchStats, ChannelAffine};
+use reid_ops::batch_norm::{BatchNormAddRelu, BatchNormReluSplit, BatchNormTrain, ChannelAffine, SavedStats};
+use reid_ops::channels::channel_slice_with;
 use reid_ops::conv::{Conv2d, ConvCat};
 use reid_ops::pool::{max_pool2d_with, Window};
+use reid_ops::residual::add_relu_with;
 use reid_ops::stem::{BatchNormReluMaxPool, Stem};
 use reid_ops::tape::{self, Reads};
-use reid_ops::{add_relu, channel_slice, current_precision, generic, Kernels, Precision};
+use reid_ops::{generic, Exec, Kernels, OpKind};
 
 /// What follows a batch norm: nothing, or ReLU (fused into the same op).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,11 +57,13 @@ pub struct Conv {
     pub weight: Tensor,
     pub stride: usize,
     pub padding: usize,
+    exec: Exec,
 }
 
 impl Conv {
-    /// The convolution `spec`, its weight under `vb` (He initialisation, fan-out).
-    pub fn new(spec: ConvSpec, vb: VarBuilder) -> Result<Self> {
+    /// The convolution `spec`, its weight under `vb` (He initialisation, fan-out),
+    /// run as `exec` says.
+    pub fn new(spec: ConvSpec, exec: Exec, vb: VarBuilder) -> Result<Self> {
         let ConvSpec {
             in_channels: cin,
             out_channels: cout,
@@ -76,6 +80,7 @@ impl Conv {
             weight: vb.get_with_hints((cout, cin, kernel, kernel), "weight", init)?,
             stride,
             padding,
+            exec,
         })
     }
 
@@ -96,18 +101,19 @@ impl Conv {
 }
 
 impl Module for Conv {
-    /// The convolution, in bf16 under mixed precision (see [`reid_ops::with_precision`]).
+    /// The convolution, in bf16 under mixed precision (see [`Exec::bf16`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        reid_ops::in_compute_precision(&[x, &self.weight], |t| {
-            reid_ops::conv2d(&t[0], &t[1], self.stride, self.padding)
+        reid_ops::in_compute_precision(self.exec.bf16(), &[x, &self.weight], |t| {
+            let kernels = self.exec.kernels(OpKind::Conv, &t[0]);
+            reid_ops::conv::conv2d_with(kernels, &t[0], &t[1], self.stride, self.padding)
         })
     }
 }
 
 /// Batch norm with PyTorch's settings (eps 1e-5, momentum 0.1, affine) and timm's
-/// names (`weight`, `bias`, `running_mean`, `running_var`). On the CPU it runs as
-/// the fused ops of [`reid_ops::batch_norm`], ReLU included when asked; on other
-/// devices (and under `REID_OPS=generic`) through candle's own batch norm.
+/// names (`weight`, `bias`, `running_mean`, `running_var`). Where the plan fuses
+/// it, it runs as the ops of [`reid_ops::batch_norm`], ReLU included when asked;
+/// elsewhere through candle's own batch norm.
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
     weight: Tensor,
@@ -115,6 +121,7 @@ pub struct BatchNorm {
     running_mean: Var,
     running_var: Var,
     generic: candle_nn::BatchNorm,
+    exec: Exec,
 }
 
 /// PyTorch's batch-norm epsilon.
@@ -122,7 +129,8 @@ pub const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
 impl BatchNorm {
-    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+    /// Batch norm of `channels` under `vb`, run as `exec` says.
+    pub fn new(channels: usize, exec: Exec, vb: VarBuilder) -> Result<Self> {
         let running_mean = vb.get_with_hints(channels, "running_mean", candle_nn::Init::Const(0.0))?;
         let running_var = vb.get_with_hints(channels, "running_var", candle_nn::Init::Const(1.0))?;
         let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
@@ -142,19 +150,25 @@ impl BatchNorm {
             running_mean: Var::from_tensor(&running_mean)?,
             running_var: Var::from_tensor(&running_var)?,
             generic,
+            exec,
         })
     }
 
     /// Normalises `x` ([N, C, H, W] or [N, C]) with batch statistics (updating the
     /// running ones) when `train`, else with the running statistics; then `then`.
     pub fn forward_t(&self, x: &Tensor, train: bool, then: Activation) -> Result<Tensor> {
-        self.forward_with(Self::kernels(x), x, train, then)
+        self.forward_with(self.kernels(x), x, train, then)
     }
 
-    /// The fused ops where this device has them for `x` (the CPU; CUDA for f32
-    /// and f64), else candle-nn's batch norm.
-    fn kernels(x: &Tensor) -> Kernels {
-        Kernels::choose(x, reid_ops::cuda_batch_norm_kernels(x.dtype()))
+    /// The fused ops where the plan has them for `x`, else candle-nn's batch norm.
+    fn kernels(&self, x: &Tensor) -> Kernels {
+        self.exec.kernels(OpKind::BatchNorm, x)
+    }
+
+    /// Whether the tape-only fused op of `x` runs: in train mode while a tape
+    /// records, where the plan fuses it.
+    fn tape_fused(&self, x: &Tensor, train: bool) -> bool {
+        train && tape::recording() && self.exec.kernels(OpKind::TapeFused, x) == Kernels::Fused
     }
 
     /// [`BatchNorm::forward_t`] with the given kernels.
@@ -194,8 +208,9 @@ impl BatchNorm {
     /// `relu(bn(x) + r)`, the end of a residual block: one op while a tape
     /// records (train mode on the CPU), batch norm then [`add_relu`] otherwise.
     pub fn forward_add_relu(&self, x: &Tensor, r: &Tensor, train: bool) -> Result<Tensor> {
-        if !(train && tape::recording() && Self::kernels(x) == Kernels::Fused) {
-            return add_relu(&self.forward_t(x, train, Activation::Identity)?, r);
+        if !self.tape_fused(x, train) {
+            let kernels = self.exec.kernels(OpKind::AddRelu, x);
+            return add_relu_with(kernels, &self.forward_t(x, train, Activation::Identity)?, r);
         }
         let (x, r) = (x.contiguous()?, r.contiguous()?);
         let op = BatchNormAddRelu {
@@ -212,9 +227,11 @@ impl BatchNorm {
     /// channels (a Res2Net block's split): one op while a tape records (train
     /// mode on the CPU), batch norm then [`tape::split_channels`] otherwise.
     pub fn forward_relu_split(&self, x: &Tensor, width: usize, count: usize, train: bool) -> Result<Vec<Tensor>> {
-        if !(train && tape::recording() && Self::kernels(x) == Kernels::Fused) {
+        if !self.tape_fused(x, train) {
             let y = self.forward_t(x, train, Activation::Relu)?;
-            return tape::split_channels(&y, width, count, channel_slice);
+            let kernels = self.exec.kernels(OpKind::ChannelSlice, &y);
+            let slice = |x: &Tensor, start, len| channel_slice_with(kernels, x, start, len);
+            return tape::split_channels(&y, width, count, slice);
         }
         let x = x.contiguous()?;
         let op = BatchNormReluSplit {
@@ -230,18 +247,17 @@ impl BatchNorm {
     }
 
     /// Batch norm, ReLU, then max pooling with `window` (the stem): one fused op
-    /// in train mode on the CPU, the separate ops otherwise.
+    /// in train mode where the plan fuses it, the separate ops otherwise.
     pub fn forward_relu_max_pool(&self, x: &Tensor, train: bool, window: Window) -> Result<Tensor> {
-        let kernels = Kernels::for_tensor(x);
-        if kernels == Kernels::Fused && train {
+        if train && self.exec.kernels(OpKind::TapeFused, x) == Kernels::Fused {
             let x = x.contiguous()?;
             let op = BatchNormReluMaxPool::new(self.train_op(true), window);
             let y = tape::op3(&x, &self.weight, &self.bias, op.clone(), Reads::ALL)?;
             self.update_running(&op.bn, &x)?;
             return Ok(y);
         }
-        let y = self.forward_with(Self::kernels(x), x, train, Activation::Relu)?;
-        max_pool2d_with(kernels, &y, window)
+        let y = self.forward_t(x, train, Activation::Relu)?;
+        max_pool2d_with(self.exec.kernels(OpKind::Pool, &y), &y, window)
     }
 
     fn train_op(&self, relu: bool) -> BatchNormTrain {
@@ -255,11 +271,11 @@ impl BatchNorm {
     /// The running statistics moved towards the batch statistics that `op`'s
     /// forward on `x` computed (unbiased variance, as PyTorch).
     fn update_running(&self, op: &BatchNormTrain, x: &Tensor) -> Result<()> {
-        let BatchStats { mean, var, count } = op.saved_stats();
+        let SavedStats { tensor, count, .. } = op.saved_stats();
         let unbiased = count as f64 / (count as f64 - 1.0).max(1.0);
-        let (dtype, device) = (x.dtype(), x.device());
-        let mean = Tensor::from_vec(mean, self.weight.dims(), device)?.to_dtype(dtype)?;
-        let var = (Tensor::from_vec(var, self.weight.dims(), device)?.to_dtype(dtype)? * unbiased)?;
+        let dtype = x.dtype();
+        let mean = tensor.get(0)?.to_dtype(dtype)?;
+        let var = (tensor.get(1)?.to_dtype(dtype)? * unbiased)?;
         let rm = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
         let rv = ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (var * BN_MOMENTUM)?)?;
         self.running_mean.set(&rm)?;
@@ -277,9 +293,10 @@ impl BatchNorm {
     }
 }
 
-/// Batch norm with PyTorch's defaults under `vb` (`<name>.weight`, ...).
-pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
-    BatchNorm::new(channels, vb)
+/// Batch norm with PyTorch's defaults under `vb` (`<name>.weight`, ...), run as
+/// `exec` says.
+pub fn batch_norm(channels: usize, exec: Exec, vb: VarBuilder) -> Result<BatchNorm> {
+    BatchNorm::new(channels, exec, vb)
 }
 
 /// Convolution then batch norm, the unit most layers are made of.
@@ -296,14 +313,15 @@ impl ConvBn {
     }
 
     /// Convolution, batch norm, ReLU and max pooling with `window` (the stem):
-    /// one op in train mode on the CPU for f32 or f64 images that need no
-    /// gradient; the batch norm, ReLU and pool as one op for other inputs in
-    /// train mode; separate ops otherwise.
+    /// one op in train mode where the plan fuses it, for f32 or f64 images that
+    /// need no gradient in f32 precision; the batch norm, ReLU and pool as one op
+    /// for other inputs in train mode; separate ops otherwise.
     pub fn forward_relu_max_pool(&self, x: &Tensor, train: bool, window: Window) -> Result<Tensor> {
+        let exec = self.bn.exec;
         let whole = train
-            && Kernels::for_tensor(x) == Kernels::Fused
+            && exec.kernels(OpKind::TapeFused, x) == Kernels::Fused
             && !x.track_op()
-            && current_precision() == Precision::F32
+            && !exec.bf16()
             && matches!(x.dtype(), DType::F32 | DType::F64);
         if !whole {
             return self.bn.forward_relu_max_pool(&self.conv.forward(x)?, train, window);

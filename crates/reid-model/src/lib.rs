@@ -2,6 +2,10 @@
 //! names, the identification and verification heads, the weighted loss, and
 //! weight loading (local safetensors or the Hugging Face hub cache).
 
+// Tests read and build tensors freely; the library's reads go through
+// `reid_ops::ledger`.
+#![cfg_attr(test, allow(clippy::disallowed_methods))]
+
 pub mod arch;
 pub mod backbone;
 pub mod checkpoint;
@@ -15,7 +19,9 @@ pub mod weights;
 pub use arch::{Arch, BlockKind, ARCHS};
 pub use checkpoint::CheckpointInfo;
 pub use device::DeviceSpec;
-pub use heads::{LossSettings, PairLoss, PairTargets, Term};
+pub use heads::{LossSettings, LossValues, PairLoss, PairTargets, Term};
 pub use metric::{Negatives, TripletMargin};
 pub use model::{ModelConfig, ReidModel};
+/// The execution plan a model is built with (see [`reid_ops::exec`]).
+pub use reid_ops::{Exec, Ops, Precision};
 pub use weights::{LoadScope, WeightError, WeightSource};

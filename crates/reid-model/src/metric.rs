@@ -65,7 +65,7 @@ fn entries(m: &Tensor, at: &[(usize, usize)]) -> Result<Tensor> {
     let n = m.dim(1)?;
     let flat: Vec<u32> = at.iter().map(|&(i, j)| (i * n + j) as u32).collect();
     m.flatten_all()?
-        .index_select(&Tensor::from_vec(flat, at.len(), m.device())?, 0)
+        .index_select(&reid_ops::ledger::upload(flat, at.len(), m.device())?, 0)
 }
 
 /// The batch-hard triplet loss over `dist` [N, N] (whose values are `d`) with

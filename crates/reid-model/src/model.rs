@@ -14,7 +14,7 @@ use crate::heads::{Heads, LossSettings, PairLoss, PairTargets};
 use crate::layers::Activation;
 use crate::layers::BatchNorm;
 use reid_ops::tape::TapedOutput;
-use reid_ops::{current_precision, Kernels, Precision};
+use reid_ops::Exec;
 
 /// What to build.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -41,6 +41,8 @@ pub struct ReidModel {
     pub heads: Heads,
     pub dtype: DType,
     pub device: Device,
+    /// How it runs (see [`Exec`]), fixed when it is built.
+    pub exec: Exec,
 }
 
 /// Whether a variable name is a batch-norm running statistic (never trained).
@@ -55,17 +57,18 @@ pub fn is_head(name: &str) -> bool {
 }
 
 impl ReidModel {
-    /// Builds the model with fresh variables (see [`ReidModel::initialize`]).
-    pub fn new(config: ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+    /// Builds the model with fresh variables (see [`ReidModel::initialize`]) to
+    /// run as `exec` says.
+    pub fn new(config: ModelConfig, exec: Exec, dtype: DType, device: &Device) -> Result<Self> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, dtype, device);
-        let backbone = Backbone::new(config.arch, config.last_stride, vb.clone())?;
+        let backbone = Backbone::new(config.arch, config.last_stride, exec, vb.clone())?;
         let neck = if config.bnneck {
-            Some(BatchNorm::new(config.arch.feature_dim(), vb.pp("neck"))?)
+            Some(BatchNorm::new(config.arch.feature_dim(), exec, vb.pp("neck"))?)
         } else {
             None
         };
-        let heads = Heads::new(config.arch.feature_dim(), config.num_classes, vb)?;
+        let heads = Heads::new(config.arch.feature_dim(), config.num_classes, exec, vb)?;
         Ok(ReidModel {
             config,
             varmap,
@@ -74,6 +77,7 @@ impl ReidModel {
             heads,
             dtype,
             device: device.clone(),
+            exec,
         })
     }
 
@@ -116,7 +120,7 @@ impl ReidModel {
                 let mut rng =
                     ChaCha8Rng::seed_from_u64(reid_io::seed::mix(seed.wrapping_add(INIT_STREAM), i as u64, 0));
                 let values: Vec<f64> = (0..n).map(|_| stdev * standard_normal(&mut rng)).collect();
-                Tensor::from_vec(values, dims, &self.device)?.to_dtype(self.dtype)?
+                reid_ops::ledger::upload(values, dims, &self.device)?.to_dtype(self.dtype)?
             };
             var.set(&value)?;
         }
@@ -176,10 +180,11 @@ impl ReidModel {
     }
 
     /// Train-mode features of `cat[x1, x2]`: (through the neck, pooled), and the
-    /// backbone's tape when it ran on one (see [`taped_backbone`]).
+    /// backbone's tape when it ran on one (see [`Exec::tape`]): its backward is
+    /// then the tape's, candle's otherwise.
     fn train_features(&self, x1: &Tensor, x2: &Tensor) -> Result<(Tensor, Tensor, Option<Arc<TapedOutput>>)> {
         let x = Tensor::cat(&[x1, x2], 0)?;
-        if !taped_backbone(&x) {
+        if !self.exec.tape(&x) {
             let pooled = self.backbone.forward_t(&x, true)?;
             return Ok((self.through_neck(&pooled, true)?, pooled, None));
         }
@@ -195,15 +200,6 @@ impl ReidModel {
             .map(|(n, v)| Ok((n, v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
             .collect()
     }
-}
-
-/// Whether the backbone's training forward on `x` runs on a tape (the CPU's fused
-/// ops on f32 or f64, in f32 precision: every op of it records itself there), so
-/// that its backward is [`reid_ops::tape`]'s; elsewhere it is candle's.
-fn taped_backbone(x: &Tensor) -> bool {
-    Kernels::for_tensor(x) == Kernels::Fused
-        && current_precision() == Precision::F32
-        && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// Offsets the run seed for the initialisation draws (variable i draws from
@@ -229,7 +225,7 @@ mod tests {
             num_classes: 5,
             bnneck,
         };
-        let m = ReidModel::new(config, DType::F64, &Device::Cpu).unwrap();
+        let m = ReidModel::new(config, Exec::default(), DType::F64, &Device::Cpu).unwrap();
         m.initialize(3).unwrap();
         m
     }

@@ -236,7 +236,7 @@ fn finite_bytes(name: &str, t: &Tensor, path: &Path) -> Result<(Vec<u8>, safeten
         value: v,
     };
     if t.dtype() == candle_core::DType::F64 {
-        let v: Vec<f64> = t.flatten_all()?.to_vec1()?;
+        let v: Vec<f64> = reid_ops::ledger::read(t)?;
         if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
             return Err(non_finite(*bad));
         }
@@ -245,7 +245,7 @@ fn finite_bytes(name: &str, t: &Tensor, path: &Path) -> Result<(Vec<u8>, safeten
             safetensors::Dtype::F64,
         ))
     } else {
-        let v: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let v: Vec<f32> = reid_ops::ledger::read(&t.to_dtype(candle_core::DType::F32)?)?;
         if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
             return Err(non_finite(*bad as f64));
         }

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read and build tensors freely
 //! NaN and infinities through the batch-norm layer, fused and generic: a NaN
 //! spreads over its channel in training (through the batch statistics) and
 //! stays where it is in eval mode, and both kernels agree value for value.
@@ -11,7 +12,7 @@ use reid_ops::Kernels;
 fn batch_norm(channels: usize) -> (VarMap, BatchNorm) {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
-    let bn = BatchNorm::new(channels, vb).unwrap();
+    let bn = BatchNorm::new(channels, reid_ops::Exec::default(), vb).unwrap();
     (varmap, bn)
 }
 

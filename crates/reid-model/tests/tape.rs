@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read and build tensors freely
 //! The tape's backward against candle's on the tiny backbones: the same
 //! gradients bit for bit, for every backbone parameter, in f32 and f64.
 
@@ -16,7 +17,7 @@ fn model(arch: &str, dtype: DType) -> (ReidModel, Tensor) {
         num_classes: 5,
         bnneck: false,
     };
-    let m = ReidModel::new(config, dtype, &Device::Cpu).unwrap();
+    let m = ReidModel::new(config, reid_model::Exec::default(), dtype, &Device::Cpu).unwrap();
     m.initialize(7).unwrap();
     let x = random(&[4, 3, 32, 16], 8).to_dtype(dtype).unwrap();
     (m, x)

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read and build tensors freely
 //! Loading weights: from the Hugging Face hub cache as the hub client lays it out
 //! (no network), refusing mismatched checkpoints with the full list, and our own
 //! checkpoints round-tripping under timm's names. One test: it sets HF_HOME.
@@ -18,6 +19,7 @@ fn model(classes: usize, seed: u64) -> ReidModel {
             num_classes: classes,
             bnneck: false,
         },
+        reid_model::Exec::default(),
         DType::F32,
         &Device::Cpu,
     )

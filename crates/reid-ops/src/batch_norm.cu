@@ -59,16 +59,46 @@ extern "C" __global__ void NAME(const T* x, T* y, const double* ss,             
     }                                                                               \
 }
 
+// 1 / sqrt(var + eps), rounded as the CPU rounds it.
+__device__ double invstd_of(double var, double eps) {
+    return __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, eps)));
+}
+
+// Per channel, from stats = [mean; var]: ss = [scale; shift] with
+// scale = w / sqrt(var + eps), shift = b - mean * scale.
+#define SCALE_SHIFT(T, NAME)                                                        \
+extern "C" __global__ void NAME(const double* stats, const T* w, const T* b,       \
+                                double* ss, unsigned int c, double eps) {           \
+    unsigned int ch = blockIdx.x * blockDim.x + threadIdx.x;                        \
+    if (ch >= c) return;                                                            \
+    double s = __ddiv_rn((double)w[ch], __dsqrt_rn(__dadd_rn(stats[c + ch], eps))); \
+    ss[ch] = s;                                                                     \
+    ss[c + ch] = __dsub_rn((double)b[ch], __dmul_rn(stats[ch], s));                 \
+}
+
+// y = x * scale[ch] + shift[ch] from scale and shift of T (eval mode).
+#define CHANNEL_AFFINE(T, NAME, MUL, ADD)                                           \
+extern "C" __global__ void NAME(const T* x, T* y, const T* scale, const T* shift,  \
+                                unsigned int total, unsigned int c,                 \
+                                unsigned int hw, int relu) {                        \
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;        \
+         i += blockDim.x * gridDim.x) {                                             \
+        unsigned int ch = (i / hw) % c;                                             \
+        T r = ADD(MUL(x[i], scale[ch]), shift[ch]);                                 \
+        y[i] = (relu && r <= (T)0) ? (T)0 : r;                                      \
+    }                                                                               \
+}
+
 // Per channel, with g' the gradient through the ReLU (zero where y <= 0):
 // out[ch] = sum(g' * (x - mean)) * invstd, out[c + ch] = sum(g');
-// ms = [mean; invstd].
+// stats = [mean; var].
 #define GRAD_SUMS(T, NAME)                                                          \
 extern "C" __global__ void NAME(const T* x, const T* y, const T* g, T* out,        \
-                                const double* ms, unsigned int n, unsigned int c,   \
-                                unsigned int hw, int relu) {                        \
+                                const double* stats, double eps, unsigned int n,    \
+                                unsigned int c, unsigned int hw, int relu) {        \
     __shared__ double shared[BLOCK];                                                \
     unsigned int ch = blockIdx.x, count = n * hw;                                   \
-    double mean = ms[ch], sg = 0.0, sgx = 0.0;                                      \
+    double mean = stats[ch], sg = 0.0, sgx = 0.0;                                   \
     for (unsigned int i = threadIdx.x; i < count; i += BLOCK) {                     \
         unsigned int k = at(i, ch, c, hw);                                          \
         double gv = (relu && y[k] <= (T)0) ? 0.0 : (double)g[k];                    \
@@ -78,9 +108,25 @@ extern "C" __global__ void NAME(const T* x, const T* y, const T* g, T* out,     
     sg = block_sum(sg, shared);                                                     \
     sgx = block_sum(sgx, shared);                                                   \
     if (threadIdx.x == 0) {                                                         \
-        out[ch] = (T)(sgx * ms[c + ch]);                                            \
+        out[ch] = (T)__dmul_rn(sgx, invstd_of(stats[c + ch], eps));                 \
         out[c + ch] = (T)sg;                                                        \
     }                                                                               \
+}
+
+// Per channel, p = [mean; invstd; k; a; b] (see INPUT_GRAD) from stats =
+// [mean; var], the weight and sums = [sum(g' * x_hat); sum(g')].
+#define INPUT_PARAMS(T, NAME)                                                       \
+extern "C" __global__ void NAME(const double* stats, const T* w, const T* sums,    \
+                                double* p, unsigned int c, double eps,              \
+                                double count) {                                     \
+    unsigned int ch = blockIdx.x * blockDim.x + threadIdx.x;                        \
+    if (ch >= c) return;                                                            \
+    double invstd = invstd_of(stats[c + ch], eps);                                  \
+    p[ch] = stats[ch];                                                              \
+    p[c + ch] = invstd;                                                             \
+    p[2 * c + ch] = __ddiv_rn(__dmul_rn((double)w[ch], invstd), count);             \
+    p[3 * c + ch] = (double)sums[c + ch];                                           \
+    p[4 * c + ch] = (double)sums[ch];                                               \
 }
 
 // dx = k * (count * g' - a - x_hat * b), x_hat = (x - mean) * invstd;
@@ -105,6 +151,12 @@ STATS(float, bn_stats_f32)
 STATS(double, bn_stats_f64)
 AFFINE(float, bn_affine_f32, __fmul_rn, __fadd_rn)
 AFFINE(double, bn_affine_f64, __dmul_rn, __dadd_rn)
+SCALE_SHIFT(float, bn_scale_shift_f32)
+SCALE_SHIFT(double, bn_scale_shift_f64)
+CHANNEL_AFFINE(float, bn_channel_affine_f32, __fmul_rn, __fadd_rn)
+CHANNEL_AFFINE(double, bn_channel_affine_f64, __dmul_rn, __dadd_rn)
+INPUT_PARAMS(float, bn_input_params_f32)
+INPUT_PARAMS(double, bn_input_params_f64)
 GRAD_SUMS(float, bn_grad_sums_f32)
 GRAD_SUMS(double, bn_grad_sums_f64)
 INPUT_GRAD(float, bn_input_grad_f32)

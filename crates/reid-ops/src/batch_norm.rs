@@ -1,9 +1,11 @@
 //! Batch normalisation (optionally followed by ReLU) as single passes over the
 //! data, forward and backward, in place of candle's chain of broadcast ops. Train
 //! mode normalises with the biased batch variance and hands the batch statistics
-//! back for the running-statistics update; the gradient flows through the batch
-//! mean and variance, as in PyTorch. The forward keeps its statistics in the op,
-//! so the backward is two passes: the per-channel sums, then the input gradient.
+//! back, as a tensor on the device, for the running-statistics update; the
+//! gradient flows through the batch mean and variance, as in PyTorch. The forward
+//! keeps its statistics in the op, so the backward is two passes: the per-channel
+//! sums, then the input gradient. Nothing is read back to the host on any device:
+//! statistics, scale and shift and the backward's sums stay where they are made.
 
 mod add_relu;
 mod split;
@@ -27,7 +29,8 @@ use candle_core::{
 };
 pub use split::BatchNormReluSplit;
 
-/// Per-channel mean and biased variance of one forward.
+/// Per-channel mean and biased variance of one forward, on the host (the CPU
+/// kernels').
 #[derive(Debug, Clone, Default)]
 pub struct BatchStats {
     pub mean: Vec<f64>,
@@ -103,13 +106,59 @@ fn to_f64<T: Float>(v: &[T]) -> Vec<f64> {
     v.iter().map(|x| x.to_f64().unwrap()).collect()
 }
 
+/// The values of a CPU tensor as f64 (no transfer: an error on other devices).
+pub(crate) fn cpu_f64(t: &Tensor, op: &str) -> Result<Vec<f64>> {
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*s else {
+        candle_core::bail!("{op}: expected a CPU tensor");
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => to_f64(super::contiguous(v, l, op)?),
+        CpuStorage::F64(v) => super::contiguous(v, l, op)?.to_vec(),
+        _ => candle_core::bail!("{op}: only f32 and f64 are supported"),
+    })
+}
+
+/// The batch statistics one forward left: on the host where the CPU computed
+/// them, and always as [mean; biased variance], a [2, C] f64 tensor on the
+/// forward's device.
+#[derive(Debug, Clone)]
+pub struct SavedStats {
+    pub host: Option<BatchStats>,
+    pub tensor: Tensor,
+    /// Values per channel (N * H * W).
+    pub count: usize,
+}
+
+impl SavedStats {
+    /// Statistics computed on the CPU.
+    fn from_host(stats: BatchStats) -> Result<Self> {
+        let c = stats.mean.len();
+        let values = [&stats.mean[..], &stats.var].concat();
+        let tensor = super::cpu_result(values, (2, c), &candle_core::Device::Cpu)?;
+        Ok(SavedStats {
+            count: stats.count,
+            host: Some(stats),
+            tensor,
+        })
+    }
+
+    /// The host statistics, which the CPU kernels read.
+    fn host(&self, op: &str) -> Result<&BatchStats> {
+        match &self.host {
+            Some(s) => Ok(s),
+            None => candle_core::bail!("{op}: the batch statistics are on another device"),
+        }
+    }
+}
+
 /// Train-mode batch norm of (x, weight, bias), optionally with ReLU; the batch
 /// statistics are left in `stats` (for the running update and the backward).
 #[derive(Debug, Clone)]
 pub struct BatchNormTrain {
     pub eps: f64,
     pub relu: bool,
-    pub stats: Arc<Mutex<Option<BatchStats>>>,
+    pub stats: Arc<Mutex<Option<SavedStats>>>,
 }
 
 impl BatchNormTrain {
@@ -135,12 +184,13 @@ impl BatchNormTrain {
     ) -> (Vec<f64>, Vec<f64>) {
         let stats = batch_stats(x, d);
         let scale_shift = self.scale_shift(&stats, &to_f64(w), &to_f64(b));
-        *self.stats.lock().expect("stats lock") = Some(stats);
+        let saved = SavedStats::from_host(stats).expect("a CPU tensor of 2C values");
+        *self.stats.lock().expect("stats lock") = Some(saved);
         scale_shift
     }
 
     /// The batch statistics the last forward left.
-    pub fn saved_stats(&self) -> BatchStats {
+    pub fn saved_stats(&self) -> SavedStats {
         self.stats.lock().expect("stats lock").clone().expect("the forward ran")
     }
 
@@ -159,10 +209,15 @@ impl BatchNormTrain {
         d: (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
         let stats = cuda::stats(dev, x, d)?;
-        let (w, b) = (to_f64(&dev.clone_dtoh(w)?), to_f64(&dev.clone_dtoh(b)?));
-        let (scale, shift) = self.scale_shift(&stats, &w, &b);
-        let y = cuda::affine(dev, x, d, &scale, &shift, self.relu)?;
-        *self.stats.lock().expect("stats lock") = Some(stats);
+        let ss = cuda::scale_shift(dev, &stats, [w, b], self.eps)?;
+        let y = cuda::affine(dev, x, d, &ss, self.relu)?;
+        let tensor = cuda::tensor_of(dev, stats, (2, d.1));
+        let count = d.0 * d.2;
+        *self.stats.lock().expect("stats lock") = Some(SavedStats {
+            host: None,
+            tensor,
+            count,
+        });
         Ok(y)
     }
 
@@ -189,9 +244,8 @@ impl BatchNormTrain {
             eps: self.eps,
             relu: self.relu,
             stats,
-            weight: w.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?,
-            sum_gxhat: sum_gxhat.to_dtype(candle_core::DType::F64)?.to_vec1()?,
-            sum_g: sum_g.to_dtype(candle_core::DType::F64)?.to_vec1()?,
+            weight: w.contiguous()?,
+            sums,
         };
         let grad_x = match input_grad {
             true => Some(x.apply_op3_no_bwd(y, &grad, &input_op)?),
@@ -298,31 +352,46 @@ fn planes<'a, T: Sync>(v: &'a [T], hw: usize) -> impl Fn(usize) -> &'a [T] + Syn
 struct GradSums {
     eps: f64,
     relu: bool,
-    stats: BatchStats,
+    stats: SavedStats,
 }
 
 impl GradSums {
-    fn sums<T: Float + Send + Sync + 'static>(&self, x: &[T], y: &[T], g: &[T], d: (usize, usize, usize)) -> Vec<T> {
-        let hw = d.2;
-        self.sums_by([&planes(x, hw), &planes(y, hw), &planes(g, hw)], d)
-    }
-
-    /// [`GradSums::sums`] of the planes (x, y, g), each given by its index.
-    fn sums_by<'a, T: Float + Send + Sync + 'static>(
+    fn sums<T: Float + Send + Sync + 'static>(
         &self,
-        [x, y, g]: [&PlaneOf<'a, T>; 3],
-        (n, c, hw): (usize, usize, usize),
-    ) -> Vec<T> {
-        let s = &self.stats;
-        let per = per_channel((n, c, hw), |grp| {
-            let xyg = [x, y, g].map(|v| rows_by(v, grp, n * c));
-            grad_sums(xyg, self.relu, per_lane(&s.mean, grp))
-        });
-        let invstd = s.invstd(self.eps);
-        let first = per.iter().zip(&invstd).map(|(v, i)| T::from(v[0] * i).unwrap());
-        let second = per.iter().map(|v| T::from(v[1]).unwrap());
-        first.chain(second).collect()
+        x: &[T],
+        y: &[T],
+        g: &[T],
+        d: (usize, usize, usize),
+    ) -> Result<Vec<T>> {
+        let hw = d.2;
+        let stats = self.stats.host("batch-norm-grad-sums")?;
+        Ok(sums_by(
+            stats,
+            self.eps,
+            self.relu,
+            [&planes(x, hw), &planes(y, hw), &planes(g, hw)],
+            d,
+        ))
     }
+}
+
+/// Per channel: sum(g' * x_hat) then sum(g') of the planes (x, y, g), each given
+/// by its index, with the statistics `s` (g' the gradient through the ReLU).
+pub(crate) fn sums_by<'a, T: Float + Send + Sync + 'static>(
+    s: &BatchStats,
+    eps: f64,
+    relu: bool,
+    [x, y, g]: [&PlaneOf<'a, T>; 3],
+    (n, c, hw): (usize, usize, usize),
+) -> Vec<T> {
+    let per = per_channel((n, c, hw), |grp| {
+        let xyg = [x, y, g].map(|v| rows_by(v, grp, n * c));
+        grad_sums(xyg, relu, per_lane(&s.mean, grp))
+    });
+    let invstd = s.invstd(eps);
+    let first = per.iter().zip(&invstd).map(|(v, i)| T::from(v[0] * i).unwrap());
+    let second = per.iter().map(|v| T::from(v[1]).unwrap());
+    first.chain(second).collect()
 }
 
 impl CustomOp3 for GradSums {
@@ -341,7 +410,7 @@ impl CustomOp3 for GradSums {
     ) -> Result<(CpuStorage, Shape)> {
         let d = dims(l1, self.name())?;
         let out = three_floats!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, y, g| self
-            .sums(x, y, g, d));
+            .sums(x, y, g, d)?);
         Ok((out, Shape::from((2, d.1))))
     }
 
@@ -356,11 +425,11 @@ impl CustomOp3 for GradSums {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let d = dims(l1, self.name())?;
-        let s = &self.stats;
-        let mean_invstd = [&s.mean[..], &s.invstd(self.eps)].concat();
         let dev = &s1.device;
+        let (stats, _) = self.stats.tensor.storage_and_layout();
+        let stats = cuda::stats_of(&stats)?;
         let out = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, y, g| {
-            cuda::grad_sums(dev, (x, y, g), d, &mean_invstd, self.relu)?
+            cuda::grad_sums(dev, (x, y, g), d, &stats, self.eps, self.relu)?
         });
         Ok((out, Shape::from((2, d.1))))
     }
@@ -372,43 +441,55 @@ impl CustomOp3 for GradSums {
 struct InputGrad {
     eps: f64,
     relu: bool,
-    stats: BatchStats,
-    weight: Vec<f64>,
-    sum_gxhat: Vec<f64>,
-    sum_g: Vec<f64>,
+    stats: SavedStats,
+    /// The batch norm's weight [C].
+    weight: Tensor,
+    /// [sum(g' * x_hat); sum(g')], [2, C], as [`GradSums`] gives them.
+    sums: Tensor,
 }
 
 impl InputGrad {
-    /// [mean; invstd; k; a; b] per channel, as the CUDA kernel takes them.
-    #[cfg(feature = "cuda")]
-    fn cuda_params(&self) -> Vec<f64> {
-        let s = &self.stats;
-        let invstd = s.invstd(self.eps);
-        let k = self.weight.iter().zip(&invstd).map(|(w, i)| w * i / s.count as f64);
-        let k: Vec<f64> = k.collect();
-        [&s.mean[..], &invstd, &k, &self.sum_g, &self.sum_gxhat].concat()
-    }
-
-    fn backward<T: Float + Send + Sync>(&self, x: &[T], y: &[T], g: &[T], d: (usize, usize, usize)) -> Vec<T> {
+    fn backward<T: Float + Send + Sync>(&self, x: &[T], y: &[T], g: &[T], d: (usize, usize, usize)) -> Result<Vec<T>> {
         let hw = d.2;
-        self.backward_by([&planes(x, hw), &planes(y, hw), &planes(g, hw)], d)
+        let op = "batch-norm-input-grad";
+        let host = HostGrad {
+            eps: self.eps,
+            relu: self.relu,
+            stats: self.stats.host(op)?,
+            weight: cpu_f64(&self.weight, op)?,
+            sums: cpu_f64(&self.sums, op)?,
+        };
+        Ok(host.backward_by([&planes(x, hw), &planes(y, hw), &planes(g, hw)], d))
     }
+}
 
-    /// [`InputGrad::backward`] from the planes (x, y, g), each given by its index.
-    fn backward_by<T: Float + Send + Sync>(
+/// [`InputGrad`] with its operands on the host (the CPU kernels').
+pub(crate) struct HostGrad<'a> {
+    pub eps: f64,
+    pub relu: bool,
+    pub stats: &'a BatchStats,
+    pub weight: Vec<f64>,
+    /// [sum(g' * x_hat); sum(g')], 2C values.
+    pub sums: Vec<f64>,
+}
+
+impl HostGrad<'_> {
+    /// The input gradient from the planes (x, y, g), each given by its index.
+    pub(crate) fn backward_by<T: Float + Send + Sync>(
         &self,
         [x, y, g]: [&PlaneOf<'_, T>; 3],
         (batch, c, hw): (usize, usize, usize),
     ) -> Vec<T> {
-        let s = &self.stats;
+        let s = self.stats;
         let (n, invstds) = (s.count as f64, s.invstd(self.eps));
+        let (sum_gxhat, sum_g) = self.sums.split_at(c);
         // SAFETY: every value of each plane is written by the loop over it.
         unsafe {
             filled_in_chunks(batch * c * hw, hw, |plane, o| {
                 let ch = plane % c;
                 let invstd = invstds[ch];
                 let (mean, k) = (s.mean[ch], self.weight[ch] * invstd / n);
-                let (a, b) = (self.sum_g[ch], self.sum_gxhat[ch]);
+                let (a, b) = (sum_g[ch], sum_gxhat[ch]);
                 with_widest_simd!(masked_chunks(
                     x(plane),
                     y(plane),
@@ -442,7 +523,7 @@ impl CustomOp3 for InputGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let d = dims(l1, self.name())?;
         let out = three_floats!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, y, g| self
-            .backward(x, y, g, d));
+            .backward(x, y, g, d)?);
         Ok((out, l1.shape().clone()))
     }
 
@@ -457,10 +538,18 @@ impl CustomOp3 for InputGrad {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let d = dims(l1, self.name())?;
-        let params = self.cuda_params();
         let dev = &s1.device;
+        let (stats, _) = self.stats.tensor.storage_and_layout();
+        let (w, lw) = self.weight.storage_and_layout();
+        let (sums, ls) = self.sums.storage_and_layout();
+        let operands = cuda::BackwardOperands {
+            stats: cuda::stats_of(&stats)?,
+            weight: (&w, lw),
+            sums: (&sums, ls),
+            eps: self.eps,
+        };
         let dx = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, y, g| {
-            cuda::input_grad(dev, (x, y, g), d, &params, self.relu)?
+            cuda::input_grad(dev, (x, y, g), d, &operands, self.relu)?
         });
         Ok((dx, l1.shape().clone()))
     }
@@ -511,8 +600,7 @@ impl CustomOp3 for ChannelAffine {
         let d = dims(l1, self.name())?;
         let dev = &s1.device;
         let y = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, scale, shift| {
-            let (scale, shift) = (to_f64(&dev.clone_dtoh(scale)?), to_f64(&dev.clone_dtoh(shift)?));
-            cuda::affine(dev, x, d, &scale, &shift, self.relu)?
+            cuda::channel_affine(dev, x, d, [scale, shift], self.relu)?
         });
         Ok((y, l1.shape().clone()))
     }

@@ -1,41 +1,26 @@
 //! The CUDA side of the batch-norm ops of [`super::batch_norm`]: the kernels of
 //! `batch_norm.cu` (compiled by NVRTC on first use), one pass each way over the
 //! data where candle-nn's batch norm is a chain of a dozen broadcast ops. The
-//! per-channel statistics and sums come back to the host (2C values, one
-//! synchronisation per batch norm), where the ops keep them as on the CPU.
-
-use std::sync::OnceLock;
+//! per-channel statistics, scale and shift and the backward's sums stay on the
+//! device: a step of batch norms never waits for the host.
 
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
-use candle_core::{CudaStorage, Layout, Result, WithDType};
 
-use super::batch_norm::BatchStats;
+use crate::cuda_kernels::Kernels;
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor, WithDType};
 
-const SOURCE: &str = include_str!("batch_norm.cu");
 const BLOCK: u32 = 256;
 
-/// The kernels' PTX, compiled once per process.
-fn ptx() -> Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        compile_ptx_with_opts(SOURCE, CompileOptions::default())
-            .map(|p| p.to_src())
-            .map_err(|e| e.to_string())
-    })
-    .as_deref()
-    .map_err(|e| candle_core::Error::Msg(format!("batch-norm CUDA kernels: NVRTC failed: {e}")))
-}
+/// The kernels of batch_norm.cu.
+static KERNELS: Kernels = Kernels::new("reid_batch_norm", include_str!("batch_norm.cu"));
 
 /// Kernel `name`, suffixed by T's dtype.
 fn kernel<T: WithDType>(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-    let name = format!("{name}_{}", T::DTYPE.as_str());
-    Ok(dev
-        .get_or_load_custom_func(&name, "reid_batch_norm", ptx()?)?
-        .into_cuda_function())
+    KERNELS.get::<T>(dev, name)
 }
 
 /// One block per channel.
@@ -75,62 +60,134 @@ pub(crate) fn view<'a, T: WithDType + DeviceRepr + CudaDType>(
     }
 }
 
-/// Per-channel mean and biased variance of x.
+/// One thread per channel.
+fn per_channel_thread(c: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((c as u32).div_ceil(BLOCK).max(1), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The CUDA storage behind a tensor's storage guard.
+pub(crate) fn cuda_storage(s: &Storage) -> Result<&CudaStorage> {
+    match s {
+        Storage::Cuda(s) => Ok(s),
+        _ => candle_core::bail!("batch norm on CUDA: an operand is on another device"),
+    }
+}
+
+/// The [mean; var] values (2C f64) of saved statistics on CUDA.
+pub(crate) fn stats_of(s: &Storage) -> Result<&CudaSlice<f64>> {
+    cuda_storage(s)?.as_cuda_slice::<f64>()
+}
+
+/// `slice` as a tensor of `shape` on `dev` (outside any graph).
+pub(crate) fn tensor_of<S: Into<Shape>>(dev: &CudaDevice, slice: CudaSlice<f64>, shape: S) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// Per-channel [mean; biased variance] of x (2C values, left on the device).
 pub(crate) fn stats<T: WithDType + DeviceRepr + CudaDType>(
     dev: &CudaDevice,
     x: &CudaView<T>,
     d: (usize, usize, usize),
-) -> Result<BatchStats> {
+) -> Result<CudaSlice<f64>> {
     let (n, c, hw) = sizes(d)?;
-    let mut out = dev.alloc_zeros::<f64>(2 * d.1)?;
+    // SAFETY: the kernel writes every value.
+    let mut out = unsafe { dev.alloc::<f64>(2 * d.1)? };
     let f = kernel::<T>(dev, "bn_stats")?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     b.arg(x).arg(&mut out).arg(&n).arg(&c).arg(&hw);
     // SAFETY: the arguments of `bn_stats` in batch_norm.cu; `out` holds 2C values.
     unsafe { b.launch(per_channel(d.1)) }.w()?;
-    let v = dev.clone_dtoh(&out)?;
-    Ok(BatchStats {
-        mean: v[..d.1].to_vec(),
-        var: v[d.1..].to_vec(),
-        count: d.0 * d.2,
-    })
+    Ok(out)
 }
 
-/// `x * scale[c] + shift[c]`, then ReLU if `relu`.
+/// [scale; shift] (2C f64) from the statistics and the weight and bias.
+pub(crate) fn scale_shift<T: WithDType + DeviceRepr + CudaDType>(
+    dev: &CudaDevice,
+    stats: &CudaSlice<f64>,
+    [w, b]: [&CudaView<T>; 2],
+    eps: f64,
+) -> Result<CudaSlice<f64>> {
+    let c = w.len();
+    // SAFETY: the kernel writes every value.
+    let mut ss = unsafe { dev.alloc::<f64>(2 * c)? };
+    let c32 = c as u32;
+    let f = kernel::<T>(dev, "bn_scale_shift")?;
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    l.arg(stats).arg(w).arg(b).arg(&mut ss).arg(&c32).arg(&eps);
+    // SAFETY: the arguments of `bn_scale_shift`; stats and ss hold 2C values.
+    unsafe { l.launch(per_channel_thread(c)) }.w()?;
+    Ok(ss)
+}
+
+/// `x * scale[c] + shift[c]` (ss = [scale; shift], 2C f64), then ReLU if `relu`.
 pub(crate) fn affine<T: WithDType + DeviceRepr + CudaDType>(
     dev: &CudaDevice,
     x: &CudaView<T>,
     d: (usize, usize, usize),
-    scale: &[f64],
-    shift: &[f64],
+    ss: &CudaSlice<f64>,
     relu: bool,
 ) -> Result<CudaSlice<T>> {
     let (_, c, hw) = sizes(d)?;
     let total = d.0 * d.1 * d.2;
-    let ss = dev.clone_htod(&[scale, shift].concat())?;
     // SAFETY: the kernel writes every value.
     let mut y = unsafe { dev.alloc::<T>(total)? };
     let (t, r) = (total as u32, relu as i32);
     let f = kernel::<T>(dev, "bn_affine")?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    b.arg(x).arg(&mut y).arg(&ss).arg(&t).arg(&c).arg(&hw).arg(&r);
+    b.arg(x).arg(&mut y).arg(ss).arg(&t).arg(&c).arg(&hw).arg(&r);
     // SAFETY: the arguments of `bn_affine`; x and y hold `total` values, ss 2C.
     unsafe { b.launch(elementwise(total)) }.w()?;
     Ok(y)
 }
 
-/// [sum(g' * x_hat); sum(g')] per channel as 2C values of T.
+/// `x * scale[c] + shift[c]` with scale and shift of T (eval mode).
+pub(crate) fn channel_affine<T: WithDType + DeviceRepr + CudaDType>(
+    dev: &CudaDevice,
+    x: &CudaView<T>,
+    d: (usize, usize, usize),
+    [scale, shift]: [&CudaView<T>; 2],
+    relu: bool,
+) -> Result<CudaSlice<T>> {
+    let (_, c, hw) = sizes(d)?;
+    let total = d.0 * d.1 * d.2;
+    // SAFETY: the kernel writes every value.
+    let mut y = unsafe { dev.alloc::<T>(total)? };
+    let (t, r) = (total as u32, relu as i32);
+    let f = kernel::<T>(dev, "bn_channel_affine")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(x)
+        .arg(&mut y)
+        .arg(scale)
+        .arg(shift)
+        .arg(&t)
+        .arg(&c)
+        .arg(&hw)
+        .arg(&r);
+    // SAFETY: the arguments of `bn_channel_affine`; scale and shift hold C values.
+    unsafe { b.launch(elementwise(total)) }.w()?;
+    Ok(y)
+}
+
+/// [sum(g' * x_hat); sum(g')] per channel as 2C values of T, with the saved
+/// statistics `stats` = [mean; var].
 pub(crate) fn grad_sums<T: WithDType + DeviceRepr + CudaDType>(
     dev: &CudaDevice,
     (x, y, g): (&CudaView<T>, &CudaView<T>, &CudaView<T>),
     d: (usize, usize, usize),
-    mean_invstd: &[f64],
+    stats: &CudaSlice<f64>,
+    eps: f64,
     relu: bool,
 ) -> Result<CudaSlice<T>> {
     let (n, c, hw) = sizes(d)?;
-    let ms = dev.clone_htod(mean_invstd)?;
     // SAFETY: the kernel writes every value.
     let mut out = unsafe { dev.alloc::<T>(2 * d.1)? };
     let r = relu as i32;
@@ -141,32 +198,57 @@ pub(crate) fn grad_sums<T: WithDType + DeviceRepr + CudaDType>(
         .arg(y)
         .arg(g)
         .arg(&mut out)
-        .arg(&ms)
+        .arg(stats)
+        .arg(&eps)
         .arg(&n)
         .arg(&c)
         .arg(&hw)
         .arg(&r);
-    // SAFETY: the arguments of `bn_grad_sums`; out and ms hold 2C values.
+    // SAFETY: the arguments of `bn_grad_sums`; out and stats hold 2C values.
     unsafe { b.launch(per_channel(d.1)) }.w()?;
     Ok(out)
 }
 
-/// The input gradient; `params` = [mean; invstd; k; a; b] (5C values).
+/// What the input gradient reads besides (x, y, g): the saved statistics, the
+/// weight [C] and the sums [2, C] of [`grad_sums`], as storages and layouts.
+pub(crate) struct BackwardOperands<'a> {
+    pub stats: &'a CudaSlice<f64>,
+    pub weight: (&'a Storage, &'a Layout),
+    pub sums: (&'a Storage, &'a Layout),
+    pub eps: f64,
+}
+
+/// The input gradient (two launches: the per-channel parameters, then dx).
 pub(crate) fn input_grad<T: WithDType + DeviceRepr + CudaDType>(
     dev: &CudaDevice,
     (x, y, g): (&CudaView<T>, &CudaView<T>, &CudaView<T>),
     d: (usize, usize, usize),
-    params: &[f64],
+    o: &BackwardOperands,
     relu: bool,
 ) -> Result<CudaSlice<T>> {
     let (_, c, hw) = sizes(d)?;
+    let w = view::<T>(cuda_storage(o.weight.0)?, o.weight.1)?;
+    let sums = view::<T>(cuda_storage(o.sums.0)?, o.sums.1)?;
+    let count = (d.0 * d.2) as f64;
+    // SAFETY: the kernel writes every value.
+    let mut p = unsafe { dev.alloc::<f64>(5 * d.1)? };
+    let f = kernel::<T>(dev, "bn_input_params")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(o.stats)
+        .arg(&w)
+        .arg(&sums)
+        .arg(&mut p)
+        .arg(&c)
+        .arg(&o.eps)
+        .arg(&count);
+    // SAFETY: the arguments of `bn_input_params`; p holds 5C values.
+    unsafe { b.launch(per_channel_thread(d.1)) }.w()?;
     let total = d.0 * d.1 * d.2;
-    let p = dev.clone_htod(params)?;
     // SAFETY: the kernel writes every value.
     let mut dx = unsafe { dev.alloc::<T>(total)? };
-    let (count, t, r) = ((d.0 * d.2) as f64, total as u32, relu as i32);
+    let (t, r) = (total as u32, relu as i32);
     let f = kernel::<T>(dev, "bn_input_grad")?;
-    let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     b.arg(x)
         .arg(y)
@@ -189,8 +271,17 @@ mod tests {
     /// the CUDA libraries on LD_LIBRARY_PATH, as after scripts/cuda-toolchain.sh).
     #[test]
     fn kernels_compile() {
-        let ptx = super::ptx().expect("NVRTC compiles batch_norm.cu");
-        for name in ["bn_stats", "bn_affine", "bn_grad_sums", "bn_input_grad"] {
+        let ptx = super::KERNELS.ptx().expect("NVRTC compiles batch_norm.cu");
+        let names = [
+            "bn_stats",
+            "bn_scale_shift",
+            "bn_affine",
+            "bn_channel_affine",
+            "bn_grad_sums",
+            "bn_input_params",
+            "bn_input_grad",
+        ];
+        for name in names {
             for t in ["f32", "f64"] {
                 assert!(ptx.contains(&format!(".entry {name}_{t}(")), "{name}_{t} in the PTX");
             }

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
-use super::{contiguous, dims4, filled_in_chunks, Kernels};
+use super::{contiguous, dims4, filled_in_chunks, Exec, Kernels, OpKind};
 
 /// Copies channels `start..start + len` of each image (`channels` in all) from
 /// `src` (images of `src_c` channels) into images of `dst_c` channels at
@@ -105,7 +105,7 @@ impl CustomOp1 for ChannelPad {
 /// Channels `start..start + len` of `x` [N, C, H, W]: one copy by the fused op
 /// on the CPU, the generic `narrow` elsewhere.
 pub fn channel_slice(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-    channel_slice_with(Kernels::for_tensor(x), x, start, len)
+    channel_slice_with(Exec::default().kernels(OpKind::ChannelSlice, x), x, start, len)
 }
 
 /// [`channel_slice`] with the given kernels.

@@ -476,9 +476,10 @@ impl CustomOp2 for Conv2dBackwardWeight {
 }
 
 /// Convolution without bias: the fused [`Conv2d`] on the CPU, the generic
-/// [`super::generic::conv2d`] elsewhere (or under `REID_OPS=generic`).
+/// [`super::generic::conv2d`] elsewhere (the `auto` plan).
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    conv2d_with(Kernels::choose(x, super::CUDA_CONV_KERNELS), x, weight, stride, padding)
+    let kernels = super::Exec::default().kernels(super::OpKind::Conv, x);
+    conv2d_with(kernels, x, weight, stride, padding)
 }
 
 /// [`conv2d`] with the given kernels (fused: this module's on the CPU, cuDNN's on

@@ -1,14 +1,12 @@
 //! The device-generic versions of the ops, composed of candle's own operations so
 //! that they run (and differentiate) on any device: this is what CUDA runs where
-//! no fused kernel exists, and what `REID_OPS=generic` runs on the CPU so that the
+//! no fused kernel exists, and what `--ops generic` runs on the CPU so that the
 //! GPU code path is tested without a GPU. NaN and infinities propagate as in
 //! PyTorch (candle's `relu` turns NaN into 0; the `relu` here does not).
 
 use candle_core::{Result, Tensor};
 
 use super::pool::Window;
-#[cfg(test)]
-use super::Kernels;
 
 /// `max(x, 0)` with NaN kept: 0 where `x <= 0`, else `x` (NaN included), and a
 /// gradient that passes wherever the output is not clamped.
@@ -115,17 +113,4 @@ pub fn avg_pool2d(x: &Tensor, w: Window) -> Result<Tensor> {
         sum = (sum + v)?;
     }
     sum / (w.kernel * w.kernel) as f64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reid_ops_generic_switches_the_cpu_to_these_ops() {
-        let x = Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-        let forced = std::env::var("REID_OPS").is_ok_and(|v| v == "generic");
-        let want = if forced { Kernels::Generic } else { Kernels::Fused };
-        assert_eq!(Kernels::for_tensor(&x), want);
-    }
 }

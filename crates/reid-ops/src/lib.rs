@@ -6,6 +6,9 @@
 //! This crate knows nothing of the model: it depends on candle (and cudarc)
 //! only. `reid-model` builds the network from these ops.
 
+// Tests read and build tensors freely; the library's reads go through `ledger`.
+#![cfg_attr(test, allow(clippy::disallowed_methods))]
+
 use std::mem::MaybeUninit;
 
 use candle_core::{Layout, Result};
@@ -130,10 +133,16 @@ pub mod channels;
 pub mod conv;
 #[cfg(feature = "cudnn")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
+pub mod exec;
 pub mod generic;
+pub mod ledger;
 mod plane_sums;
 pub mod pool;
 pub mod residual;
+#[cfg(feature = "cuda")]
+pub mod sgd_cuda;
 pub mod simd;
 pub mod stem;
 pub mod tape;
@@ -160,33 +169,15 @@ impl std::str::FromStr for Precision {
     }
 }
 
-thread_local! {
-    static PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::F32) };
-}
-
-/// Runs `f` with convolutions and matrix products of f32 tensors computed in
-/// `precision` on this thread (where the model runs; kernels may use others).
-pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
-    let before = PRECISION.with(|p| p.replace(precision));
-    let result = f();
-    PRECISION.with(|p| p.set(before));
-    result
-}
-
-/// The precision [`with_precision`] set on this thread (f32 by default).
-pub fn current_precision() -> Precision {
-    PRECISION.with(|p| p.get())
-}
-
-/// `op` on `operands`, in bf16 when [`with_precision`] asks for it and they are
-/// f32 (the result cast back to f32); as they are otherwise.
+/// `op` on `operands`, in bf16 when `bf16` and they are f32 (the result cast back
+/// to f32); as they are otherwise.
 pub fn in_compute_precision(
+    bf16: bool,
     operands: &[&candle_core::Tensor],
     op: impl FnOnce(&[candle_core::Tensor]) -> Result<candle_core::Tensor>,
 ) -> Result<candle_core::Tensor> {
     use candle_core::DType;
-    let bf16 = PRECISION.with(|p| p.get()) == Precision::Bf16 && operands.iter().all(|t| t.dtype() == DType::F32);
-    if !bf16 {
+    if !(bf16 && operands.iter().all(|t| t.dtype() == DType::F32)) {
         return op(&operands.iter().map(|t| (*t).clone()).collect::<Vec<_>>());
     }
     let cast: Vec<candle_core::Tensor> = operands
@@ -207,54 +198,9 @@ pub fn set_tf32(allowed: bool) {
 /// Whether this build has fused CUDA convolutions (the `cudnn` feature).
 pub const CUDA_CONV_KERNELS: bool = cfg!(feature = "cudnn");
 
-/// Whether this build has fused CUDA batch norm (+ ReLU) for `dtype` (the `cuda`
-/// feature; f32 and f64).
-pub fn cuda_batch_norm_kernels(dtype: candle_core::DType) -> bool {
-    cfg!(feature = "cuda") && matches!(dtype, candle_core::DType::F32 | candle_core::DType::F64)
-}
-
-/// Which implementation the ops run: the fused kernels of this crate, or the
-/// device-generic compositions of [`generic`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernels {
-    Fused,
-    Generic,
-}
-
-impl Kernels {
-    /// The kernels for an op on `x` that has fused kernels on the CPU only.
-    pub fn for_tensor(x: &candle_core::Tensor) -> Kernels {
-        Kernels::choose(x, false)
-    }
-
-    /// The kernels for an op on `x`: fused where the op has a kernel for `x`'s
-    /// device (the CPU always; CUDA when `cuda_kernel`), unless `REID_OPS=generic`
-    /// is set (which runs the GPU code path on the CPU); generic otherwise.
-    pub fn choose(x: &candle_core::Tensor, cuda_kernel: bool) -> Kernels {
-        let fused_here = x.device().is_cpu() || (cuda_kernel && x.device().is_cuda());
-        if fused_here && !generic_forced() {
-            Kernels::Fused
-        } else {
-            Kernels::Generic
-        }
-    }
-}
-
-/// Whether `REID_OPS=generic` asks for the generic ops everywhere (read once).
-pub fn generic_forced() -> bool {
-    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| match std::env::var("REID_OPS").as_deref() {
-        Ok("generic") => true,
-        Ok("fused") | Err(_) => false,
-        Ok(other) => {
-            tracing::warn!("REID_OPS={other} is neither `fused` nor `generic`; using the fused ops");
-            false
-        }
-    })
-}
-
 pub use channels::channel_slice;
 pub use conv::conv2d;
+pub use exec::{Exec, Kernels, OpKind, Ops};
 pub use pool::{avg_pool2d, max_pool2d};
 pub use residual::add_relu;
 
@@ -278,8 +224,20 @@ pub(crate) unsafe fn filled_in_chunks<T: Send>(
     out
 }
 
+/// A tensor of a CPU kernel's `values` on `device` (the CPU: no upload, so not
+/// counted by the ledger).
+pub(crate) fn cpu_result<T: candle_core::WithDType, S: Into<candle_core::Shape>>(
+    values: Vec<T>,
+    shape: S,
+    device: &candle_core::Device,
+) -> Result<candle_core::Tensor> {
+    #[allow(clippy::disallowed_methods)]
+    candle_core::Tensor::from_vec(values, shape, device)
+}
+
 #[cfg(test)]
 mod nonfinite_tests;
 
 #[cfg(any(test, feature = "testing"))]
+#[allow(clippy::disallowed_methods)]
 pub mod testing;

@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::{contiguous, dims4, Kernels};
+use super::{contiguous, dims4, Exec, Kernels, OpKind};
 use crate::tape::{self, Reads};
 
 /// Window geometry shared by both pools.
@@ -324,7 +324,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
         stride,
         padding,
     };
-    max_pool2d_with(Kernels::for_tensor(x), x, window)
+    max_pool2d_with(Exec::default().kernels(OpKind::Pool, x), x, window)
 }
 
 /// [`max_pool2d`] with the given kernels.
@@ -342,7 +342,7 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
         stride,
         padding,
     };
-    avg_pool2d_with(Kernels::for_tensor(x), x, window)
+    avg_pool2d_with(Exec::default().kernels(OpKind::Pool, x), x, window)
 }
 
 /// [`avg_pool2d`] with the given kernels.

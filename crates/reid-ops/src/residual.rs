@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
-use super::{filled_in_chunks, Kernels};
+use super::{filled_in_chunks, Exec, Kernels, OpKind};
 use crate::tape::{self, Reads};
 
 /// Elements per parallel task: large enough to amortise scheduling.
@@ -111,7 +111,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `relu(a + b)` for tensors of one shape: one fused op on the CPU, the generic
 /// composition elsewhere.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    add_relu_with(Kernels::for_tensor(a), a, b)
+    add_relu_with(Exec::default().kernels(OpKind::AddRelu, a), a, b)
 }
 
 /// [`add_relu`] with the given kernels.

@@ -38,7 +38,7 @@ impl BatchNormReluMaxPool {
         let [n, c, h, wd] = dims4;
         let y = self.bn.forward(x, w, b, (n, c, h * wd));
         let pooled = self.pool.forward(&y, (n, c, h, wd));
-        *self.normalised.lock().expect("normalised lock") = Some(Tensor::from_vec(y, dims4.to_vec(), &Device::Cpu)?);
+        *self.normalised.lock().expect("normalised lock") = Some(crate::cpu_result(y, dims4.to_vec(), &Device::Cpu)?);
         Ok(pooled)
     }
 
@@ -136,7 +136,7 @@ impl Stem {
     ) -> Result<(Vec<T>, [usize; 4])> {
         let (y, conv_dims) = forward_values((x, self.images.dims()), kernel, self.conv)?;
         let pooled = self.rest.forward(&y, w, b, conv_dims)?;
-        let y = Tensor::from_vec(y, conv_dims.to_vec(), &Device::Cpu)?;
+        let y = crate::cpu_result(y, conv_dims.to_vec(), &Device::Cpu)?;
         *self.conv_out.lock().expect("conv_out lock") = Some(y);
         Ok((pooled, conv_dims))
     }

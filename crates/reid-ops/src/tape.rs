@@ -235,6 +235,7 @@ impl Tape {
             }
         }
         let outputs: Vec<TensorId> = outputs.iter().map(|t| t.id()).collect();
+        crate::ledger::tape_op();
         self.produced.extend(&outputs);
         self.entries.push(Entry { step, outputs });
         Ok(())
@@ -382,7 +383,15 @@ impl<'a> Pass<'a> {
         let grads = shapes
             .iter()
             .zip(grads)
-            .map(|(shape, g)| g.map_or_else(|| Tensor::zeros(shape, some.dtype(), some.device()), Ok))
+            .map(|(shape, g)| {
+                g.map_or_else(
+                    || {
+                        crate::ledger::zero_filled(1);
+                        Tensor::zeros(shape, some.dtype(), some.device())
+                    },
+                    Ok,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         self.add_to(x, Tensor::cat(&grads, 1)?)
     }

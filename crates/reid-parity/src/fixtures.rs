@@ -11,7 +11,7 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::SeedableRng;
 use reid_model::backbone::Backbone;
 use reid_model::weights::load_into;
-use reid_model::{Arch, LoadScope, LossSettings, ModelConfig, PairTargets, ReidModel};
+use reid_model::{Arch, Exec, LoadScope, LossSettings, ModelConfig, PairTargets, ReidModel};
 use reid_train::{train_step, BatchTensors, Sgd, SgdConfig, StepSettings};
 use serde_json::Value;
 
@@ -48,7 +48,7 @@ struct Classifier {
 }
 
 impl Classifier {
-    fn load(folder: &Path, meta: &Value, dtype: DType, device: &Device) -> Result<Self> {
+    fn load(folder: &Path, meta: &Value, dtype: DType, device: &Device, exec: Exec) -> Result<Self> {
         let arch: Arch = meta["arch"]
             .as_str()
             .unwrap_or_default()
@@ -58,7 +58,7 @@ impl Classifier {
         let classes = meta["num_classes"].as_u64().unwrap_or(0) as usize;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, dtype, device);
-        let backbone = Backbone::new(arch, last_stride, vb.clone())?;
+        let backbone = Backbone::new(arch, last_stride, exec, vb.clone())?;
         let fc = candle_nn::linear(arch.feature_dim(), classes, vb.pp("fc"))?;
         let vars: Vec<(String, Var)> = varmap.data().lock().expect("varmap").clone().into_iter().collect();
         load_into(&vars, &folder.join("model.safetensors"), |n| {
@@ -95,13 +95,19 @@ fn model_key(meta: &Value, expected: &Reference, key: &str, ours: &[f64]) -> Res
 /// dtype; a train-mode forward with backward and the batch-norm updates in
 /// `gradients` dtype (float64 where the device has it: gradients of a float32
 /// run move at ReLU kinks, see tests/fixtures/README.md).
-pub fn model_folder(folder: &Path, device: &Device, forward: DType, gradients: DType) -> Result<Vec<Check>> {
+pub fn model_folder(
+    folder: &Path,
+    device: &Device,
+    exec: Exec,
+    forward: DType,
+    gradients: DType,
+) -> Result<Vec<Check>> {
     let meta = read_json(&folder.join("meta.json"))?;
     let expected = Reference::read(&folder.join("expected.safetensors"))?;
     let inputs = Reference::read(&folder.join("input.safetensors"))?;
     let input = inputs.get("input")?;
     let mut checks = Vec::new();
-    let c = Classifier::load(folder, &meta, forward, device)?;
+    let c = Classifier::load(folder, &meta, forward, device, exec)?;
     let stages = c.backbone.stage_outputs(&tensor(input, forward, device)?, false)?;
     let features = stages[3].mean((2, 3))?;
     checks.push(model_key(&meta, &expected, "features", &values(&features)?)?);
@@ -122,7 +128,9 @@ pub fn model_folder(folder: &Path, device: &Device, forward: DType, gradients: D
             checks.push(compare(name, &values(ours)?, &t.data, f64::INFINITY, 1e-5));
         }
     }
-    checks.extend(model_gradients(folder, &meta, &expected, input, device, gradients)?);
+    checks.extend(model_gradients(
+        folder, &meta, &expected, input, device, exec, gradients,
+    )?);
     Ok(checks)
 }
 
@@ -133,9 +141,10 @@ fn model_gradients(
     expected: &Reference,
     input: &RefTensor,
     device: &Device,
+    exec: Exec,
     dtype: DType,
 ) -> Result<Vec<Check>> {
-    let c = Classifier::load(folder, meta, dtype, device)?;
+    let c = Classifier::load(folder, meta, dtype, device, exec)?;
     let x = tensor(input, dtype, device)?;
     c.backbone.forward_t(&x, false)?; // an eval forward first changes nothing
     let logits = c.fc.forward(&c.backbone.forward_t(&x, true)?)?;
@@ -183,7 +192,7 @@ fn optimizer(meta: &Value, model: &ReidModel) -> Sgd {
         backbone_lr_mult: f("lr_backbone") / f("lr_heads"),
         no_decay_bn_bias: decay_off,
     };
-    Sgd::new(model.trainable_vars(), config)
+    Sgd::new(model.trainable_vars(), config, model.exec)
 }
 
 /// The tolerance group of an expected key: `stepK.loss`, `.param`, `.momentum`,
@@ -229,7 +238,7 @@ impl StepCase<'_> {
 /// A training-step folder: two steps of `reid_train::train_step` in `dtype` on
 /// `device`, every loss, parameter, statistic, momentum buffer and update checked
 /// at tolerance `tier` (`float64` or `float32`): one check per key.
-pub fn train_step_folder(folder: &Path, device: &Device, dtype: DType, tier: &str) -> Result<Vec<Check>> {
+pub fn train_step_folder(folder: &Path, device: &Device, exec: Exec, dtype: DType, tier: &str) -> Result<Vec<Check>> {
     let meta = read_json(&folder.join("meta.json"))?;
     let arch: Arch = meta["arch"]
         .as_str()
@@ -242,7 +251,7 @@ pub fn train_step_folder(folder: &Path, device: &Device, dtype: DType, tier: &st
         num_classes: meta["num_classes"].as_u64().unwrap_or(0) as usize,
         bnneck: false,
     };
-    let model = ReidModel::new(config, dtype, device)?;
+    let model = ReidModel::new(config, exec, dtype, device)?;
     model.load_weights(&folder.join("model.safetensors"), LoadScope::Full)?;
     let mut sgd = optimizer(&meta, &model);
     let w = &meta["loss"]["weights"];

@@ -94,15 +94,16 @@ fn has_f64(device: &Device) -> bool {
     device.is_cpu() || device.is_cuda()
 }
 
-/// Runs every check on `device` with the fixtures under `root`.
-pub fn run(root: &Path, device: &Device) -> Result<Vec<Section>> {
+/// Runs every check on `device`, the model run as `exec` says, with the fixtures
+/// under `root`.
+pub fn run(root: &Path, device: &Device, exec: reid_model::Exec) -> Result<Vec<Section>> {
     // The fixtures are float32 and float64 truth: TF32 tensor cores (10-bit
     // mantissas) are another precision, and would fail the float32 bounds on CUDA.
     reid_ops::set_tf32(false);
     let gradients = if has_f64(device) { DType::F64 } else { DType::F32 };
     let mut sections = Vec::new();
     for name in ["res2net_tiny", "resnet_tiny"] {
-        let checks = model_folder(&root.join(name), device, DType::F32, gradients)?;
+        let checks = model_folder(&root.join(name), device, exec, DType::F32, gradients)?;
         sections.push(Section {
             title: format!("{name}: forward in f32, gradients in {gradients:?}"),
             checks,
@@ -112,12 +113,12 @@ pub fn run(root: &Path, device: &Device) -> Result<Vec<Section>> {
         let folder = root.join("train_step_tiny").join(scenario);
         sections.push(Section {
             title: format!("train step {scenario}: f32, float32 tier"),
-            checks: summarise(train_step_folder(&folder, device, DType::F32, "float32")?),
+            checks: summarise(train_step_folder(&folder, device, exec, DType::F32, "float32")?),
         });
         if has_f64(device) {
             sections.push(Section {
                 title: format!("train step {scenario}: f64, float64 tier"),
-                checks: summarise(train_step_folder(&folder, device, DType::F64, "float64")?),
+                checks: summarise(train_step_folder(&folder, device, exec, DType::F64, "float64")?),
             });
         }
     }

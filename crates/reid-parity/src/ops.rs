@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use reid_model::layers::{Activation, BatchNorm};
 use reid_ops::pool::Window;
-use reid_ops::{channels, conv, pool, residual, Kernels};
+use reid_ops::{channels, conv, pool, residual, Exec, Kernels, OpKind};
 
 use crate::{Check, Result};
 
@@ -126,14 +126,16 @@ fn conv_shapes() -> Vec<[usize; 8]> {
 /// A train-mode batch norm (+ ReLU) on fresh variables of `channels`.
 fn batch_norm(kernels: Kernels, x: &Tensor, then: Activation) -> candle_core::Result<Tensor> {
     let varmap = VarMap::new();
-    let bn = BatchNorm::new(x.dim(1)?, VarBuilder::from_varmap(&varmap, x.dtype(), x.device()))?;
+    let vb = VarBuilder::from_varmap(&varmap, x.dtype(), x.device());
+    let bn = BatchNorm::new(x.dim(1)?, Exec::default(), vb)?;
     bn.forward_with(kernels, x, true, then)
 }
 
 /// Every op check on `device`.
 pub fn op_checks(device: &Device) -> Result<Vec<Check>> {
     let cpu = device.is_cpu();
-    let conv_fused = cpu || (device.is_cuda() && reid_ops::CUDA_CONV_KERNELS);
+    let fused = |op| Exec::default().kernels_on(op, device, DType::F32) == Kernels::Fused;
+    let conv_fused = fused(OpKind::Conv);
     let mut checks = Vec::new();
     for [n, c, h, w, o, k, s, p] in conv_shapes() {
         let name = format!("conv2d {n}x{c}x{h}x{w} -> {o}, {k}x{k}/{s} pad {p}");
@@ -159,7 +161,7 @@ pub fn op_checks(device: &Device) -> Result<Vec<Check>> {
     checks.push(check("add_relu".into(), cpu, &[x.clone(), x.clone()], device, &add));
     let slice = |kn, t: &[Tensor]| channels::channel_slice_with(kn, &t[0], 2, 5);
     checks.push(check("channel_slice".into(), cpu, one, device, &slice));
-    let bn_fused = cpu || (device.is_cuda() && reid_ops::cuda_batch_norm_kernels(DType::F32));
+    let bn_fused = fused(OpKind::BatchNorm);
     for (relu, then) in [(false, Activation::Identity), (true, Activation::Relu)] {
         let bn = move |kn, t: &[Tensor]| batch_norm(kn, &t[0], then);
         checks.push(check(

@@ -11,7 +11,7 @@ use reid_data::gallery::{Gallery, GalleryMeta};
 use reid_eval::files::{evaluate_files, EvaluateRequest};
 use reid_eval::{Metric, RerankParams};
 use reid_model::{Arch, DeviceSpec, LossSettings, ModelConfig, PairTargets, ReidModel};
-use reid_ops::{with_precision, Precision};
+use reid_ops::Exec;
 use reid_train::{train_step, BatchTensors, Sgd, SgdConfig, StepSettings};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -59,10 +59,12 @@ pub struct ModelBench {
     pub warmup: usize,
     pub train: bool,
     pub device: DeviceSpec,
-    /// Mixed precision (`bf16`) or not.
-    pub precision: Precision,
+    /// The ops and precision the model runs with.
+    pub exec: Exec,
     /// TF32 for f32 on CUDA.
     pub tf32: bool,
+    /// Count one more training step's work (see [`reid_ops::ledger`]).
+    pub ledger: bool,
 }
 
 fn uniform(shape: (usize, usize, usize, usize), seed: u64, device: &Device) -> Result<Tensor> {
@@ -106,6 +108,7 @@ impl ModelBench {
             )));
         }
         let device = self.device.open()?;
+        self.exec.check(&device).map_err(PipelineError::Invalid)?;
         reid_ops::set_tf32(self.tf32);
         let config = ModelConfig {
             arch: self.arch,
@@ -113,42 +116,43 @@ impl ModelBench {
             num_classes: self.classes,
             bnneck: false,
         };
-        let model = ReidModel::new(config, DType::F32, &device)?;
+        let model = ReidModel::new(config, self.exec, DType::F32, &device)?;
         model.initialize(0)?;
+        let mut ledger = None;
         let times = if self.train {
             let batch = pair_batch(self, &device)?;
-            let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default());
+            let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default(), model.exec);
             let mut rng = ChaCha8Rng::seed_from_u64(0);
-            timed(self.warmup, self.iters, || {
-                with_precision(self.precision, || {
-                    train_step(
-                        &model,
-                        &mut sgd,
-                        &batch,
-                        StepSettings::pairs(LossSettings::default(), 0.5),
-                        0.01,
-                        &mut rng,
-                    )
-                })
-                .map_err(|e| PipelineError::Invalid(e.to_string()))?;
+            let mut step = || -> Result<()> {
+                let settings = StepSettings::pairs(LossSettings::default(), 0.5);
+                train_step(&model, &mut sgd, &batch, settings, 0.01, &mut rng)
+                    .map_err(|e| PipelineError::Invalid(e.to_string()))?;
                 device.synchronize()?;
                 Ok(())
-            })?
+            };
+            let times = timed(self.warmup, self.iters, &mut step)?;
+            if self.ledger {
+                let (result, counts) = reid_ops::ledger::counting(&mut step);
+                result?;
+                ledger = Some(counts);
+            }
+            times
         } else {
             let x = uniform((self.batch, 3, self.height, self.width), 1, &device)?;
             timed(self.warmup, self.iters, || {
-                with_precision(self.precision, || model.features(&x, false))?;
+                model.features(&x, false)?;
                 device.synchronize()?;
                 Ok(())
             })?
         };
         let best = times.iter().copied().fold(f64::MAX, f64::min);
         let med = median(times);
-        Ok(json!({
+        let mut out = json!({
             "cmd": if self.train { "train" } else { "infer" },
             "arch": self.arch.name,
             "device": self.device.to_string(),
-            "precision": self.precision,
+            "precision": self.exec.precision,
+            "ops": self.exec.ops,
             "tf32": self.tf32,
             "batch": self.batch,
             "height": self.height,
@@ -156,7 +160,11 @@ impl ModelBench {
             "sec_per_iter_median": med,
             "images_per_s_median": self.batch as f64 / med,
             "images_per_s_best": self.batch as f64 / best,
-        }))
+        });
+        if let Some(counts) = ledger {
+            out["ledger"] = json!(counts);
+        }
+        Ok(out)
     }
 }
 

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use reid_model::{Arch, DeviceSpec, LossSettings};
-use reid_ops::Precision;
+use reid_ops::{Ops, Precision};
 use reid_sampling::{Augment, InputSpec, Interpolation};
 use serde::{Deserialize, Serialize};
 
@@ -137,6 +137,9 @@ pub struct RunConfig {
     /// `f32`, or `bf16`: mixed precision (convolutions and matrix products in
     /// bf16; weights, optimiser state, batch-norm statistics and losses in f32).
     pub precision: Precision,
+    /// Which implementation the ops run: `auto`, `fused`, `generic` or `as-cuda`
+    /// (on the CPU, the op graph CUDA runs); see `reid train --help`.
+    pub ops: Ops,
     /// TF32 tensor cores for f32 matrix products and convolutions on CUDA (on by
     /// default, as PyTorch does for convolutions).
     pub tf32: bool,
@@ -155,6 +158,7 @@ impl Default for RunConfig {
             checkpoint_every: 10,
             eval_every: 0,
             precision: Precision::F32,
+            ops: Ops::Auto,
             tf32: true,
             log_grad_norms: false,
         }
@@ -194,10 +198,11 @@ pub enum ConfigError {
 
 /// Keys that `--resume` may change: they decide how long and where the run goes
 /// on, never what it computed so far.
-pub const RESUMABLE_KEYS: [&str; 9] = [
+pub const RESUMABLE_KEYS: [&str; 10] = [
     "schedule.epochs",
     "run.log_grad_norms",
     "run.device",
+    "run.ops",
     "run.log_every",
     "run.eval_every",
     "run.checkpoint_every",

@@ -58,7 +58,7 @@ pub fn first_non_finite<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a Tens
         return Ok(None);
     }
     let sums: Vec<&Tensor> = elsewhere.iter().map(|(_, s)| s).collect();
-    let sums: Vec<f32> = Tensor::stack(&sums, 0)?.to_vec1()?;
+    let sums: Vec<f32> = reid_ops::ledger::read(&Tensor::stack(&sums, 0)?)?;
     Ok(elsewhere
         .iter()
         .zip(sums)

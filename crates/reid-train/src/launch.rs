@@ -28,6 +28,8 @@ pub struct Launch {
     pub overrides: Vec<String>,
     /// Overrides `run.device`.
     pub device: Option<DeviceSpec>,
+    /// Overrides `run.ops`.
+    pub ops: Option<reid_ops::Ops>,
     /// Stop after this many steps in all (for quick checks).
     pub max_steps: Option<u64>,
 }
@@ -49,6 +51,9 @@ impl Launch {
         };
         if let Some(d) = self.device {
             config.run.device = d;
+        }
+        if let Some(o) = self.ops {
+            config.run.ops = o;
         }
         if let Some(m) = &self.manifest {
             config.data.manifest = Some(m.clone());

@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor, Var};
 use num_traits::Float;
 use rayon::prelude::*;
-use reid_ops::Kernels;
+use reid_ops::{Exec, Kernels, OpKind};
 use serde::{Deserialize, Serialize};
 
 /// Optimiser settings (`[optim]` in a config).
@@ -60,12 +60,13 @@ pub struct SgdParam {
 pub struct Sgd {
     pub config: SgdConfig,
     pub params: Vec<SgdParam>,
+    exec: Exec,
 }
 
 impl Sgd {
     /// Groups `params` (name, variable) by `config`: heads are the parameters named
-    /// `id_classifier.*` or `verif_classifier.*`.
-    pub fn new(params: Vec<(String, Var)>, config: SgdConfig) -> Self {
+    /// `id_classifier.*` or `verif_classifier.*`. The update runs as `exec` says.
+    pub fn new(params: Vec<(String, Var)>, config: SgdConfig, exec: Exec) -> Self {
         let params = params
             .into_iter()
             .map(|(name, var)| {
@@ -80,7 +81,7 @@ impl Sgd {
                     },
                     // A failed allocation here is tried again at the first step,
                     // where its error is returned.
-                    spare: (config.momentum != 0.0 && Kernels::for_tensor(var.as_tensor()) == Kernels::Fused)
+                    spare: (config.momentum != 0.0 && exec.kernels(OpKind::Sgd, var.as_tensor()) == Kernels::Fused)
                         .then(|| var.zeros_like().ok())
                         .flatten(),
                     name,
@@ -89,16 +90,17 @@ impl Sgd {
                 }
             })
             .collect();
-        Sgd { config, params }
+        Sgd { config, params, exec }
     }
 
     /// One update with learning rate `lr` (before group multipliers). Parameters
     /// without a gradient are left alone, as PyTorch does. On the CPU each
-    /// parameter is updated in place in one pass (parameter and momentum together);
-    /// elsewhere (and under `REID_OPS=generic`) by tensor operations. Both round
-    /// the same operations in the same order, so they give the same bits.
+    /// parameter is updated in place in one pass (parameter and momentum together)
+    /// where the plan fuses it; by tensor operations elsewhere. Both round the same
+    /// operations in the same order, so they give the same bits.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        self.step_with(grads, lr, Kernels::for_tensor)
+        let exec = self.exec;
+        self.step_with(grads, lr, |t| exec.kernels(OpKind::Sgd, t))
     }
 
     /// [`Sgd::step`] with the implementation `kernels` picks for each parameter.
@@ -218,7 +220,8 @@ impl Rule {
 
 /// The update of a parameter with a momentum buffer, run on the buffer: while
 /// it holds the buffer's memory, it runs [`Pass`] on the parameter, which writes
-/// both. (candle's in-place ops write only the tensor they run on.)
+/// both (on the CPU, or in one CUDA launch). (candle's in-place ops write only
+/// the tensor they run on.)
 struct WithBuffer<'a> {
     rule: Rule,
     /// Whether the buffer is new: it becomes the decayed gradient.
@@ -239,8 +242,19 @@ impl InplaceOp1 for WithBuffer<'_> {
         let pass = Pass {
             rule: self.rule,
             buf: Some(Buffer {
-                values: RefCell::new(buf),
-                range,
+                values: RefCell::new(Lent::Cpu(buf, range)),
+                first: self.first,
+            }),
+        };
+        self.param.inplace_op2(self.grad, &pass)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, buf: &mut candle_core::CudaStorage, layout: &Layout) -> Result<()> {
+        let pass = Pass {
+            rule: self.rule,
+            buf: Some(Buffer {
+                values: RefCell::new(Lent::Cuda(buf, layout.clone())),
                 first: self.first,
             }),
         };
@@ -248,10 +262,17 @@ impl InplaceOp1 for WithBuffer<'_> {
     }
 }
 
+/// The memory of a momentum buffer: CPU values and their range, or a CUDA
+/// storage and its layout.
+enum Lent<'a> {
+    Cpu(&'a mut CpuStorage, (usize, usize)),
+    #[cfg(feature = "cuda")]
+    Cuda(&'a mut candle_core::CudaStorage, Layout),
+}
+
 /// A momentum buffer's memory, lent to the [`Pass`] that updates it.
 struct Buffer<'a> {
-    values: RefCell<&'a mut CpuStorage>,
-    range: (usize, usize),
+    values: RefCell<Lent<'a>>,
     first: bool,
 }
 
@@ -325,8 +346,17 @@ impl InplaceOp2 for Pass<'_> {
         let Some((lo, hi)) = param_l.contiguous_offsets() else {
             candle_core::bail!("{op}: the updated tensor must be contiguous");
         };
-        let mut buf = self.buf.as_ref().map(|b| (b.values.borrow_mut(), b.range, b.first));
-        let buf = buf.as_mut().map(|(v, r, first)| (&mut ***v, *r, *first));
+        let mut lent = self.buf.as_ref().map(|b| (b.values.borrow_mut(), b.first));
+        let mut buf = None;
+        if let Some((values, first)) = lent.as_mut() {
+            // Irrefutable in a build without CUDA.
+            #[allow(irrefutable_let_patterns)]
+            let Lent::Cpu(v, r) = &mut **values
+            else {
+                candle_core::bail!("{op}: a CPU parameter with a momentum buffer elsewhere");
+            };
+            buf = Some((&mut **v, *r, *first));
+        }
         match (param, buf) {
             (CpuStorage::F32(v), None) => self.run(&mut v[lo..hi], values::<f32>(grad, grad_l, op)?, None),
             (CpuStorage::F32(v), Some((CpuStorage::F32(b), r, first))) => self.run(
@@ -342,6 +372,38 @@ impl InplaceOp2 for Pass<'_> {
             ),
             _ => candle_core::bail!("{op}: f32 or f64 parameters only, with buffers of their dtype"),
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        param: &mut candle_core::CudaStorage,
+        param_l: &Layout,
+        grad: &candle_core::CudaStorage,
+        grad_l: &Layout,
+    ) -> Result<()> {
+        use reid_ops::sgd_cuda::{update, MomentumBuffer, SgdScalars};
+        let r = self.rule;
+        let scalars = SgdScalars {
+            lr: r.lr,
+            weight_decay: r.weight_decay,
+            momentum: r.momentum,
+            dampening: r.dampening,
+            nesterov: r.nesterov,
+        };
+        let mut lent = self.buf.as_ref().map(|b| (b.values.borrow_mut(), b.first));
+        let buf = match lent.as_mut() {
+            None => None,
+            Some((values, first)) => match &mut **values {
+                Lent::Cuda(storage, layout) => Some(MomentumBuffer {
+                    storage,
+                    layout,
+                    first: *first,
+                }),
+                Lent::Cpu(..) => candle_core::bail!("{}: a CUDA parameter with a CPU buffer", self.name()),
+            },
+        };
+        update((param, param_l), (grad, grad_l), buf, &scalars)
     }
 }
 
@@ -373,7 +435,7 @@ mod tests {
             ("id_classifier.weight".to_string(), var(15, &[3, 5], 1)),
             ("layer1.0.bn1.bias".to_string(), var(7, &[7], 2)),
         ];
-        Sgd::new(params, config.clone())
+        Sgd::new(params, config.clone(), Exec::default())
     }
 
     /// Gradients of `sum(param * x)` with `x` from `seed`: `x` itself.

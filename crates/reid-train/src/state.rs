@@ -268,8 +268,8 @@ mod tests {
             num_classes: 3,
             bnneck: false,
         };
-        let model = ReidModel::new(config, candle_core::DType::F32, &Device::Cpu).unwrap();
-        let sgd = Sgd::new(Vec::new(), crate::SgdConfig::default());
+        let model = ReidModel::new(config, reid_ops::Exec::default(), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let sgd = Sgd::new(Vec::new(), crate::SgdConfig::default(), reid_ops::Exec::default());
         save_last(&paths, &model, InputSpec::bilinear(64, 32), &state_at(5), &sgd).unwrap();
         assert_eq!(recover_state(&paths).unwrap().position.step, 5);
         // Cut off after the pending state was written: it is stale and dropped.
@@ -302,7 +302,7 @@ mod tests {
     fn the_state_header_round_trips_with_and_without_a_best() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.safetensors");
-        let sgd = Sgd::new(Vec::new(), crate::SgdConfig::default());
+        let sgd = Sgd::new(Vec::new(), crate::SgdConfig::default(), reid_ops::Exec::default());
         for best in [
             None,
             Some(Best {

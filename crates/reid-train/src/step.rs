@@ -6,7 +6,6 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
 use reid_model::model::is_head;
 use reid_model::{LossSettings, PairLoss, PairTargets, ReidModel, Term};
-use reid_ops::{current_precision, with_precision};
 use reid_sampling::PairBatch;
 
 use crate::optim::Sgd;
@@ -71,8 +70,8 @@ impl BatchTensors {
     /// Moves a loader batch to `device` as `dtype` images [B, 3, height, width].
     pub fn new(batch: &PairBatch, height: usize, width: usize, dtype: DType, device: &Device) -> Result<Self> {
         let b = batch.len();
-        let images = |v: &[f32]| Tensor::from_slice(v, (b, 3, height, width), device)?.to_dtype(dtype);
-        let labels = |v: &[i64]| Tensor::from_slice(v, b, device);
+        let images = |v: &[f32]| reid_ops::ledger::upload(v.to_vec(), (b, 3, height, width), device)?.to_dtype(dtype);
+        let labels = |v: &[i64]| reid_ops::ledger::upload(v.to_vec(), b, device);
         Ok(BatchTensors {
             x1: images(&batch.x1)?,
             x2: images(&batch.x2)?,
@@ -99,7 +98,7 @@ pub enum StepError {
 fn backbone_norm(backbone: &[Var], grads: &GradStore, weight: f64) -> Result<f64> {
     let mut sum = 0.0;
     for g in backbone.iter().filter_map(|v| grads.get(v.as_tensor())) {
-        sum += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        sum += reid_ops::ledger::read_scalar::<f64>(&g.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
     }
     Ok(weight * sum.sqrt())
 }
@@ -131,8 +130,9 @@ fn term_norms(backbone: &[Var], loss: &PairLoss, w: &LossSettings) -> Result<[f6
 }
 
 /// Runs one step at learning rate `lr`; dropout masks come from `rng`. A
-/// non-finite loss stops the step before the update. The step runs on a worker
-/// of rayon's global pool (see [`on_worker`]), in this thread's precision.
+/// non-finite loss stops the step before the update. On the CPU the step runs on
+/// a worker of rayon's global pool (see [`on_worker`]); on CUDA on this thread,
+/// so that cuDNN's handles, plans and workspaces (kept per thread) are made once.
 pub fn train_step<R: Rng + Send>(
     model: &ReidModel,
     optimizer: &mut Sgd,
@@ -141,12 +141,10 @@ pub fn train_step<R: Rng + Send>(
     lr: f64,
     rng: &mut R,
 ) -> std::result::Result<StepStats, StepError> {
-    let precision = current_precision();
-    on_worker(|| {
-        with_precision(precision, || {
-            step_on_this_thread(model, optimizer, batch, settings, lr, rng)
-        })
-    })
+    if model.device.is_cuda() {
+        return step_on_this_thread(model, optimizer, batch, settings, lr, rng);
+    }
+    on_worker(|| step_on_this_thread(model, optimizer, batch, settings, lr, rng))
 }
 
 /// Runs `f` on a worker of rayon's global pool (where it is, when already on
@@ -155,7 +153,7 @@ pub fn train_step<R: Rng + Send>(
 /// thread sleeps: a `res2net_tiny` bench on 2 cores went from about 30,000 waits
 /// to 4,000 per 30 steps, and from 147-196 to 207-215 images/s.
 fn on_worker<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    rayon::scope(|_| f())
+    reid_ops::ledger::carried(f, |job| rayon::scope(|_| job()))
 }
 
 fn step_on_this_thread<R: Rng>(
@@ -172,14 +170,15 @@ fn step_on_this_thread<R: Rng>(
         true => model.batch_loss(x1, x2, t, weights, dropout, rng)?,
         false => model.pair_loss(x1, x2, t, weights, dropout, rng)?,
     };
+    let values = loss.read()?;
     let mut stats = StepStats {
-        loss: loss.value(Term::Total)?,
-        loss_id1: loss.value(Term::Id1)?,
-        loss_id2: loss.value(Term::Id2)?,
-        loss_verif: loss.value(Term::Verif)?,
-        loss_triplet: loss.value(Term::Triplet)?,
-        id_accuracy: loss.id_accuracy,
-        verif_accuracy: loss.verif_accuracy,
+        loss: values.total,
+        loss_id1: values.id1,
+        loss_id2: values.id2,
+        loss_verif: values.verif,
+        loss_triplet: values.triplet,
+        id_accuracy: values.id_accuracy,
+        verif_accuracy: values.verif_accuracy,
         grad_norms: None,
     };
     if !stats.loss.is_finite() {

@@ -14,6 +14,7 @@ use reid_data::{Manifest, Split};
 use reid_io::seed::mix;
 use reid_model::weights::{resolve, WeightSource};
 use reid_model::{LoadScope, ModelConfig, ReidModel, WeightError};
+use reid_ops::Exec;
 use reid_sampling::{InputSpec, LoaderConfig, PairBatch, PairLoader, PairSampler};
 
 use crate::config::{ConfigError, Sampler, TrainConfig};
@@ -196,7 +197,7 @@ impl Trainer {
             None => RunLock::acquire(run_dir)?,
         };
         reid_io::atomic::write_bytes_atomically(&paths.config(), config.to_toml().as_bytes())?;
-        let optimizer = Sgd::new(model.trainable_vars(), config.optim.clone());
+        let optimizer = Sgd::new(model.trainable_vars(), config.optim.clone(), model.exec);
         Ok(Trainer {
             config,
             paths,
@@ -250,7 +251,7 @@ impl Trainer {
         }
         let model = build_model(&config, data.num_classes)?;
         model.load_weights(&paths.checkpoint("last"), LoadScope::Full)?;
-        let mut optimizer = Sgd::new(model.trainable_vars(), config.optim.clone());
+        let mut optimizer = Sgd::new(model.trainable_vars(), config.optim.clone(), model.exec);
         load_momentum(&mut optimizer, &paths.state())?;
         reid_io::atomic::write_bytes_atomically(&paths.config(), config.to_toml().as_bytes())?;
         let p = state.position;
@@ -563,5 +564,8 @@ fn build_model(config: &TrainConfig, num_classes: usize) -> Result<ReidModel, Tr
         num_classes,
         bnneck: config.model.bnneck,
     };
-    Ok(ReidModel::new(model_config, DType::F32, &config.run.device.open()?)?)
+    let device = config.run.device.open()?;
+    let exec = Exec::new(config.run.ops, config.run.precision);
+    exec.check(&device).map_err(TrainError::Invalid)?;
+    Ok(ReidModel::new(model_config, exec, DType::F32, &device)?)
 }

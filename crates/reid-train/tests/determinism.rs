@@ -1,10 +1,11 @@
+#![allow(clippy::disallowed_methods)] // tests read and build tensors freely
 //! Training steps give the same bits whatever the thread count, and whether or
 //! not a step also measures the per-term gradient norms (which run the
 //! backbone's tape backward once per term before the update's backward).
 
 use candle_core::{DType, Device};
 use rand::SeedableRng;
-use reid_model::{LossSettings, ModelConfig, ReidModel};
+use reid_model::{Exec, LossSettings, ModelConfig, ReidModel};
 mod common;
 
 use common::batch;
@@ -34,10 +35,10 @@ fn run(arch: &str, threads: usize, grad_norms: bool) -> (Values, Values, Option<
             num_classes: 6,
             bnneck: true,
         };
-        let model = ReidModel::new(config, DType::F32, &Device::Cpu).unwrap();
+        let model = ReidModel::new(config, Exec::default(), DType::F32, &Device::Cpu).unwrap();
         model.initialize(3).unwrap();
         let initial = values(&model);
-        let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default());
+        let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default(), model.exec);
         let (batch, mut rng) = (batch(11), rand_chacha::ChaCha8Rng::seed_from_u64(2));
         let settings = StepSettings {
             grad_norms,

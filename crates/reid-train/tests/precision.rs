@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read and build tensors freely
 //! Mixed precision: steps of the tiny model with convolutions and matrix products
 //! in bf16 stay close to the same steps in f32, while weights, momentum and
 //! batch-norm statistics stay f32.
@@ -18,8 +19,7 @@
 
 use candle_core::{DType, Device};
 use rand::SeedableRng;
-use reid_model::{LossSettings, ModelConfig, ReidModel};
-use reid_ops::{with_precision, Precision};
+use reid_model::{Exec, LossSettings, ModelConfig, Ops, Precision, ReidModel};
 mod common;
 
 use common::batch;
@@ -27,29 +27,32 @@ use reid_train::{train_step, Sgd, SgdConfig, StepSettings};
 
 /// The losses of three steps on one batch, and the running statistics after the first.
 fn run(precision: Precision) -> (Vec<f64>, Vec<Vec<f64>>) {
+    run_with(Exec::new(Ops::Auto, precision))
+}
+
+/// [`run`] under the plan `exec`.
+fn run_with(exec: Exec) -> (Vec<f64>, Vec<Vec<f64>>) {
     let config = ModelConfig {
         arch: "res2net_tiny".parse().unwrap(),
         last_stride: 1,
         num_classes: 6,
         bnneck: true,
     };
-    let model = ReidModel::new(config, DType::F32, &Device::Cpu).unwrap();
+    let model = ReidModel::new(config, exec, DType::F32, &Device::Cpu).unwrap();
     model.initialize(9).unwrap();
-    let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default());
+    let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default(), model.exec);
     let (batch, mut rng) = (batch(5), rand_chacha::ChaCha8Rng::seed_from_u64(1));
     let mut stats = Vec::new();
     let mut losses = Vec::new();
     for step in 0..3 {
-        let s = with_precision(precision, || {
-            train_step(
-                &model,
-                &mut sgd,
-                &batch,
-                StepSettings::pairs(LossSettings::default(), 0.0),
-                0.01,
-                &mut rng,
-            )
-        });
+        let s = train_step(
+            &model,
+            &mut sgd,
+            &batch,
+            StepSettings::pairs(LossSettings::default(), 0.0),
+            0.01,
+            &mut rng,
+        );
         losses.push(s.unwrap().loss);
         if step == 0 {
             stats = model
@@ -93,6 +96,11 @@ fn bf16_steps_stay_close_to_f32() {
         assert!((a - b).abs() <= 0.05 * b.abs(), "losses {l16:?} vs {l32:?}");
     }
     assert_ne!(l16, l32, "bf16 really ran");
+    // The CUDA op graph in bf16 (generic ops where CUDA has no kernel) too.
+    let (lc, _) = run_with(Exec::new(Ops::AsCuda, Precision::Bf16));
+    for (a, b) in lc.iter().zip(&l32) {
+        assert!((a - b).abs() <= 0.05 * b.abs(), "as-cuda losses {lc:?} vs {l32:?}");
+    }
     // Sorted names: each batch norm's running_mean, then its running_var.
     for (a, b) in s16.chunks(2).zip(s32.chunks(2)) {
         let var = rel_l2(&a[1], &b[1]);

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)] // tests read and build tensors freely
 //! A run that is interrupted and resumed ends with exactly the weights of an
 //! uninterrupted run, and the loss falls on a small synthetic dataset.
 

@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
-use super::{affine_planes, dims, to_f64, BatchNormTrain, GradSums, InputGrad, PlaneOf};
+use super::{affine_planes, cpu_f64, dims, sums_by, to_f64, BatchNormTrain, HostGrad, PlaneOf};
 use crate::tape::TapeOp;
 
 /// Train-mode batch norm + ReLU of (x, weight, bias), its output's channels cut
@@ -78,28 +78,25 @@ impl BatchNormReluSplit {
             gs[j].map_or(&zeros[..], |g| &g[q * hw..(q + 1) * hw])
         };
         let planes: [&PlaneOf<T>; 3] = [&x_plane, &y_plane, &g_plane];
-        let stats = self.bn.saved_stats();
-        let sums = GradSums {
-            eps: self.bn.eps,
-            relu: true,
-            stats: stats.clone(),
-        }
-        .sums_by(planes, (n, c, hw));
+        let saved = self.bn.saved_stats();
+        let Some(stats) = &saved.host else {
+            candle_core::bail!("{}: runs on the CPU only", self.name());
+        };
+        let sums = sums_by(stats, self.bn.eps, true, planes, (n, c, hw));
         let (sum_gxhat, sum_g) = sums.split_at(c);
-        let input = InputGrad {
+        let input = HostGrad {
             eps: self.bn.eps,
             relu: true,
             stats,
-            weight: w.to_dtype(DType::F64)?.to_vec1::<f64>()?,
-            sum_gxhat: to_f64(sum_gxhat),
-            sum_g: to_f64(sum_g),
+            weight: cpu_f64(w, self.name())?,
+            sums: to_f64(&sums),
         };
         let gx = t[0]
             .track_op()
-            .then(|| Tensor::from_vec(input.backward_by(planes, (n, c, hw)), d, t[0].device()))
+            .then(|| crate::cpu_result(input.backward_by(planes, (n, c, hw)), d, t[0].device()))
             .transpose()?;
-        let gw = Tensor::from_slice(sum_gxhat, c, t[0].device())?;
-        let gb = Tensor::from_slice(sum_g, c, t[0].device())?;
+        let gw = crate::cpu_result(sum_gxhat.to_vec(), c, t[0].device())?;
+        let gb = crate::cpu_result(sum_g.to_vec(), c, t[0].device())?;
         Ok(vec![gx, Some(gw), Some(gb)])
     }
 }

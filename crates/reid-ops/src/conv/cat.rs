@@ -115,11 +115,11 @@ impl ConvCat {
             let g = &cat.g;
             out.push(
                 x.track_op()
-                    .then(|| Tensor::from_vec(piece, (g.n, c, g.h, g.w), device))
+                    .then(|| crate::cpu_result(piece, (g.n, c, g.h, g.w), device))
                     .transpose()?,
             );
         }
-        let gw = Tensor::from_vec(backward_weight(&cat, gy, &cat.g), weight_dims, device)?;
+        let gw = crate::cpu_result(backward_weight(&cat, gy, &cat.g), weight_dims, device)?;
         out.push(Some(gw));
         Ok(out)
     }

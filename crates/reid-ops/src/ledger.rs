@@ -1,0 +1,153 @@
+//! The ledger: what a training step asks of the device, counted the same way on
+//! the CPU and on CUDA, through this module's functions. Every read of a
+//! tensor's values to the host in the step's path goes through [`read`] or
+//! [`read_scalar`], and every upload of host values through [`upload`] (clippy's
+//! `disallowed-methods` keeps it so); the backward reports the gradients it
+//! starts as zeros ([`zero_filled`]); tape and candle's graph report the ops
+//! they ran.
+//!
+//! Counting is per thread (the step runs on one) and only inside [`counting`];
+//! elsewhere the functions only do their work.
+
+use std::cell::RefCell;
+
+use candle_core::{Device, Result, Shape, Tensor, WithDType};
+
+/// The counts of one stretch of work (see the module's documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Ledger {
+    /// Reads of tensor values to the host (each a synchronisation on CUDA).
+    pub device_to_host: u64,
+    /// Uploads of host values to the device.
+    pub host_to_device: u64,
+    /// Gradients that start as a tensor of zeros (candle's backward starts every
+    /// gradient of its graph so; the tape only a split's unreached piece).
+    pub zero_filled_grads: u64,
+    /// Ops recorded on the tape (forward; each has one backward).
+    pub tape_ops: u64,
+    /// Ops of candle's graph that the backward went through (views included).
+    pub graph_ops: u64,
+}
+
+thread_local! {
+    static LEDGER: RefCell<Option<Ledger>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's work counted; returns its result and the counts.
+pub fn counting<R>(f: impl FnOnce() -> R) -> (R, Ledger) {
+    let outer = LEDGER.with(|l| l.replace(Some(Ledger::default())));
+    let result = f();
+    let ledger = LEDGER.with(|l| l.replace(outer)).unwrap_or_default();
+    (result, ledger)
+}
+
+/// Runs `f` on another thread through `run` (e.g. on a rayon worker), its work
+/// counted here if this thread is [`counting`].
+pub fn carried<R: Send>(
+    f: impl FnOnce() -> R + Send,
+    run: impl FnOnce(Box<dyn FnOnce() -> (R, Ledger) + Send + '_>) -> (R, Ledger),
+) -> R {
+    let here = LEDGER.with(|l| l.borrow().is_some());
+    if !here {
+        return run(Box::new(|| (f(), Ledger::default()))).0;
+    }
+    let (result, there) = run(Box::new(|| counting(f)));
+    add(|l| {
+        l.device_to_host += there.device_to_host;
+        l.host_to_device += there.host_to_device;
+        l.zero_filled_grads += there.zero_filled_grads;
+        l.tape_ops += there.tape_ops;
+        l.graph_ops += there.graph_ops;
+    });
+    result
+}
+
+/// Adds to this thread's counts, if [`counting`].
+fn add(f: impl FnOnce(&mut Ledger)) {
+    LEDGER.with(|l| {
+        if let Some(ledger) = l.borrow_mut().as_mut() {
+            f(ledger)
+        }
+    })
+}
+
+/// The values of `t`, flattened, on the host: one device-to-host read.
+pub fn read<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    add(|l| l.device_to_host += 1);
+    #[allow(clippy::disallowed_methods)]
+    t.flatten_all()?.to_vec1()
+}
+
+/// The one value of `t` on the host: one device-to-host read.
+pub fn read_scalar<T: WithDType>(t: &Tensor) -> Result<T> {
+    add(|l| l.device_to_host += 1);
+    #[allow(clippy::disallowed_methods)]
+    t.to_scalar()
+}
+
+/// A tensor of `shape` on `device` from host `values`: one upload (none on the
+/// CPU's side of things, but counted alike so that the CPU shows CUDA's count).
+pub fn upload<T: WithDType, S: Into<Shape>>(values: Vec<T>, shape: S, device: &Device) -> Result<Tensor> {
+    add(|l| l.host_to_device += 1);
+    #[allow(clippy::disallowed_methods)]
+    Tensor::from_vec(values, shape, device)
+}
+
+/// Reports a copy of device memory to the host made without a tensor (a CUDA
+/// kernel's results).
+pub fn copied_to_host() {
+    add(|l| l.device_to_host += 1)
+}
+
+/// Reports a copy of host memory to the device made without a tensor (a CUDA
+/// kernel's parameters).
+pub fn copied_to_device() {
+    add(|l| l.host_to_device += 1)
+}
+
+/// Reports `n` gradients started as zeros.
+pub fn zero_filled(n: usize) {
+    add(|l| l.zero_filled_grads += n as u64)
+}
+
+/// Reports one op recorded on the tape.
+pub fn tape_op() {
+    add(|l| l.tape_ops += 1)
+}
+
+/// Reports the backward of candle's graph from `root`: each of its tracked
+/// tensors but the root starts its gradient as zeros.
+pub fn graph_backward(root: &Tensor) {
+    if LEDGER.with(|l| l.borrow().is_none()) {
+        return;
+    }
+    let nodes = root.sorted_nodes().len() as u64;
+    add(|l| {
+        l.graph_ops += nodes;
+        l.zero_filled_grads += nodes.saturating_sub(1);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_inside_counting_only() {
+        let t = upload(vec![1.0f32, 2.0], 2, &Device::Cpu).unwrap();
+        let ((), ledger) = counting(|| {
+            let t2 = upload(vec![3.0f32], 1, &Device::Cpu).unwrap();
+            read::<f32>(&t).unwrap();
+            read_scalar::<f32>(&t2.sum_all().unwrap()).unwrap();
+            zero_filled(2);
+        });
+        assert_eq!(ledger.host_to_device, 1);
+        assert_eq!(ledger.device_to_host, 2);
+        assert_eq!(ledger.zero_filled_grads, 2);
+        let v = candle_core::Var::from_tensor(&t).unwrap();
+        let y = v.as_tensor().exp().unwrap().exp().unwrap();
+        let ((), ledger) = counting(|| graph_backward(&y));
+        // y <- exp <- v: the root's gradient is ones, the other two zeros.
+        assert_eq!((ledger.graph_ops, ledger.zero_filled_grads), (3, 2));
+    }
+}

@@ -1,0 +1,119 @@
+//! The SGD update on CUDA: one launch per parameter (of sgd.cu), rounding each
+//! value as the CPU's one-pass update does, so that both give the same bits.
+
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaStorage, Layout, Result, WithDType};
+
+use crate::cuda_kernels::Kernels;
+
+static KERNELS: Kernels = Kernels::new("reid_sgd", include_str!("sgd.cu"));
+
+/// The settings of one parameter's update, as f64 (the kernel gets them as T).
+#[derive(Debug, Clone, Copy)]
+pub struct SgdScalars {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+}
+
+/// A momentum buffer to update beside the parameter, and whether it is new
+/// (it then becomes the decayed gradient).
+pub struct MomentumBuffer<'a> {
+    pub storage: &'a mut CudaStorage,
+    pub layout: &'a Layout,
+    pub first: bool,
+}
+
+/// A grid-stride loop over `n` values.
+fn grid(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(256).clamp(1, 8192), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The contiguous range of a layout of `n` values, or an error.
+fn range(l: &Layout, n: usize, what: &str) -> Result<(usize, usize)> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if b - a == n => Ok((a, b)),
+        _ => candle_core::bail!("sgd-update on CUDA: the {what} must be contiguous, of the parameter's size"),
+    }
+}
+
+/// `param <- param - lr * direction` (and the buffer beside it), one launch.
+pub fn update(
+    (param, pl): (&mut CudaStorage, &Layout),
+    (grad, gl): (&CudaStorage, &Layout),
+    buf: Option<MomentumBuffer>,
+    s: &SgdScalars,
+) -> Result<()> {
+    match param.dtype() {
+        candle_core::DType::F32 => update_as::<f32>((param, pl), (grad, gl), buf, s),
+        candle_core::DType::F64 => update_as::<f64>((param, pl), (grad, gl), buf, s),
+        dt => candle_core::bail!("sgd-update on CUDA: {dt:?} parameters (f32 and f64 only)"),
+    }
+}
+
+fn update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float>(
+    (param, pl): (&mut CudaStorage, &Layout),
+    (grad, gl): (&CudaStorage, &Layout),
+    buf: Option<MomentumBuffer>,
+    s: &SgdScalars,
+) -> Result<()> {
+    use candle_core::backend::BackendStorage;
+    let n = pl.shape().elem_count();
+    let (p0, p1) = range(pl, n, "parameter")?;
+    let (g0, g1) = range(gl, n, "gradient")?;
+    let dev = param.device().clone();
+    let t = |v: f64| T::from(v).expect("a float");
+    let (n32, lr, wd, has_wd) = (n as u32, t(s.lr), t(s.weight_decay), (s.weight_decay != 0.0) as i32);
+    let g = grad.as_cuda_slice::<T>()?.slice(g0..g1);
+    let mut p = param.as_cuda_slice_mut::<T>()?.slice_mut(p0..p1);
+    let stream = dev.cuda_stream();
+    match buf {
+        None => {
+            let f = KERNELS.get::<T>(&dev, "sgd_plain")?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut p).arg(&g).arg(&n32).arg(&lr).arg(&wd).arg(&has_wd);
+            // SAFETY: the arguments of `sgd_plain` in sgd.cu; p and g hold n values.
+            unsafe { b.launch(grid(n)) }.w()?;
+        }
+        Some(MomentumBuffer { storage, layout, first }) => {
+            let (b0, b1) = range(layout, n, "momentum buffer")?;
+            let mut m = storage.as_cuda_slice_mut::<T>()?.slice_mut(b0..b1);
+            let (mom, keep) = (t(s.momentum), t(1.0 - s.dampening));
+            let (first, nesterov) = (first as i32, s.nesterov as i32);
+            let f = KERNELS.get::<T>(&dev, "sgd_momentum")?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut p)
+                .arg(&g)
+                .arg(&mut m)
+                .arg(&n32)
+                .arg(&lr)
+                .arg(&wd)
+                .arg(&has_wd);
+            b.arg(&mom).arg(&keep).arg(&first).arg(&nesterov);
+            // SAFETY: the arguments of `sgd_momentum`; p, g and m hold n values.
+            unsafe { b.launch(grid(n)) }.w()?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// NVRTC compiles the kernels (no GPU needed; see batch_norm_cuda's test).
+    #[test]
+    fn kernels_compile() {
+        let ptx = super::KERNELS.ptx().expect("NVRTC compiles sgd.cu");
+        for name in ["sgd_plain", "sgd_momentum"] {
+            for t in ["f32", "f64"] {
+                assert!(ptx.contains(&format!(".entry {name}_{t}(")), "{name}_{t} in the PTX");
+            }
+        }
+    }
+}

@@ -1,0 +1,71 @@
+#![allow(clippy::disallowed_methods)] // tests read and build tensors freely
+//! The ledger of a Res2Net-50 training step: what it asks of the device, counted
+//! the same way under every plan. The counts depend on the network, not on the
+//! images' size or the batch, so a small batch shows those of batch 64 at
+//! 256 x 128 (`reid bench train --ledger` shows them there).
+
+mod common;
+
+use candle_core::{DType, Device};
+use rand::SeedableRng;
+use reid_model::{Exec, LossSettings, ModelConfig, Ops, Precision, ReidModel};
+use reid_ops::ledger::{counting, Ledger};
+use reid_train::{train_step, Sgd, SgdConfig, StepSettings};
+
+/// The counts of one step (dropout on) of `arch` under `ops`, on images of
+/// `height` x `width`.
+fn one_step(arch: &str, ops: Ops, (height, width): (usize, usize)) -> Ledger {
+    let config = ModelConfig {
+        arch: arch.parse().unwrap(),
+        last_stride: 2,
+        num_classes: 6,
+        bnneck: false,
+    };
+    let model = ReidModel::new(config, Exec::new(ops, Precision::F32), DType::F32, &Device::Cpu).unwrap();
+    model.initialize(1).unwrap();
+    let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default(), model.exec);
+    let mut batch = common::batch(2);
+    if (height, width) != (64, 32) {
+        let resize = |t: &candle_core::Tensor| t.narrow(2, 0, height).unwrap().narrow(3, 0, width).unwrap();
+        batch.x1 = resize(&batch.x1).contiguous().unwrap();
+        batch.x2 = resize(&batch.x2).contiguous().unwrap();
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let settings = StepSettings::pairs(LossSettings::default(), 0.5);
+    let (stats, ledger) = counting(|| train_step(&model, &mut sgd, &batch, settings, 0.01, &mut rng));
+    assert!(stats.unwrap().loss.is_finite());
+    ledger
+}
+
+#[test]
+fn a_res2net50_step_reads_once_and_uploads_only_dropout_masks() {
+    for ops in [Ops::Auto, Ops::AsCuda] {
+        let ledger = one_step("res2net50_26w_4s", ops, (64, 32));
+        // The losses and accuracies, in one read; the three dropout masks. Batch
+        // norm keeps statistics, scale and shift and its sums on the device.
+        assert_eq!(ledger.device_to_host, 1, "{ops}: {ledger:?}");
+        assert_eq!(ledger.host_to_device, 3, "{ops}: {ledger:?}");
+        // candle's backward starts every gradient of its graph but the root's
+        // as zeros, and nothing else does.
+        assert_eq!(ledger.zero_filled_grads, ledger.graph_ops - 1, "{ops}: {ledger:?}");
+        assert_eq!(
+            ledger,
+            one_step("res2net50_26w_4s", ops, (32, 16)),
+            "{ops}: counts of the network"
+        );
+    }
+}
+
+#[test]
+fn on_the_cpu_the_backbone_runs_on_the_tape_with_no_zero_filled_gradient() {
+    let taped = one_step("res2net50_26w_4s", Ops::Auto, (64, 32));
+    let graph = one_step("res2net50_26w_4s", Ops::AsCuda, (64, 32));
+    assert!(taped.tape_ops > 150, "{taped:?}");
+    assert_eq!(
+        graph.tape_ops, 0,
+        "CUDA's backbone does not record itself yet: {graph:?}"
+    );
+    // Only the heads are left on candle's graph: every backbone op of it is gone.
+    assert!(taped.graph_ops < 100, "{taped:?}");
+    assert!(graph.graph_ops > taped.graph_ops + 500, "{graph:?}");
+}
