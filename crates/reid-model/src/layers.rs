@@ -85,11 +85,12 @@ impl Conv {
     }
 
     /// The convolution of `pieces` concatenated along the channels: a 1x1
-    /// convolution on a tape reads the pieces where they are ([`ConvCat`]);
-    /// otherwise the concatenation is made first.
+    /// convolution on a tape, where the plan fuses it, reads the pieces where
+    /// they are ([`ConvCat`]); otherwise the concatenation is made first.
     pub fn forward_cat(&self, pieces: &[Tensor]) -> Result<Tensor> {
         let direct = self.weight.dim(2)? == 1 && self.stride == 1 && self.padding == 0;
-        if !(direct && tape::recording()) {
+        let fused = self.exec.kernels(OpKind::TapeFused, &self.weight) == Kernels::Fused;
+        if !(direct && fused && tape::recording()) {
             return self.forward(&tape::cat_channels(pieces)?);
         }
         let pieces = pieces.iter().map(|p| p.contiguous()).collect::<Result<Vec<_>>>()?;

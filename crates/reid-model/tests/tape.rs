@@ -1,23 +1,30 @@
 #![allow(clippy::disallowed_methods)] // tests read and build tensors freely
 //! The tape's backward against candle's on the tiny backbones: the same
-//! gradients bit for bit, for every backbone parameter, in f32 and f64.
+//! gradients bit for bit, for every backbone parameter, in f32 and f64, with
+//! the CPU's fused ops (`auto`) and with the ops CUDA runs (`as-cuda`).
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, ModuleT, Tensor};
 use reid_model::model::{is_head, ModelConfig, ReidModel};
+use reid_model::{Exec, Ops, Precision};
 use reid_ops::tape::TapedOutput;
 use reid_ops::testing::random;
 
 /// A tiny model of `arch` in `dtype`, and images whose batch covers every
 /// block kind (a stage's first block pools its last split).
 fn model(arch: &str, dtype: DType) -> (ReidModel, Tensor) {
+    model_as(arch, dtype, Exec::default())
+}
+
+/// [`model`], run as `exec` says.
+fn model_as(arch: &str, dtype: DType, exec: Exec) -> (ReidModel, Tensor) {
     let config = ModelConfig {
         arch: arch.parse().unwrap(),
         last_stride: 1,
         num_classes: 5,
         bnneck: false,
     };
-    let m = ReidModel::new(config, reid_model::Exec::default(), dtype, &Device::Cpu).unwrap();
+    let m = ReidModel::new(config, exec, dtype, &Device::Cpu).unwrap();
     m.initialize(7).unwrap();
     let x = random(&[4, 3, 32, 16], 8).to_dtype(dtype).unwrap();
     (m, x)
@@ -25,9 +32,13 @@ fn model(arch: &str, dtype: DType) -> (ReidModel, Tensor) {
 
 #[test]
 fn the_tape_gives_candles_gradients_bit_for_bit() {
-    for arch in ["res2net_tiny", "resnet_tiny"] {
+    let plans = [Ops::Auto, Ops::AsCuda].map(|ops| Exec::new(ops, Precision::F32));
+    for (arch, exec) in ["res2net_tiny", "resnet_tiny"]
+        .into_iter()
+        .flat_map(|a| plans.map(|p| (a, p)))
+    {
         for dtype in [DType::F32, DType::F64] {
-            let (m, x) = model(arch, dtype);
+            let (m, x) = model_as(arch, dtype, exec);
             let pooled = m.backbone.forward_t(&x, true).unwrap();
             let g = random(pooled.dims(), 9).to_dtype(dtype).unwrap();
             let graph = (pooled * &g).unwrap().sum_all().unwrap().backward().unwrap();

@@ -429,7 +429,7 @@ impl CustomOp3 for GradSums {
         let (stats, _) = self.stats.tensor.storage_and_layout();
         let stats = cuda::stats_of(&stats)?;
         let out = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, y, g| {
-            cuda::grad_sums(dev, (x, y, g), d, &stats, self.eps, self.relu)?
+            cuda::grad_sums(dev, (x, y, g), d, stats, self.eps, self.relu)?
         });
         Ok((out, Shape::from((2, d.1))))
     }

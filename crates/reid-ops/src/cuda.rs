@@ -345,5 +345,5 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
         stride,
         padding,
     };
-    x.apply_op2(&weight, op)
+    crate::tape::op2(&x, &weight, op, crate::tape::Reads::INPUTS)
 }

@@ -71,7 +71,9 @@ impl OpKind {
     pub fn has_cuda_kernel(self, dtype: DType) -> bool {
         match self {
             OpKind::Conv => matches!(dtype, DType::F32 | DType::F64 | DType::BF16),
-            OpKind::BatchNorm | OpKind::Sgd => matches!(dtype, DType::F32 | DType::F64),
+            OpKind::BatchNorm | OpKind::Sgd | OpKind::Pool | OpKind::AddRelu => {
+                matches!(dtype, DType::F32 | DType::F64)
+            }
             _ => false,
         }
     }
@@ -147,11 +149,13 @@ impl Exec {
     }
 
     /// Whether the backbone's training forward on `x` records itself on a tape:
-    /// every op of it is fused (the CPU, `auto` or `fused`), in f32 precision, on
-    /// f32 or f64. Elsewhere its backward is candle's.
+    /// every op it runs has a kernel that records (any plan but `generic`, on the
+    /// CPU or on CUDA with the `cudnn` build), in f32 precision, on f32 or f64.
+    /// Elsewhere its backward is candle's.
     pub fn tape(&self, x: &Tensor) -> bool {
-        x.device().is_cpu()
-            && matches!(self.ops, Ops::Auto | Ops::Fused)
+        let device = x.device().is_cpu() || (x.device().is_cuda() && OpKind::Conv.built_for_cuda(x.dtype()));
+        device
+            && self.ops != Ops::Generic
             && self.precision == Precision::F32
             && matches!(x.dtype(), DType::F32 | DType::F64)
     }
@@ -173,12 +177,14 @@ mod tests {
         let k = |op| plan.kernels_on(op, &cpu, DType::F32);
         assert_eq!(k(OpKind::Conv), Kernels::Fused);
         assert_eq!(k(OpKind::BatchNorm), Kernels::Fused);
-        assert_eq!(k(OpKind::Sgd), Kernels::Fused);
-        for op in [OpKind::TapeFused, OpKind::Pool, OpKind::AddRelu, OpKind::ChannelSlice] {
+        for op in [OpKind::Sgd, OpKind::Pool, OpKind::AddRelu] {
+            assert_eq!(k(op), Kernels::Fused, "{op:?}");
+        }
+        for op in [OpKind::TapeFused, OpKind::ChannelSlice] {
             assert_eq!(k(op), Kernels::Generic, "{op:?}");
         }
         let x = Tensor::zeros(2, DType::F32, &cpu).unwrap();
-        assert!(!plan.tape(&x), "CUDA's backbone does not record itself");
+        assert!(plan.tape(&x), "CUDA's backbone records itself");
         assert!(Exec::default().tape(&x));
         assert!(!Exec::new(Ops::Auto, Precision::Bf16).tape(&x));
         let generic = Exec::new(Ops::Generic, Precision::F32);

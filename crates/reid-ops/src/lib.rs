@@ -146,6 +146,8 @@ pub mod sgd_cuda;
 pub mod simd;
 pub mod stem;
 pub mod tape;
+#[cfg(feature = "cuda")]
+mod tape_ops_cuda;
 
 /// The dtype convolutions and matrix products compute in: `bf16` is mixed
 /// precision (f32 weights, optimiser state, batch-norm statistics and losses;

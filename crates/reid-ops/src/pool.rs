@@ -112,19 +112,27 @@ fn max_pool_plane_stride2<T: Float>(x: &[T], (h, w): (usize, usize), win: Window
     }
 }
 
+/// The position of each window's maximum in its plane, where the forward ran.
+#[derive(Debug)]
+pub enum Argmax {
+    Cpu(Vec<u32>),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>),
+}
+
 /// Max pooling: `x.apply_op1(MaxPool2d::new(window))`. The forward keeps the
 /// position of each window's maximum for the backward.
 #[derive(Debug, Clone)]
 pub struct MaxPool2d {
     pub window: Window,
-    argmax: Arc<Mutex<Vec<u32>>>,
+    argmax: Arc<Mutex<Option<Arc<Argmax>>>>,
 }
 
 impl MaxPool2d {
     pub fn new(window: Window) -> Self {
         MaxPool2d {
             window,
-            argmax: Arc::new(Mutex::new(Vec::new())),
+            argmax: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -147,7 +155,7 @@ impl MaxPool2d {
                     max_pool_plane(plane, (h, w), win, o, a)
                 }
             });
-        *self.argmax.lock().expect("argmax lock") = at;
+        *self.argmax.lock().expect("argmax lock") = Some(Arc::new(Argmax::Cpu(at)));
         out
     }
 }
@@ -156,7 +164,9 @@ impl MaxPool2d {
     /// The gradient of the pool's input `arg` from the output gradient.
     pub(crate) fn input_grad(&self, arg: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = arg.dims4()?;
-        let argmax = self.argmax.lock().expect("argmax lock").clone();
+        let Some(argmax) = self.argmax.lock().expect("argmax lock").clone() else {
+            candle_core::bail!("{}: the backward ran before the forward", self.name());
+        };
         let op = MaxPool2dBackward {
             input_hw: (h, w),
             argmax,
@@ -177,6 +187,13 @@ impl CustomOp1 for MaxPool2d {
         Ok((out, Shape::from((n, c, self.window.out_len(h), self.window.out_len(w)))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (y, shape, at) = crate::tape_ops_cuda::max_pool(s, l, self.window)?;
+        *self.argmax.lock().expect("argmax lock") = Some(Arc::new(Argmax::Cuda(at)));
+        Ok((y, shape))
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.input_grad(arg, grad_res)?))
     }
@@ -187,15 +204,20 @@ impl CustomOp1 for MaxPool2d {
 #[derive(Debug, Clone)]
 pub struct MaxPool2dBackward {
     pub input_hw: (usize, usize),
-    pub argmax: Vec<u32>,
+    pub argmax: Arc<Argmax>,
 }
 
 impl MaxPool2dBackward {
-    fn backward<T: Float + Send + Sync>(&self, g: &[T], (n, c, oh, ow): (usize, usize, usize, usize)) -> Vec<T> {
+    fn backward<T: Float + Send + Sync>(
+        &self,
+        g: &[T],
+        argmax: &[u32],
+        (n, c, oh, ow): (usize, usize, usize, usize),
+    ) -> Vec<T> {
         let (h, w) = self.input_hw;
         let mut out = vec![T::zero(); n * c * h * w];
         out.par_chunks_mut(h * w)
-            .zip(g.par_chunks(oh * ow).zip(self.argmax.par_chunks(oh * ow)))
+            .zip(g.par_chunks(oh * ow).zip(argmax.par_chunks(oh * ow)))
             .for_each(|(gi, (go, at))| {
                 for (&v, &i) in go.iter().zip(at) {
                     gi[i as usize] = gi[i as usize] + v;
@@ -212,12 +234,28 @@ impl CustomOp1 for MaxPool2dBackward {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, oh, ow) = dims4(layout, self.name())?;
-        if self.argmax.len() != n * c * oh * ow {
+        #[allow(irrefutable_let_patterns)] // without CUDA
+        let Argmax::Cpu(argmax) = &*self.argmax
+        else {
+            candle_core::bail!("{}: the forward ran on another device", self.name());
+        };
+        if argmax.len() != n * c * oh * ow {
             candle_core::bail!("{}: the gradient does not match the forward", self.name());
         }
-        let out = float_dispatch!(storage, self.name(), |d| self
-            .backward(contiguous(d, layout, self.name())?, (n, c, oh, ow)));
+        let out = float_dispatch!(storage, self.name(), |d| self.backward(
+            contiguous(d, layout, self.name())?,
+            argmax,
+            (n, c, oh, ow)
+        ));
         Ok((out, Shape::from((n, c, self.input_hw.0, self.input_hw.1))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let Argmax::Cuda(at) = &*self.argmax else {
+            candle_core::bail!("{}: the forward ran on another device", self.name());
+        };
+        crate::tape_ops_cuda::max_pool_backward(s, l, at, self.input_hw)
     }
 }
 
@@ -261,6 +299,11 @@ impl CustomOp1 for AvgPool2d {
         let out = float_dispatch!(storage, self.name(), |d| self
             .forward(contiguous(d, layout, self.name())?, (n, c, h, w)));
         Ok((out, Shape::from((n, c, self.0.out_len(h), self.0.out_len(w)))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::tape_ops_cuda::avg_pool(s, l, self.0, None)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -315,6 +358,11 @@ impl CustomOp1 for AvgPool2dBackward {
             .backward(contiguous(d, layout, self.name())?, (n, c, oh, ow)));
         Ok((out, Shape::from((n, c, self.input_hw.0, self.input_hw.1))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::tape_ops_cuda::avg_pool(s, l, self.window, Some(self.input_hw))
+    }
 }
 
 /// `max_pool2d` with padding (PyTorch semantics) and a correct backward.
@@ -330,7 +378,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
 /// [`max_pool2d`] with the given kernels.
 pub fn max_pool2d_with(kernels: Kernels, x: &Tensor, window: Window) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if x.device().is_cpu() => tape::op1(&x.contiguous()?, MaxPool2d::new(window), Reads::INPUTS),
+        Kernels::Fused => tape::op1(&x.contiguous()?, MaxPool2d::new(window), Reads::INPUTS),
         _ => super::generic::max_pool2d(x, window),
     }
 }
@@ -348,7 +396,7 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
 /// [`avg_pool2d`] with the given kernels.
 pub fn avg_pool2d_with(kernels: Kernels, x: &Tensor, window: Window) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if x.device().is_cpu() => tape::op1(&x.contiguous()?, AvgPool2d(window), Reads::INPUTS),
+        Kernels::Fused => tape::op1(&x.contiguous()?, AvgPool2d(window), Reads::INPUTS),
         _ => super::generic::avg_pool2d(x, window),
     }
 }

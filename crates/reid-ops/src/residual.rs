@@ -69,6 +69,17 @@ impl CustomOp2 for AddRelu {
         binary!(self.name(), s1, l1, s2, l2, relu_of_sum)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::tape_ops_cuda::binary("add_relu", (s1, l1), (s2, l2))
+    }
+
     fn bwd(&self, _a: &Tensor, _b: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let masked = grad.contiguous()?.apply_op2_no_bwd(out, &ReluMask)?;
         Ok((Some(masked.clone()), Some(masked)))
@@ -87,6 +98,17 @@ impl CustomOp2 for ReluMask {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         binary!(self.name(), s1, l1, s2, l2, pass_where_positive)
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::tape_ops_cuda::binary("relu_mask", (s1, l1), (s2, l2))
+    }
 }
 
 /// `a + b` for tensors of one shape, without a graph on a tape (see [`tape::add`]).
@@ -101,15 +123,26 @@ impl CustomOp2 for Sum {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         binary!(self.name(), s1, l1, s2, l2, |a, b| a + b)
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::tape_ops_cuda::binary("sum", (s1, l1), (s2, l2))
+    }
 }
 
-/// `a + b`: candle's add, or while a tape records (on the CPU), [`Sum`] on it.
+/// `a + b`: candle's add, or while a tape records, [`Sum`] on it.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     tape::add(a, b, Sum)
 }
 
-/// `relu(a + b)` for tensors of one shape: one fused op on the CPU, the generic
-/// composition elsewhere.
+/// `relu(a + b)` for tensors of one shape: one fused op where the device has it
+/// (the CPU; CUDA with the `cuda` feature), the generic composition elsewhere.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     add_relu_with(Exec::default().kernels(OpKind::AddRelu, a), a, b)
 }
@@ -117,7 +150,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// [`add_relu`] with the given kernels.
 pub fn add_relu_with(kernels: Kernels, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if a.device().is_cpu() => tape::op2(&a.contiguous()?, &b.contiguous()?, AddRelu, Reads::OUTPUT),
+        Kernels::Fused => tape::op2(&a.contiguous()?, &b.contiguous()?, AddRelu, Reads::OUTPUT),
         _ => super::generic::add_relu(a, b),
     }
 }

@@ -1,6 +1,7 @@
 //! The SGD update on CUDA: one launch per parameter (of sgd.cu), rounding each
 //! value as the CPU's one-pass update does, so that both give the same bits.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, WithDType};
@@ -64,7 +65,6 @@ fn update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float>(
     buf: Option<MomentumBuffer>,
     s: &SgdScalars,
 ) -> Result<()> {
-    use candle_core::backend::BackendStorage;
     let n = pl.shape().elem_count();
     let (p0, p1) = range(pl, n, "parameter")?;
     let (g0, g1) = range(gl, n, "gradient")?;

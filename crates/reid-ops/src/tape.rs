@@ -16,7 +16,8 @@
 //! [`spatial_mean`]) keep candle's graph, which holds only tensors the tape holds
 //! anyway. An op that reaches the tape with an input from outside it (a candle op
 //! that did not record itself) is an error at once, never a gradient silently
-//! lost. Recording is for the CPU.
+//! lost. The custom ops record on the CPU and on CUDA (their `cuda_fwd`); the
+//! ops of any number of operands ([`TapeOp`]) on the CPU only.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -413,12 +414,29 @@ impl<'a> Pass<'a> {
 /// that `track_op()` says it needs a gradient.
 fn leaf(result: Result<(CpuStorage, Shape)>) -> Result<Tensor> {
     let (storage, shape) = result?;
-    Ok(Tensor::from_storage(
-        Storage::Cpu(storage),
-        shape,
-        BackpropOp::none(),
-        true,
-    ))
+    Ok(device_leaf((Storage::Cpu(storage), shape)))
+}
+
+/// [`leaf`] of a result on any device.
+fn device_leaf((storage, shape): (Storage, Shape)) -> Tensor {
+    Tensor::from_storage(storage, shape, BackpropOp::none(), true)
+}
+
+/// The error of an op given operands on devices it does not record on.
+fn elsewhere<T>(op: &str) -> Result<T> {
+    candle_core::bail!("tape: {op} records on the CPU and CUDA, with every operand on one device")
+}
+
+/// A custom op's forward on its operands' device: `cpu_fwd` or `cuda_fwd`.
+macro_rules! forward_on {
+    ($op:expr, [$(($s:ident, $l:ident)),+]) => {
+        match ($(&*$s,)+) {
+            ($(Storage::Cpu($s),)+) => $op.cpu_fwd($($s, $l),+).map(|(s, sh)| (Storage::Cpu(s), sh)),
+            #[cfg(feature = "cuda")]
+            ($(Storage::Cuda($s),)+) => $op.cuda_fwd($($s, $l),+).map(|(s, sh)| (Storage::Cuda(s), sh)),
+            _ => elsewhere($op.name()),
+        }
+    };
 }
 
 /// The CPU storage behind a guard, or an error naming `op`.
@@ -437,7 +455,7 @@ pub fn op1(x: &Tensor, op: impl CustomOp1 + Send + Sync + 'static, reads: Reads)
     }
     let out = {
         let (s, l) = x.storage_and_layout();
-        leaf(op.cpu_fwd(cpu(&s, op.name())?, l))?
+        device_leaf(forward_on!(op, [(s, l)])?)
     };
     push(|| Step::Op1(Custom::new(op, &[x], &out, reads)), &[&out], &[x])?;
     Ok(out)
@@ -451,8 +469,7 @@ pub fn op2(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static, r
     }
     let out = {
         let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
-        let name = op.name();
-        leaf(op.cpu_fwd(cpu(&sa, name)?, la, cpu(&sb, name)?, lb))?
+        device_leaf(forward_on!(op, [(sa, la), (sb, lb)])?)
     };
     push(|| Step::Op2(Custom::new(op, &[a, b], &out, reads)), &[&out], &[a, b])?;
     Ok(out)
@@ -473,8 +490,7 @@ pub fn op3(
     let out = {
         let (sa, la) = a.storage_and_layout();
         let ((sb, lb), (sc, lc)) = (b.storage_and_layout(), c.storage_and_layout());
-        let name = op.name();
-        leaf(op.cpu_fwd(cpu(&sa, name)?, la, cpu(&sb, name)?, lb, cpu(&sc, name)?, lc))?
+        device_leaf(forward_on!(op, [(sa, la), (sb, lb), (sc, lc)])?)
     };
     push(
         || Step::Op3(Custom::new(op, &[a, b, c], &out, reads)),
@@ -525,14 +541,14 @@ pub fn op_any_outputs(
 }
 
 /// `a + b`, recorded on this thread's tape if one records (by `sum`, the op
-/// that adds on the CPU, so that the output holds neither).
+/// that adds, so that the output holds neither).
 pub fn add(a: &Tensor, b: &Tensor, sum: impl CustomOp2 + Send + Sync + 'static) -> Result<Tensor> {
     if !recording() {
         return a + b;
     }
     let out = {
         let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
-        leaf(sum.cpu_fwd(cpu(&sa, sum.name())?, la, cpu(&sb, sum.name())?, lb))?
+        device_leaf(forward_on!(sum, [(sa, la), (sb, lb)])?)
     };
     push(
         || Step::Add([Saved::new(a, false), Saved::new(b, false)]),

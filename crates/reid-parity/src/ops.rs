@@ -154,11 +154,19 @@ pub fn op_checks(device: &Device) -> Result<Vec<Check>> {
         };
         let max = move |kn, t: &[Tensor]| pool::max_pool2d_with(kn, &t[0], win);
         let avg = move |kn, t: &[Tensor]| pool::avg_pool2d_with(kn, &t[0], win);
-        checks.push(check(format!("max_pool2d 3x3/{stride}"), cpu, one, device, &max));
-        checks.push(check(format!("avg_pool2d 3x3/{stride}"), cpu, one, device, &avg));
+        let pool_fused = fused(OpKind::Pool);
+        checks.push(check(format!("max_pool2d 3x3/{stride}"), pool_fused, one, device, &max));
+        checks.push(check(format!("avg_pool2d 3x3/{stride}"), pool_fused, one, device, &avg));
     }
     let add = |kn, t: &[Tensor]| residual::add_relu_with(kn, &t[0], &t[1]);
-    checks.push(check("add_relu".into(), cpu, &[x.clone(), x.clone()], device, &add));
+    let add_fused = fused(OpKind::AddRelu);
+    checks.push(check(
+        "add_relu".into(),
+        add_fused,
+        &[x.clone(), x.clone()],
+        device,
+        &add,
+    ));
     let slice = |kn, t: &[Tensor]| channels::channel_slice_with(kn, &t[0], 2, 5);
     checks.push(check("channel_slice".into(), cpu, one, device, &slice));
     let bn_fused = fused(OpKind::BatchNorm);
