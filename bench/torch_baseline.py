@@ -148,8 +148,9 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=["f32", "bf16"], default="f32",
-                   help="bf16: autocast (weights and optimiser stay f32)")
+    p.add_argument("--precision", choices=["f32", "bf16", "both"], default="f32",
+                   help="bf16: autocast (weights and optimiser stay f32); both: f32 then "
+                        "bf16 in this one process, a JSON line each")
     p.add_argument("--query", help="eval: query gallery file")
     p.add_argument("--gallery", help="eval: gallery file")
     p.add_argument("--rank-cy", help="eval: folder holding torchreid's compiled rank_cy module")
@@ -159,21 +160,30 @@ def main():
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    res = {"cmd": a.cmd, "threads": a.threads, "device": a.device, "torch": torch.__version__}
-    if a.cmd == "eval":
-        runs = [evaluate_files(a, torch) for _ in range(max(1, a.iters))]
-        res.update({k: statistics.median(r[k] for r in runs) for k in runs[0]})
-        res["iters"] = len(runs)
-    else:
-        a.batch = a.batch or (32 if a.cmd == "infer" else 16)
-        step = model_step(a, torch, dev, sync)
-        med, best = timed(step, a.warmup, a.iters)
-        res.update(arch=a.arch, batch=a.batch, height=a.height, width=a.width, precision=a.precision,
-                   sec_per_iter_median=med, images_per_s_median=a.batch / med, images_per_s_best=a.batch / best)
-        if dev.type == "cuda":
-            res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    res["peak_rss_mib"] = peak_rss_mib()
-    print(json.dumps(res))
+    precisions = ["f32", "bf16"] if a.precision == "both" else [a.precision]
+    for precision in precisions:
+        a.precision = precision
+        res = {"cmd": a.cmd, "threads": a.threads, "device": a.device, "torch": torch.__version__}
+        if a.cmd == "eval":
+            runs = [evaluate_files(a, torch) for _ in range(max(1, a.iters))]
+            res.update({k: statistics.median(r[k] for r in runs) for k in runs[0]})
+            res["iters"] = len(runs)
+        else:
+            res.update(model_run(a, torch, dev, sync))
+        res["peak_rss_mib"] = peak_rss_mib()
+        print(json.dumps(res), flush=True)
+
+
+def model_run(a, torch, dev, sync):
+    """Times infer or train of --arch in a.precision."""
+    a.batch = a.batch or (32 if a.cmd == "infer" else 16)
+    step = model_step(a, torch, dev, sync)
+    med, best = timed(step, a.warmup, a.iters)
+    res = dict(arch=a.arch, batch=a.batch, height=a.height, width=a.width, precision=a.precision,
+               sec_per_iter_median=med, images_per_s_median=a.batch / med, images_per_s_best=a.batch / best)
+    if dev.type == "cuda":
+        res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return res
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One check of a GPU machine, in at most 8 minutes (the sum of the step limits),
-# into one JSON report:
+# One check of a GPU machine, in at most 5 minutes (the sum of the step limits),
+# into one JSON report, so that a rerun fits in the same window:
 #   scripts/gpu-check.sh OUT_DIR [REID_BINARY_OR_XZ]
 #
 # The machine needs no Rust toolchain and no network: build the CUDA binary on a
@@ -9,24 +9,29 @@
 # installed there; the CUDA libraries the binary loads (cuBLAS, cuRAND, cuDNN,
 # NVRTC, the runtime) are taken from torch's nvidia wheels when the system has none.
 #
-# Runs: nvidia-smi; reid selftest --device cuda; reid bench train (res2net50_26w_4s,
-# 256x128, 32 pairs) in f32 (TF32) and bf16; reid bench infer; the same shapes in
-# PyTorch (bench/torch_baseline.py: eager f32 and bf16 autocast); reid demo on the
-# GPU, timed (stopped at its limit: the report then says how many epochs it
-# finished). Each step has a time limit; a step that fails or times out is
-# recorded as such and the rest still run. The report is OUT_DIR/gpu-check.json,
-# with each step's output in OUT_DIR/<step>.log.
+# Steps: a 20-second precheck (driver, the binary and the libraries it loads,
+# torch's CUDA) that stops the run at once if it fails; reid selftest --device
+# cuda; reid bench train (res2net50_26w_4s, 256x128, 32 pairs) with --ledger in
+# f32 (TF32) with the GPU's utilisation sampled, in bf16, and in f32 on the
+# generic ops (--ops generic, candle's graph: the old path); PyTorch's eager
+# f32 and bf16 autocast in one process; inference, ours and PyTorch's. Nothing
+# large is written to OUT_DIR: the unpacked binary goes to /tmp. The report is
+# OUT_DIR/gpu-check.json, with each step's output in OUT_DIR/<step>.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu-check.sh OUT_DIR [REID_BINARY_OR_XZ]}
 bin=${2:-.cuda/reid.xz}
 mkdir -p "$out"
 started=$(date +%s)
+unpack=$(mktemp -d /tmp/reid-gpu.XXXXXX)
 
+report_dir=$out
+out=$unpack
 source scripts/gpu-env.sh
+out=$report_dir
 
 # step NAME SECONDS COMMAND...: runs with a time limit, keeps its log, and records
-# (name, exit status, seconds, and the last JSON line it printed) for the report.
+# (name, exit status, seconds, and every JSON line it printed) for the report.
 records=()
 step() {
   local name=$1 limit=$2; shift 2
@@ -34,21 +39,40 @@ step() {
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
   local secs=$(( $(date +%s) - t0 ))
-  local json=$(grep -E '^\{.*\}$' "$out/$name.log" | tail -1)
-  records+=("$name|$rc|$secs|${json:-null}")
+  local json=$(grep -E '^\{.*\}$' "$out/$name.log" | paste -sd, -)
+  records+=("$name|$rc|$secs|[${json}]")
   echo "== $name: exit $rc in ${secs}s" >&2
+  return $rc
 }
 
-train_shape=(--arch res2net50_26w_4s --height 256 --width 128 --batch 64)
-step nvidia-smi 20 nvidia-smi
-step selftest 80 "$bin" selftest --device cuda --fixtures tests/fixtures --verbose
-step reid-train-f32 60 "$bin" bench train --device cuda "${train_shape[@]}" --iters 10 --warmup 3
-step reid-train-bf16 60 "$bin" bench train --device cuda --precision bf16 "${train_shape[@]}" --iters 10 --warmup 3
-step reid-infer-f32 40 "$bin" bench infer --device cuda --arch res2net50_26w_4s --batch 64 --iters 10 --warmup 3
-step torch-train-f32 45 python3 bench/torch_baseline.py train --device cuda "${train_shape[@]}" --iters 10 --warmup 3
-step torch-train-bf16 45 python3 bench/torch_baseline.py train --device cuda --precision bf16 "${train_shape[@]}" --iters 10 --warmup 3
-step torch-infer-f32 30 python3 bench/torch_baseline.py infer --device cuda --arch res2net50_26w_4s --batch 64 --iters 10 --warmup 3
-step demo 100 "$bin" demo --device cuda --data "$out/demo-data" --artifacts "$out/demo-artifacts"
+# utilisation NAME COMMAND...: the step, with nvidia-smi sampling the GPU's
+# utilisation (percent, every 100 ms) into OUT/NAME.util.
+utilisation() {
+  local name=$1; shift
+  nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 100 > "$out/$name.util" 2>/dev/null &
+  local sampler=$!
+  step "$name" "$@"
+  local rc=$?
+  kill "$sampler" 2>/dev/null
+  return $rc
+}
+
+shape=(--arch res2net50_26w_4s --height 256 --width 128 --batch 64)
+bench=(--iters 10 --warmup 3)
+# The driver, the binary with the libraries it loads at start, torch's CUDA.
+precheck='nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader && "$1" --version && python3 -c "import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); assert torch.cuda.is_available()"'
+if ! step precheck 20 bash -c "$precheck" precheck "$bin"; then
+  echo "precheck failed: see $out/precheck.log" >&2
+else
+  step selftest 70 "$bin" selftest --device cuda --fixtures tests/fixtures
+  utilisation reid-train-f32 40 "$bin" bench train --device cuda "${shape[@]}" "${bench[@]}" --ledger
+  step reid-train-bf16 40 "$bin" bench train --device cuda --precision bf16 "${shape[@]}" "${bench[@]}" --ledger
+  step reid-train-generic 40 "$bin" bench train --device cuda --ops generic "${shape[@]}" "${bench[@]}" --ledger
+  step torch-train 50 python3 bench/torch_baseline.py train --device cuda --precision both "${shape[@]}" "${bench[@]}"
+  step reid-infer-f32 20 "$bin" bench infer --device cuda --arch res2net50_26w_4s --batch 64 "${bench[@]}"
+  step torch-infer-f32 20 python3 bench/torch_baseline.py infer --device cuda --arch res2net50_26w_4s --batch 64 "${bench[@]}"
+fi
+rm -rf "$unpack"
 
 python3 - "$out" "$started" "${records[@]}" <<'PY'
 import json, sys, time
@@ -58,23 +82,36 @@ for row in rows:
     name, rc, secs, js = row.split("|", 3)
     entry = {"exit": int(rc), "seconds": int(secs), "passed": rc == "0"}
     try:
-        entry["result"] = json.loads(js)
+        results = json.loads(js)
     except ValueError:
-        entry["result"] = None
+        results = []
+    entry["result"] = results[-1] if len(results) == 1 else (results or None)
     report["steps"][name] = entry
-log = open(f"{out}/nvidia-smi.log").read()
-report["gpu"] = next((l.strip() for l in log.splitlines() if "NVIDIA" in l and "Driver" not in l), None)
-tail = open(f"{out}/selftest.log").read().strip().splitlines()
-report["selftest"] = tail[-1] if tail else None
-demo = open(f"{out}/demo.log").read().splitlines()
-report["demo_table"] = [l for l in demo if l.startswith("|") or l.startswith("total")]
-report["demo_epochs_done"] = sum(1 for l in demo if l.startswith("epoch "))
-def ips(step):
-    r = report["steps"][step]["result"] or {}
-    return r.get("images_per_s_median")
-for p in ("f32", "bf16"):
-    a, b = ips(f"reid-train-{p}"), ips(f"torch-train-{p}")
+report["precheck"] = open(f"{out}/precheck.log").read().strip().splitlines()
+try:
+    tail = open(f"{out}/selftest.log").read().strip().splitlines()
+    report["selftest"] = tail[-1] if tail else None
+except OSError:
+    report["selftest"] = None
+try:
+    util = [float(v) for v in open(f"{out}/reid-train-f32.util").read().split() if v.strip()]
+    report["gpu_utilisation_f32_train"] = {"samples": len(util), "mean": sum(util) / len(util) if util else None}
+except (OSError, ValueError):
+    report["gpu_utilisation_f32_train"] = None
+def result(step, precision=None):
+    r = report["steps"].get(step, {}).get("result")
+    if isinstance(r, list):
+        r = next((x for x in r if x.get("precision") == precision), None)
+    return r or {}
+torch_runs = {p: result("torch-train", p).get("images_per_s_median") for p in ("f32", "bf16")}
+for p, ours in (("f32", "reid-train-f32"), ("bf16", "reid-train-bf16")):
+    a, b = result(ours).get("images_per_s_median"), torch_runs[p]
     report[f"train_{p}_ratio_to_torch"] = a / b if a and b else None
+a, b = result("reid-infer-f32").get("images_per_s_median"), result("torch-infer-f32").get("images_per_s_median")
+report["infer_f32_ratio_to_torch"] = a / b if a and b else None
+report["ledger"] = {s: result(s).get("ledger") for s in ("reid-train-f32", "reid-train-bf16", "reid-train-generic")}
 json.dump(report, open(f"{out}/gpu-check.json", "w"), indent=1)
 print(json.dumps(report, indent=1))
+ok = all(s["passed"] for s in report["steps"].values())
+sys.exit(0 if ok and len(report["steps"]) > 1 else 1)
 PY
