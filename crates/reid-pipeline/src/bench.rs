@@ -11,6 +11,7 @@ use reid_data::gallery::{Gallery, GalleryMeta};
 use reid_eval::files::{evaluate_files, EvaluateRequest};
 use reid_eval::{Metric, RerankParams};
 use reid_model::{Arch, DeviceSpec, LossSettings, ModelConfig, PairTargets, ReidModel};
+use reid_ops::ledger::Ledger;
 use reid_ops::Exec;
 use reid_train::{train_step, BatchTensors, Sgd, SgdConfig, StepSettings};
 use serde_json::{json, Value};
@@ -107,6 +108,11 @@ impl ModelBench {
                 self.batch
             )));
         }
+        if self.ledger && !self.train {
+            return Err(PipelineError::Invalid(
+                "--ledger counts a training step: use it with `reid bench train`".into(),
+            ));
+        }
         let device = self.device.open()?;
         self.exec.check(&device).map_err(PipelineError::Invalid)?;
         reid_ops::set_tf32(self.tf32);
@@ -118,32 +124,9 @@ impl ModelBench {
         };
         let model = ReidModel::new(config, self.exec, DType::F32, &device)?;
         model.initialize(0)?;
-        let mut ledger = None;
-        let times = if self.train {
-            let batch = pair_batch(self, &device)?;
-            let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default(), model.exec);
-            let mut rng = ChaCha8Rng::seed_from_u64(0);
-            let mut step = || -> Result<()> {
-                let settings = StepSettings::pairs(LossSettings::default(), 0.5);
-                train_step(&model, &mut sgd, &batch, settings, 0.01, &mut rng)
-                    .map_err(|e| PipelineError::Invalid(e.to_string()))?;
-                device.synchronize()?;
-                Ok(())
-            };
-            let times = timed(self.warmup, self.iters, &mut step)?;
-            if self.ledger {
-                let (result, counts) = reid_ops::ledger::counting(&mut step);
-                result?;
-                ledger = Some(counts);
-            }
-            times
-        } else {
-            let x = uniform((self.batch, 3, self.height, self.width), 1, &device)?;
-            timed(self.warmup, self.iters, || {
-                model.features(&x, false)?;
-                device.synchronize()?;
-                Ok(())
-            })?
+        let (times, ledger) = match self.train {
+            true => self.time_train(&model, &device)?,
+            false => (self.time_infer(&model, &device)?, None),
         };
         let best = times.iter().copied().fold(f64::MAX, f64::min);
         let med = median(times);
@@ -165,6 +148,38 @@ impl ModelBench {
             out["ledger"] = json!(counts);
         }
         Ok(out)
+    }
+
+    /// Seconds of each timed training step, and the ledger of one more step
+    /// when asked.
+    fn time_train(&self, model: &ReidModel, device: &Device) -> Result<(Vec<f64>, Option<Ledger>)> {
+        let batch = pair_batch(self, device)?;
+        let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default(), model.exec);
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut step = || -> Result<()> {
+            let settings = StepSettings::pairs(LossSettings::default(), 0.5);
+            train_step(model, &mut sgd, &batch, settings, 0.01, &mut rng)
+                .map_err(|e| PipelineError::Invalid(e.to_string()))?;
+            device.synchronize()?;
+            Ok(())
+        };
+        let times = timed(self.warmup, self.iters, &mut step)?;
+        if !self.ledger {
+            return Ok((times, None));
+        }
+        let (result, counts) = reid_ops::ledger::counting(&mut step);
+        result?;
+        Ok((times, Some(counts)))
+    }
+
+    /// Seconds of each timed eval-mode forward.
+    fn time_infer(&self, model: &ReidModel, device: &Device) -> Result<Vec<f64>> {
+        let x = uniform((self.batch, 3, self.height, self.width), 1, device)?;
+        timed(self.warmup, self.iters, || {
+            model.features(&x, false)?;
+            device.synchronize()?;
+            Ok(())
+        })
     }
 }
 
