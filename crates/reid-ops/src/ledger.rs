@@ -42,16 +42,20 @@ pub fn counting<R>(f: impl FnOnce() -> R) -> (R, Ledger) {
 }
 
 /// Runs `f` on another thread through `run` (e.g. on a rayon worker), its work
-/// counted here if this thread is [`counting`].
+/// counted here if this thread is [`counting`]. There `f` has the thread's
+/// counts to itself: a worker may run it in the middle of another job (rayon's
+/// work stealing), whose counts are set aside meanwhile.
 pub fn carried<R: Send>(
     f: impl FnOnce() -> R + Send,
     run: impl FnOnce(Box<dyn FnOnce() -> (R, Ledger) + Send + '_>) -> (R, Ledger),
 ) -> R {
     let here = LEDGER.with(|l| l.borrow().is_some());
-    if !here {
-        return run(Box::new(|| (f(), Ledger::default()))).0;
-    }
-    let (result, there) = run(Box::new(|| counting(f)));
+    let (result, there) = run(Box::new(move || {
+        let outer = LEDGER.with(|l| l.replace(here.then(Ledger::default)));
+        let result = f();
+        let counted = LEDGER.with(|l| l.replace(outer)).unwrap_or_default();
+        (result, counted)
+    }));
     add(|l| {
         l.device_to_host += there.device_to_host;
         l.host_to_device += there.host_to_device;

@@ -203,6 +203,16 @@ pub fn record<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Tape)> {
     Ok((result?, tape))
 }
 
+/// Runs `f` with no tape recording on this thread, whatever records here (a
+/// worker may run a job in the middle of another's forward: rayon's work
+/// stealing); the tape is put back after.
+pub fn isolated<R>(f: impl FnOnce() -> R) -> R {
+    let outer = RECORDING.with(|r| r.borrow_mut().take());
+    let result = f();
+    RECORDING.with(|r| *r.borrow_mut() = outer);
+    result
+}
+
 /// Whether a tape records on this thread.
 pub fn recording() -> bool {
     RECORDING.with(|r| r.borrow().is_some())

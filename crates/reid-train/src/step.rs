@@ -152,8 +152,13 @@ pub fn train_step<R: Rng + Send>(
 /// as local jobs, instead of each being handed in from outside while the calling
 /// thread sleeps: a `res2net_tiny` bench on 2 cores went from about 30,000 waits
 /// to 4,000 per 30 steps, and from 147-196 to 207-215 images/s.
+///
+/// The worker may be in the middle of another step (rayon's work stealing, when
+/// two steps run at once, as tests do): this one runs with that one's tape and
+/// counts set aside.
 fn on_worker<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    reid_ops::ledger::carried(f, |job| rayon::scope(|_| job()))
+    let isolated = || reid_ops::tape::isolated(f);
+    reid_ops::ledger::carried(isolated, |job| rayon::scope(|_| job()))
 }
 
 fn step_on_this_thread<R: Rng>(

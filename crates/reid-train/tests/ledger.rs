@@ -70,3 +70,17 @@ fn the_backbone_runs_on_the_tape_with_no_zero_filled_gradient() {
         assert!(graph.graph_ops > taped.graph_ops + 5000, "{graph:?}");
     }
 }
+
+#[test]
+fn a_step_run_inside_another_forward_sees_no_tape_of_it() {
+    // rayon's workers steal jobs while they wait: a worker inside one step's
+    // taped forward may run another step whole, on the same thread. Here that
+    // happens on purpose: the generic step runs inside a recording forward, on
+    // the worker it records on; it must neither see that tape nor feed it.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let alone = one_step("res2net_tiny", Ops::Generic, (64, 32));
+    let (nested, tape) =
+        pool.install(|| reid_ops::tape::record(|| Ok(one_step("res2net_tiny", Ops::Generic, (64, 32)))).unwrap());
+    assert_eq!(nested, alone);
+    assert_eq!(format!("{tape:?}"), "Tape(0 ops)");
+}
