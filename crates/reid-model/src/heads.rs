@@ -33,24 +33,42 @@ fn apply(linear: &Linear, x: &Tensor, bf16: bool) -> Result<Tensor> {
     y.broadcast_add(bias)
 }
 
-/// Inverted dropout with a mask drawn from `rng`, so a seeded run is repeatable
-/// (candle's own dropout draws from an unseeded generator).
-pub fn dropout<R: Rng>(x: &Tensor, p: f64, rng: &mut R) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
+/// Inverted-dropout masks drawn from `rng`, so that a seeded run is repeatable
+/// (candle's own dropout draws from an unseeded generator): several drawn in
+/// order and uploaded at once, then applied in that order.
+struct Masks(std::vec::IntoIter<Tensor>);
+
+impl Masks {
+    /// `count` masks shaped as `like` (of its dtype and device) for dropout
+    /// probability `p`; none when `p` is 0.
+    fn draw<R: Rng>(p: f64, count: usize, like: &Tensor, rng: &mut R) -> Result<Self> {
+        if p <= 0.0 || count == 0 {
+            return Ok(Masks(Vec::new().into_iter()));
+        }
+        let keep = 1.0 - p;
+        let values: Vec<f32> = (0..count * like.elem_count())
+            .map(|_| {
+                if rng.gen::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mut dims = vec![count];
+        dims.extend_from_slice(like.dims());
+        let all = ledger::upload(values, dims, like.device())?.to_dtype(like.dtype())?;
+        let masks = (0..count).map(|i| all.get(i)).collect::<Result<Vec<_>>>()?;
+        Ok(Masks(masks.into_iter()))
     }
-    let keep = 1.0 - p;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            if rng.gen::<f64>() < keep {
-                (1.0 / keep) as f32
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mask = ledger::upload(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+
+    /// `x` times the next mask (`x` itself when there are none).
+    fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        match self.0.next() {
+            Some(mask) => x * mask,
+            None => Ok(x.clone()),
+        }
+    }
 }
 
 /// Identification (`id_classifier`: f -> K identities) and verification
@@ -285,18 +303,18 @@ struct Identification {
 }
 
 impl Heads {
-    fn identification<R: Rng>(
+    /// Identification of both halves of `f`, through the next two of `masks`.
+    fn identification(
         &self,
         f: &Tensor,
         targets: &PairTargets,
         weights: &LossSettings,
-        p_dropout: f64,
-        rng: &mut R,
+        masks: &mut Masks,
     ) -> Result<Identification> {
         let b = f.dim(0)? / 2;
         let (f1, f2) = (f.narrow(0, 0, b)?, f.narrow(0, b, b)?);
-        let logits1 = apply(&self.id_classifier, &dropout(&f1, p_dropout, rng)?, self.bf16)?;
-        let logits2 = apply(&self.id_classifier, &dropout(&f2, p_dropout, rng)?, self.bf16)?;
+        let logits1 = apply(&self.id_classifier, &masks.apply(&f1)?, self.bf16)?;
+        let logits2 = apply(&self.id_classifier, &masks.apply(&f2)?, self.bf16)?;
         Ok(Identification {
             id1: smoothed_cross_entropy(&logits1, &targets.y1, weights.id_label_smoothing)?,
             id2: smoothed_cross_entropy(&logits2, &targets.y2, weights.id_label_smoothing)?,
@@ -305,16 +323,10 @@ impl Heads {
     }
 
     /// The verification loss and accuracy of pairs `(a, b)` with labels `same`.
-    fn verification<R: Rng>(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        same: &Tensor,
-        p_dropout: f64,
-        rng: &mut R,
-    ) -> Result<(Tensor, Right)> {
+    /// (through the next of `masks`).
+    fn verification(&self, a: &Tensor, b: &Tensor, same: &Tensor, masks: &mut Masks) -> Result<(Tensor, Right)> {
         let square = (a - b)?.sqr()?;
-        let logits = apply(&self.verif_classifier, &dropout(&square, p_dropout, rng)?, self.bf16)?;
+        let logits = apply(&self.verif_classifier, &masks.apply(&square)?, self.bf16)?;
         Ok((candle_nn::loss::cross_entropy(&logits, same)?, accuracy(&logits, same)?))
     }
 
@@ -345,7 +357,8 @@ impl Heads {
 
     /// The loss of a pair batch from the features of `cat[x1, x2]`, [2B, C] each:
     /// `f` for identification, `g` for verification (the same tensor in the paper).
-    /// `dropout` is the probability before each classifier, with its masks from `rng`.
+    /// `dropout` is the probability before each classifier, with its three masks
+    /// (all [B, C]) from `rng`, uploaded at once.
     pub fn pair_loss<R: Rng>(
         &self,
         f: &Tensor,
@@ -356,9 +369,10 @@ impl Heads {
         rng: &mut R,
     ) -> Result<PairLoss> {
         let b = f.dim(0)? / 2;
-        let id = self.identification(f, targets, &weights, p_dropout, rng)?;
-        let (verif, verif_accuracy) =
-            self.verification(&g.narrow(0, 0, b)?, &g.narrow(0, b, b)?, &targets.same, p_dropout, rng)?;
+        let (g1, g2) = (g.narrow(0, 0, b)?, g.narrow(0, b, b)?);
+        let mut masks = Masks::draw(p_dropout, 3, &g1, rng)?;
+        let id = self.identification(f, targets, &weights, &mut masks)?;
+        let (verif, verif_accuracy) = self.verification(&g1, &g2, &targets.same, &mut masks)?;
         let triplet = Tensor::zeros((), f.dtype(), f.device())?;
         Self::combine(id, (verif, verif_accuracy), triplet, &weights)
     }
@@ -377,7 +391,8 @@ impl Heads {
         rng: &mut R,
     ) -> Result<PairLoss> {
         let labels: Vec<i64> = ledger::read(&Tensor::cat(&[&targets.y1, &targets.y2], 0)?.to_dtype(DType::I64)?)?;
-        let id = self.identification(f, targets, &weights, p_dropout, rng)?;
+        let half = f.narrow(0, 0, f.dim(0)? / 2)?;
+        let id = self.identification(f, targets, &weights, &mut Masks::draw(p_dropout, 2, &half, rng)?)?;
         let dist = pairwise_distances(g)?;
         let n = dist.dim(0)?;
         let flat: Vec<f64> = ledger::read(&dist.to_dtype(DType::F64)?)?;
@@ -386,7 +401,8 @@ impl Heads {
         let rows = |v: Vec<u32>| ledger::upload(v.clone(), v.len(), g.device());
         let same = rows(same)?;
         let (a, b) = (g.index_select(&rows(first)?, 0)?, g.index_select(&rows(second)?, 0)?);
-        let (verif, verif_accuracy) = self.verification(&a, &b, &same, p_dropout, rng)?;
+        let mut masks = Masks::draw(p_dropout, 1, &a, rng)?;
+        let (verif, verif_accuracy) = self.verification(&a, &b, &same, &mut masks)?;
         let triplet = if weights.triplet == 0.0 {
             Tensor::zeros((), f.dtype(), f.device())?
         } else {

@@ -67,18 +67,21 @@ pub struct BatchTensors {
 }
 
 impl BatchTensors {
-    /// Moves a loader batch to `device` as `dtype` images [B, 3, height, width].
+    /// Moves a loader batch to `device` as `dtype` images [B, 3, height, width]:
+    /// two uploads, the images of both sides and the three label vectors.
     pub fn new(batch: &PairBatch, height: usize, width: usize, dtype: DType, device: &Device) -> Result<Self> {
         let b = batch.len();
-        let images = |v: &[f32]| reid_ops::ledger::upload(v.to_vec(), (b, 3, height, width), device)?.to_dtype(dtype);
-        let labels = |v: &[i64]| reid_ops::ledger::upload(v.to_vec(), b, device);
+        let images = [&batch.x1[..], &batch.x2].concat();
+        let images = reid_ops::ledger::upload(images, (2 * b, 3, height, width), device)?.to_dtype(dtype)?;
+        let labels = [&batch.y1[..], &batch.y2, &batch.same].concat();
+        let labels = reid_ops::ledger::upload(labels, (3, b), device)?;
         Ok(BatchTensors {
-            x1: images(&batch.x1)?,
-            x2: images(&batch.x2)?,
+            x1: images.narrow(0, 0, b)?,
+            x2: images.narrow(0, b, b)?,
             targets: PairTargets {
-                y1: labels(&batch.y1)?,
-                y2: labels(&batch.y2)?,
-                same: labels(&batch.same)?,
+                y1: labels.get(0)?,
+                y2: labels.get(1)?,
+                same: labels.get(2)?,
             },
         })
     }
