@@ -144,7 +144,7 @@ impl SavedStats {
     }
 
     /// The host statistics, which the CPU kernels read.
-    fn host(&self, op: &str) -> Result<&BatchStats> {
+    pub(crate) fn host(&self, op: &str) -> Result<&BatchStats> {
         match &self.host {
             Some(s) => Ok(s),
             None => candle_core::bail!("{op}: the batch statistics are on another device"),

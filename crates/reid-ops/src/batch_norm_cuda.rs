@@ -9,11 +9,9 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 
-use crate::cuda_kernels::Kernels;
+use crate::cuda_kernels::{contiguous_view, grid_stride as elementwise, Kernels, BLOCK};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor, WithDType};
-
-const BLOCK: u32 = 256;
 
 /// The kernels of batch_norm.cu.
 static KERNELS: Kernels = Kernels::new("reid_batch_norm", include_str!("batch_norm.cu"));
@@ -32,15 +30,6 @@ fn per_channel(c: usize) -> LaunchConfig {
     }
 }
 
-/// A grid-stride loop over `total` values.
-fn elementwise(total: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((total as u32).div_ceil(BLOCK).clamp(1, 8192), 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// (N, C, HW) as the kernels' 32-bit sizes, refusing tensors they cannot index.
 fn sizes((n, c, hw): (usize, usize, usize)) -> Result<(u32, u32, u32)> {
     if n * c * hw >= 1 << 31 {
@@ -54,10 +43,7 @@ pub(crate) fn view<'a, T: WithDType + DeviceRepr + CudaDType>(
     s: &'a CudaStorage,
     l: &Layout,
 ) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-        None => candle_core::bail!("batch norm on CUDA: operands must be contiguous"),
-    }
+    contiguous_view(s, l, "batch norm")
 }
 
 /// One thread per channel.

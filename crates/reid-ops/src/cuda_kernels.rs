@@ -3,10 +3,30 @@
 
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::CudaFunction;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
-use candle_core::cuda_backend::CudaDevice;
-use candle_core::{Result, WithDType};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{CudaStorage, Layout, Result, WithDType};
+
+/// Threads per block of every kernel here.
+pub(crate) const BLOCK: u32 = 256;
+
+/// A grid-stride loop over `n` items: blocks of [`BLOCK`] threads, at most 8192.
+pub(crate) fn grid_stride(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(BLOCK).clamp(1, 8192), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The contiguous values of a storage of T, or an error naming `op`.
+pub(crate) fn contiguous_view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => candle_core::bail!("{op} on CUDA: operands must be contiguous"),
+    }
+}
 
 /// One CUDA C source and its PTX, compiled when first asked for.
 pub(crate) struct Kernels {

@@ -109,11 +109,6 @@ impl Exec {
         Exec { ops, precision }
     }
 
-    /// The plan with `ops`, this precision.
-    pub fn with_ops(self, ops: Ops) -> Self {
-        Exec { ops, ..self }
-    }
-
     /// An error where `device` cannot run this plan (`fused` on CUDA, which lacks
     /// fused kernels for several ops; `as-cuda` is for the CPU and runs as `auto`
     /// on CUDA).

@@ -29,6 +29,16 @@ pub struct Ledger {
     pub graph_ops: u64,
 }
 
+impl std::ops::AddAssign for Ledger {
+    fn add_assign(&mut self, o: Ledger) {
+        self.device_to_host += o.device_to_host;
+        self.host_to_device += o.host_to_device;
+        self.zero_filled_grads += o.zero_filled_grads;
+        self.tape_ops += o.tape_ops;
+        self.graph_ops += o.graph_ops;
+    }
+}
+
 thread_local! {
     static LEDGER: RefCell<Option<Ledger>> = const { RefCell::new(None) };
 }
@@ -56,13 +66,7 @@ pub fn carried<R: Send>(
         let counted = LEDGER.with(|l| l.replace(outer)).unwrap_or_default();
         (result, counted)
     }));
-    add(|l| {
-        l.device_to_host += there.device_to_host;
-        l.host_to_device += there.host_to_device;
-        l.zero_filled_grads += there.zero_filled_grads;
-        l.tape_ops += there.tape_ops;
-        l.graph_ops += there.graph_ops;
-    });
+    add(|l| *l += there);
     result
 }
 

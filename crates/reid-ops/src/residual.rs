@@ -34,6 +34,23 @@ macro_rules! binary {
     }};
 }
 
+/// The `cuda_fwd` of an element-wise op of two operands: `$kernel` of
+/// tape_ops.cu (with the `cuda` feature).
+macro_rules! cuda_binary_fwd {
+    ($kernel:literal) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            crate::tape_ops_cuda::binary($kernel, (s1, l1), (s2, l2))
+        }
+    };
+}
+
 /// `max(a + b, 0)`, NaN kept (as PyTorch's ReLU; `f32::max` would drop it).
 #[inline(always)]
 pub(crate) fn relu_of_sum<T: Float>(a: T, b: T) -> T {
@@ -69,16 +86,7 @@ impl CustomOp2 for AddRelu {
         binary!(self.name(), s1, l1, s2, l2, relu_of_sum)
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::tape_ops_cuda::binary("add_relu", (s1, l1), (s2, l2))
-    }
+    cuda_binary_fwd!("add_relu");
 
     fn bwd(&self, _a: &Tensor, _b: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let masked = grad.contiguous()?.apply_op2_no_bwd(out, &ReluMask)?;
@@ -99,16 +107,7 @@ impl CustomOp2 for ReluMask {
         binary!(self.name(), s1, l1, s2, l2, pass_where_positive)
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::tape_ops_cuda::binary("relu_mask", (s1, l1), (s2, l2))
-    }
+    cuda_binary_fwd!("relu_mask");
 }
 
 /// `a + b` for tensors of one shape, without a graph on a tape (see [`tape::add`]).
@@ -124,16 +123,7 @@ impl CustomOp2 for Sum {
         binary!(self.name(), s1, l1, s2, l2, |a, b| a + b)
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::tape_ops_cuda::binary("sum", (s1, l1), (s2, l2))
-    }
+    cuda_binary_fwd!("sum");
 }
 
 /// `a + b`: candle's add, or while a tape records, [`Sum`] on it.

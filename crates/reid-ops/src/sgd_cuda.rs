@@ -2,11 +2,11 @@
 //! value as the CPU's one-pass update does, so that both give the same bits.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, WithDType};
 
-use crate::cuda_kernels::Kernels;
+use crate::cuda_kernels::{grid_stride as grid, Kernels};
 
 static KERNELS: Kernels = Kernels::new("reid_sgd", include_str!("sgd.cu"));
 
@@ -26,15 +26,6 @@ pub struct MomentumBuffer<'a> {
     pub storage: &'a mut CudaStorage,
     pub layout: &'a Layout,
     pub first: bool,
-}
-
-/// A grid-stride loop over `n` values.
-fn grid(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(256).clamp(1, 8192), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 /// The contiguous range of a layout of `n` values, or an error.

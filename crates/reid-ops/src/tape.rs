@@ -203,9 +203,10 @@ pub fn record<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Tape)> {
     Ok((result?, tape))
 }
 
-/// Runs `f` with no tape recording on this thread, whatever records here (a
-/// worker may run a job in the middle of another's forward: rayon's work
-/// stealing); the tape is put back after.
+/// Runs `f` with no tape recording on this thread, whatever records here, and
+/// puts the tape back after: for candle ops whose graph the tape stands in
+/// for, and for a job a worker runs in the middle of another's forward
+/// (rayon's work stealing).
 pub fn isolated<R>(f: impl FnOnce() -> R) -> R {
     let outer = RECORDING.with(|r| r.borrow_mut().take());
     let result = f();
@@ -216,15 +217,6 @@ pub fn isolated<R>(f: impl FnOnce() -> R) -> R {
 /// Whether a tape records on this thread.
 pub fn recording() -> bool {
     RECORDING.with(|r| r.borrow().is_some())
-}
-
-/// Runs `f` with this thread's tape (if any) set aside: for candle ops whose
-/// graph the tape stands in for.
-fn paused<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
-    let tape = RECORDING.with(|r| r.borrow_mut().take());
-    let result = f();
-    RECORDING.with(|r| *r.borrow_mut() = tape);
-    result
 }
 
 /// Appends `step` and its `outputs` to this thread's tape, if one records.
@@ -420,14 +412,8 @@ impl<'a> Pass<'a> {
     }
 }
 
-/// A new leaf tensor of a CPU op's result: no graph, marked as a variable so
-/// that `track_op()` says it needs a gradient.
-fn leaf(result: Result<(CpuStorage, Shape)>) -> Result<Tensor> {
-    let (storage, shape) = result?;
-    Ok(device_leaf((Storage::Cpu(storage), shape)))
-}
-
-/// [`leaf`] of a result on any device.
+/// A new leaf tensor of an op's result: no graph, marked as a variable so that
+/// `track_op()` says it needs a gradient.
 fn device_leaf((storage, shape): (Storage, Shape)) -> Tensor {
     Tensor::from_storage(storage, shape, BackpropOp::none(), true)
 }
@@ -538,7 +524,8 @@ pub fn op_any_outputs(
             .map(|(s, l)| Ok((cpu(s, op.name())?, *l)))
             .collect::<Result<Vec<_>>>()?;
         let results = op.cpu_fwd(&views)?;
-        results.into_iter().map(|r| leaf(Ok(r))).collect::<Result<Vec<_>>>()?
+        let on_cpu = |(s, shape)| device_leaf((Storage::Cpu(s), shape));
+        results.into_iter().map(on_cpu).collect::<Vec<_>>()
     };
     let tensors: Vec<&Tensor> = inputs.iter().map(|(t, _)| *t).collect();
     let outputs: Vec<&Tensor> = outs.iter().collect();
@@ -571,7 +558,7 @@ pub fn add(a: &Tensor, b: &Tensor, sum: impl CustomOp2 + Send + Sync + 'static) 
 /// `parts` concatenated along dimension 1, recorded on this thread's tape if one
 /// records.
 pub fn cat_channels(parts: &[Tensor]) -> Result<Tensor> {
-    let out = paused(|| Tensor::cat(parts, 1))?;
+    let out = isolated(|| Tensor::cat(parts, 1))?;
     let channels = parts.iter().map(|p| p.dim(1)).collect::<Result<Vec<_>>>()?;
     let step = || Step::Cat(parts.iter().map(|p| Saved::new(p, false)).zip(channels).collect());
     let inputs: Vec<&Tensor> = parts.iter().collect();
@@ -590,7 +577,7 @@ pub fn split_channels(
     if count * width != x.dim(1)? {
         candle_core::bail!("split: {count} pieces of {width} channels from {:?}", x.dims());
     }
-    let pieces = paused(|| {
+    let pieces = isolated(|| {
         (0..count)
             .map(|i| slice(x, i * width, width))
             .collect::<Result<Vec<_>>>()
@@ -604,7 +591,7 @@ pub fn split_channels(
 /// The mean of `x` [N, C, H, W] over H and W, recorded on this thread's tape if
 /// one records.
 pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
-    let out = paused(|| x.mean((2, 3)))?;
+    let out = isolated(|| x.mean((2, 3)))?;
     let dims = x.dims4()?;
     push(|| Step::SpatialMean(Saved::new(x, false), dims), &[&out], &[x])?;
     Ok(out)

@@ -2,35 +2,14 @@
 //! the CPU kernel computes it, so that the tape runs the same ops on both.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, WithDType};
 
-use crate::cuda_kernels::Kernels;
+use crate::cuda_kernels::{contiguous_view as values, grid_stride as grid, Kernels};
 use crate::pool::Window;
 
 static KERNELS: Kernels = Kernels::new("reid_tape_ops", include_str!("tape_ops.cu"));
-
-/// A grid-stride loop over `n` items.
-fn grid(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(256).clamp(1, 8192), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// The contiguous values of a storage of T.
-fn values<'a, T: CudaDType>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    op: &str,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-        None => candle_core::bail!("{op} on CUDA: operands must be contiguous"),
-    }
-}
 
 /// Runs `$body` with `T` the f32 or f64 of `$dtype`.
 macro_rules! with_float {

@@ -79,9 +79,7 @@ impl BatchNormReluSplit {
         };
         let planes: [&PlaneOf<T>; 3] = [&x_plane, &y_plane, &g_plane];
         let saved = self.bn.saved_stats();
-        let Some(stats) = &saved.host else {
-            candle_core::bail!("{}: runs on the CPU only", self.name());
-        };
+        let stats = saved.host(self.name())?;
         let sums = sums_by(stats, self.bn.eps, true, planes, (n, c, hw));
         let (sum_gxhat, sum_g) = sums.split_at(c);
         let input = HostGrad {
