@@ -225,8 +225,13 @@ impl PairLoss {
             &r2.count,
             &rv.count,
         ];
-        let all = all.iter().map(|t| t.to_dtype(DType::F64)).collect::<Result<Vec<_>>>()?;
-        let v: Vec<f64> = ledger::read(&Tensor::stack(&all, 0)?)?;
+        let as_f64 = |t: &&Tensor| match t.dtype() {
+            DType::F64 => Ok((*t).clone()),
+            _ => ledger::made(1, t.to_dtype(DType::F64)),
+        };
+        let all = all.iter().map(as_f64).collect::<Result<Vec<_>>>()?;
+        // On CUDA, one copy per value.
+        let v: Vec<f64> = ledger::read(&ledger::made(all.len() as u64, Tensor::stack(&all, 0))?)?;
         let fraction = |right: f64, r: &Right| right / r.of as f64;
         Ok(LossValues {
             total: v[0],

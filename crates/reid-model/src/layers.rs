@@ -1,12 +1,13 @@
 //! The building blocks every backbone shares: bias-free convolution and batch norm
 //! with timm's parameter names and PyTorch's settings.
 
+use reid_ops::ledger::CountedContiguous;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use reid_ops::batch_norm::{BatchNormAddRelu, BatchNormReluSplit, BatchNormTrain, ChannelAffine, SavedStats};
+use reid_ops::batch_norm::{BatchNormAddRelu, BatchNormReluSplit, BatchNormTrain, ChannelAffine};
 use reid_ops::channels::channel_slice_with;
 use reid_ops::conv::{Conv2d, ConvCat};
 use reid_ops::pool::{max_pool2d_with, Window};
@@ -93,8 +94,11 @@ impl Conv {
         if !(direct && fused && tape::recording()) {
             return self.forward(&tape::cat_channels(pieces)?);
         }
-        let pieces = pieces.iter().map(|p| p.contiguous()).collect::<Result<Vec<_>>>()?;
-        let weight = self.weight.contiguous()?;
+        let pieces = pieces
+            .iter()
+            .map(|p| p.contiguous_counted())
+            .collect::<Result<Vec<_>>>()?;
+        let weight = self.weight.contiguous_counted()?;
         let mut inputs: Vec<(&Tensor, bool)> = pieces.iter().map(|p| (p, true)).collect();
         inputs.push((&weight, true));
         tape::op_any_inputs(&inputs, ConvCat, false)
@@ -184,11 +188,11 @@ impl BatchNorm {
                     Ok(y)
                 }
             }
-            (Kernels::Fused, true) => self.train_fused(&x.contiguous()?, relu),
+            (Kernels::Fused, true) => self.train_fused(&x.contiguous_counted()?, relu),
             (Kernels::Fused, false) => {
                 let scale = (&self.weight / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
                 let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
-                x.contiguous()?
+                x.contiguous_counted()?
                     .apply_op3_no_bwd(&scale, &shift, &ChannelAffine { relu })
             }
         }
@@ -213,7 +217,7 @@ impl BatchNorm {
             let kernels = self.exec.kernels(OpKind::AddRelu, x);
             return add_relu_with(kernels, &self.forward_t(x, train, Activation::Identity)?, r);
         }
-        let (x, r) = (x.contiguous()?, r.contiguous()?);
+        let (x, r) = (x.contiguous_counted()?, r.contiguous_counted()?);
         let op = BatchNormAddRelu {
             bn: self.train_op(false),
         };
@@ -234,7 +238,7 @@ impl BatchNorm {
             let slice = |x: &Tensor, start, len| channel_slice_with(kernels, x, start, len);
             return tape::split_channels(&y, width, count, slice);
         }
-        let x = x.contiguous()?;
+        let x = x.contiguous_counted()?;
         let op = BatchNormReluSplit {
             bn: self.train_op(true),
             width,
@@ -251,7 +255,7 @@ impl BatchNorm {
     /// in train mode where the plan fuses it, the separate ops otherwise.
     pub fn forward_relu_max_pool(&self, x: &Tensor, train: bool, window: Window) -> Result<Tensor> {
         if train && self.exec.kernels(OpKind::TapeFused, x) == Kernels::Fused {
-            let x = x.contiguous()?;
+            let x = x.contiguous_counted()?;
             let op = BatchNormReluMaxPool::new(self.train_op(true), window);
             let y = tape::op3(&x, &self.weight, &self.bias, op.clone(), Reads::ALL)?;
             self.update_running(&op.bn, &x)?;
@@ -272,15 +276,15 @@ impl BatchNorm {
     /// The running statistics moved towards the batch statistics that `op`'s
     /// forward on `x` computed (unbiased variance, as PyTorch).
     fn update_running(&self, op: &BatchNormTrain, x: &Tensor) -> Result<()> {
-        let SavedStats { tensor, count, .. } = op.saved_stats();
-        let unbiased = count as f64 / (count as f64 - 1.0).max(1.0);
-        let dtype = x.dtype();
-        let mean = tensor.get(0)?.to_dtype(dtype)?;
-        let var = (tensor.get(1)?.to_dtype(dtype)? * unbiased)?;
-        let rm = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
-        let rv = ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (var * BN_MOMENTUM)?)?;
-        self.running_mean.set(&rm)?;
-        self.running_var.set(&rv)
+        let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+        if mean.dtype() != x.dtype() {
+            candle_core::bail!(
+                "batch norm: running statistics of {:?} for {:?} inputs",
+                mean.dtype(),
+                x.dtype()
+            );
+        }
+        reid_ops::batch_norm::update_running(mean, var, &op.saved_stats(), BN_MOMENTUM)
     }
 
     /// The learned scale and shift (`weight`, `bias`).
@@ -332,8 +336,8 @@ impl ConvBn {
             padding: self.conv.padding,
         };
         let rest = BatchNormReluMaxPool::new(self.bn.train_op(true), window);
-        let op = Stem::new(conv, x.contiguous()?, rest);
-        let weight = self.conv.weight.contiguous()?;
+        let op = Stem::new(conv, x.contiguous_counted()?, rest);
+        let weight = self.conv.weight.contiguous_counted()?;
         let y = tape::op3(&weight, &self.bn.weight, &self.bn.bias, op.clone(), Reads::INPUTS)?;
         self.bn.update_running(&op.rest.bn, &y)?;
         Ok(y)

@@ -183,7 +183,8 @@ impl ReidModel {
     /// backbone's tape when it ran on one (see [`Exec::tape`]): its backward is
     /// then the tape's, candle's otherwise.
     fn train_features(&self, x1: &Tensor, x2: &Tensor) -> Result<(Tensor, Tensor, Option<Arc<TapedOutput>>)> {
-        let x = Tensor::cat(&[x1, x2], 0)?;
+        // On CUDA, one copy per side.
+        let x = reid_ops::ledger::made(2, Tensor::cat(&[x1, x2], 0))?;
         if !self.exec.tape(&x) {
             let pooled = self.backbone.forward_t(&x, true)?;
             return Ok((self.through_neck(&pooled, true)?, pooled, None));

@@ -147,6 +147,21 @@ extern "C" __global__ void NAME(const T* x, const T* y, const T* g, T* dx,      
     }                                                                               \
 }
 
+// Both running statistics: r <- (r * keep + 0) + (s * moment + 0), with s the
+// batch mean (stats row 0) or the batch variance (row 1) * unbiased + 0,
+// rounded as the CPU's chain of tensor ops rounds it.
+#define RUNNING_UPDATE(T, NAME, MUL, ADD)                                           \
+extern "C" __global__ void NAME(T* mean, T* var, const double* stats,              \
+                                unsigned int c, T unbiased, T keep, T moment) {     \
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < c;            \
+         i += blockDim.x * gridDim.x) {                                             \
+        T m = (T)stats[i];                                                          \
+        T v = ADD(MUL((T)stats[c + i], unbiased), (T)0);                            \
+        mean[i] = ADD(ADD(MUL(mean[i], keep), (T)0), ADD(MUL(m, moment), (T)0));   \
+        var[i] = ADD(ADD(MUL(var[i], keep), (T)0), ADD(MUL(v, moment), (T)0));     \
+    }                                                                               \
+}
+
 STATS(float, bn_stats_f32)
 STATS(double, bn_stats_f64)
 AFFINE(float, bn_affine_f32, __fmul_rn, __fadd_rn)
@@ -161,3 +176,5 @@ GRAD_SUMS(float, bn_grad_sums_f32)
 GRAD_SUMS(double, bn_grad_sums_f64)
 INPUT_GRAD(float, bn_input_grad_f32)
 INPUT_GRAD(double, bn_input_grad_f64)
+RUNNING_UPDATE(float, bn_running_update_f32, __fmul_rn, __fadd_rn)
+RUNNING_UPDATE(double, bn_running_update_f64, __dmul_rn, __dadd_rn)

@@ -8,8 +8,10 @@
 //! statistics, scale and shift and the backward's sums stay where they are made.
 
 mod add_relu;
+mod running;
 mod split;
 
+use crate::ledger::CountedContiguous;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -27,6 +29,7 @@ use candle_core::{
     cuda_backend::{CudaDType, CudaDevice},
     CudaStorage, WithDType,
 };
+pub use running::update_running;
 pub use split::BatchNormReluSplit;
 
 /// Per-channel mean and biased variance of one forward, on the host (the CPU
@@ -232,7 +235,7 @@ impl BatchNormTrain {
         input_grad: bool,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let stats = self.saved_stats();
-        let grad = grad.contiguous()?;
+        let grad = grad.contiguous_counted()?;
         let sums_op = GradSums {
             eps: self.eps,
             relu: self.relu,
@@ -244,7 +247,7 @@ impl BatchNormTrain {
             eps: self.eps,
             relu: self.relu,
             stats,
-            weight: w.contiguous()?,
+            weight: w.contiguous_counted()?,
             sums,
         };
         let grad_x = match input_grad {
@@ -272,7 +275,8 @@ impl CustomOp3 for BatchNormTrain {
         let d = dims(l1, self.name())?;
         let y = three_floats!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, w, b| self
             .forward(x, w, b, d));
-        Ok((y, l1.shape().clone()))
+        // CUDA: statistics, scale and shift, then the output.
+        crate::ledger::cpu_output(3, Ok((y, l1.shape().clone())))
     }
 
     #[cfg(feature = "cuda")]
@@ -289,7 +293,7 @@ impl CustomOp3 for BatchNormTrain {
         let dev = &s1.device;
         let y = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, w, b| self
             .cuda_forward(dev, [x, w, b], d)?);
-        Ok((y, l1.shape().clone()))
+        crate::ledger::cuda_output(Ok((y, l1.shape().clone())))
     }
 
     fn bwd(
@@ -411,7 +415,7 @@ impl CustomOp3 for GradSums {
         let d = dims(l1, self.name())?;
         let out = three_floats!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, y, g| self
             .sums(x, y, g, d)?);
-        Ok((out, Shape::from((2, d.1))))
+        crate::ledger::cpu_output(1, Ok((out, Shape::from((2, d.1)))))
     }
 
     #[cfg(feature = "cuda")]
@@ -431,7 +435,7 @@ impl CustomOp3 for GradSums {
         let out = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, y, g| {
             cuda::grad_sums(dev, (x, y, g), d, stats, self.eps, self.relu)?
         });
-        Ok((out, Shape::from((2, d.1))))
+        crate::ledger::cuda_output(Ok((out, Shape::from((2, d.1)))))
     }
 }
 
@@ -524,7 +528,8 @@ impl CustomOp3 for InputGrad {
         let d = dims(l1, self.name())?;
         let out = three_floats!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, y, g| self
             .backward(x, y, g, d)?);
-        Ok((out, l1.shape().clone()))
+        // CUDA: the per-channel parameters, then dx.
+        crate::ledger::cpu_output(2, Ok((out, l1.shape().clone())))
     }
 
     #[cfg(feature = "cuda")]
@@ -551,7 +556,7 @@ impl CustomOp3 for InputGrad {
         let dx = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, y, g| {
             cuda::input_grad(dev, (x, y, g), d, &operands, self.relu)?
         });
-        Ok((dx, l1.shape().clone()))
+        crate::ledger::cuda_output(Ok((dx, l1.shape().clone())))
     }
 }
 
@@ -584,7 +589,7 @@ impl CustomOp3 for ChannelAffine {
             &to_f64(b),
             self.relu
         ));
-        Ok((y, l1.shape().clone()))
+        crate::ledger::cpu_output(1, Ok((y, l1.shape().clone())))
     }
 
     #[cfg(feature = "cuda")]
@@ -602,6 +607,6 @@ impl CustomOp3 for ChannelAffine {
         let y = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, scale, shift| {
             cuda::channel_affine(dev, x, d, [scale, shift], self.relu)?
         });
-        Ok((y, l1.shape().clone()))
+        crate::ledger::cuda_output(Ok((y, l1.shape().clone())))
     }
 }

@@ -89,6 +89,7 @@ pub(crate) fn stats<T: WithDType + DeviceRepr + CudaDType>(
     b.arg(x).arg(&mut out).arg(&n).arg(&c).arg(&hw);
     // SAFETY: the arguments of `bn_stats` in batch_norm.cu; `out` holds 2C values.
     unsafe { b.launch(per_channel(d.1)) }.w()?;
+    crate::ledger::launched(1);
     Ok(out)
 }
 
@@ -109,6 +110,7 @@ pub(crate) fn scale_shift<T: WithDType + DeviceRepr + CudaDType>(
     l.arg(stats).arg(w).arg(b).arg(&mut ss).arg(&c32).arg(&eps);
     // SAFETY: the arguments of `bn_scale_shift`; stats and ss hold 2C values.
     unsafe { l.launch(per_channel_thread(c)) }.w()?;
+    crate::ledger::launched(1);
     Ok(ss)
 }
 
@@ -131,6 +133,7 @@ pub(crate) fn affine<T: WithDType + DeviceRepr + CudaDType>(
     b.arg(x).arg(&mut y).arg(ss).arg(&t).arg(&c).arg(&hw).arg(&r);
     // SAFETY: the arguments of `bn_affine`; x and y hold `total` values, ss 2C.
     unsafe { b.launch(elementwise(total)) }.w()?;
+    crate::ledger::launched(1);
     Ok(y)
 }
 
@@ -160,6 +163,7 @@ pub(crate) fn channel_affine<T: WithDType + DeviceRepr + CudaDType>(
         .arg(&r);
     // SAFETY: the arguments of `bn_channel_affine`; scale and shift hold C values.
     unsafe { b.launch(elementwise(total)) }.w()?;
+    crate::ledger::launched(1);
     Ok(y)
 }
 
@@ -192,6 +196,7 @@ pub(crate) fn grad_sums<T: WithDType + DeviceRepr + CudaDType>(
         .arg(&r);
     // SAFETY: the arguments of `bn_grad_sums`; out and stats hold 2C values.
     unsafe { b.launch(per_channel(d.1)) }.w()?;
+    crate::ledger::launched(1);
     Ok(out)
 }
 
@@ -230,6 +235,7 @@ pub(crate) fn input_grad<T: WithDType + DeviceRepr + CudaDType>(
         .arg(&count);
     // SAFETY: the arguments of `bn_input_params`; p holds 5C values.
     unsafe { b.launch(per_channel_thread(d.1)) }.w()?;
+    crate::ledger::launched(1);
     let total = d.0 * d.1 * d.2;
     // SAFETY: the kernel writes every value.
     let mut dx = unsafe { dev.alloc::<T>(total)? };
@@ -248,7 +254,58 @@ pub(crate) fn input_grad<T: WithDType + DeviceRepr + CudaDType>(
         .arg(&r);
     // SAFETY: the arguments of `bn_input_grad`; p holds 5C values.
     unsafe { b.launch(elementwise(total)) }.w()?;
+    crate::ledger::launched(1);
     Ok(dx)
+}
+
+/// The in-place update of both running statistics, [mean, var], from the
+/// batch statistics (see `batch_norm/running.rs`): one launch.
+pub(crate) fn running_update(
+    running: [(&mut CudaStorage, &Layout); 2],
+    stats: &CudaSlice<f64>,
+    unbiased: f64,
+    momentum: f64,
+) -> Result<()> {
+    use candle_core::backend::BackendStorage;
+    match running[0].0.dtype() {
+        candle_core::DType::F32 => running_update_as::<f32>(running, stats, unbiased, momentum),
+        candle_core::DType::F64 => running_update_as::<f64>(running, stats, unbiased, momentum),
+        dt => candle_core::bail!("batch-norm running update on CUDA: {dt:?} (f32 and f64 only)"),
+    }
+}
+
+fn running_update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float>(
+    [(mean, ml), (var, vl)]: [(&mut CudaStorage, &Layout); 2],
+    stats: &CudaSlice<f64>,
+    unbiased: f64,
+    momentum: f64,
+) -> Result<()> {
+    let what = "batch-norm running update on CUDA";
+    let (Some((m0, m1)), Some((v0, v1))) = (ml.contiguous_offsets(), vl.contiguous_offsets()) else {
+        candle_core::bail!("{what}: the running statistics must be contiguous");
+    };
+    if stats.len() != 2 * (v1 - v0) || m1 - m0 != v1 - v0 {
+        candle_core::bail!("{what}: statistics of another width");
+    }
+    let t = |v: f64| T::from(v).expect("a float");
+    let dev = var.device.clone();
+    let mut m = mean.as_cuda_slice_mut::<T>()?.slice_mut(m0..m1);
+    let mut v = var.as_cuda_slice_mut::<T>()?.slice_mut(v0..v1);
+    let (c, u, keep, moment) = ((v1 - v0) as u32, t(unbiased), t(1.0 - momentum), t(momentum));
+    let f = kernel::<T>(&dev, "bn_running_update")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&mut m)
+        .arg(&mut v)
+        .arg(stats)
+        .arg(&c)
+        .arg(&u)
+        .arg(&keep)
+        .arg(&moment);
+    // SAFETY: the arguments of `bn_running_update`; stats holds 2C values.
+    unsafe { b.launch(elementwise(v1 - v0)) }.w()?;
+    crate::ledger::launched(1);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -266,6 +323,7 @@ mod tests {
             "bn_grad_sums",
             "bn_input_params",
             "bn_input_grad",
+            "bn_running_update",
         ];
         for name in names {
             for t in ["f32", "f64"] {

@@ -3,6 +3,7 @@
 //! gradient by concatenating zero tensors; this op copies once forward and writes
 //! the padded gradient in one pass backward.
 
+use crate::ledger::CountedContiguous;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
@@ -64,7 +65,7 @@ impl CustomOp1 for ChannelSlice {
             ranges,
             self.len
         ));
-        Ok((out, Shape::from((n, self.len, h, w))))
+        crate::ledger::cpu_output(1, Ok((out, Shape::from((n, self.len, h, w)))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -72,7 +73,7 @@ impl CustomOp1 for ChannelSlice {
             start: self.start,
             channels: arg.dim(1)?,
         };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&pad)?))
+        Ok(Some(grad.contiguous_counted()?.apply_op1_no_bwd(&pad)?))
     }
 }
 
@@ -98,7 +99,7 @@ impl CustomOp1 for ChannelPad {
             ranges,
             self.channels
         ));
-        Ok((out, Shape::from((n, self.channels, h, w))))
+        crate::ledger::cpu_output(1, Ok((out, Shape::from((n, self.channels, h, w)))))
     }
 }
 
@@ -111,7 +112,7 @@ pub fn channel_slice(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
 /// [`channel_slice`] with the given kernels.
 pub fn channel_slice_with(kernels: Kernels, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if x.device().is_cpu() => x.contiguous()?.apply_op1(ChannelSlice { start, len }),
+        Kernels::Fused if x.device().is_cpu() => x.contiguous_counted()?.apply_op1(ChannelSlice { start, len }),
         _ => super::generic::channel_slice(x, start, len),
     }
 }

@@ -8,6 +8,7 @@
 
 mod cat;
 
+use crate::ledger::CountedContiguous;
 use std::cell::Cell;
 use std::mem::MaybeUninit;
 
@@ -393,7 +394,8 @@ impl CustomOp2 for Conv2d {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let out = two_floats!(self.name(), s1, l1, s2, l2, |x, w| forward(&Images { x, g }, w, &g));
-        Ok((out, Shape::from((g.n, g.o, g.oh, g.ow))))
+        // CUDA: one cuDNN call.
+        crate::ledger::cpu_output(1, Ok((out, Shape::from((g.n, g.o, g.oh, g.ow)))))
     }
 
     fn bwd(
@@ -403,7 +405,7 @@ impl CustomOp2 for Conv2d {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
+        let grad = grad.contiguous_counted()?;
         // No input gradient where nothing upstream needs one (the images).
         let grad_x = if x.track_op() {
             let op = Conv2dBackwardInput {
@@ -444,7 +446,7 @@ impl CustomOp2 for Conv2dBackwardInput {
             candle_core::bail!("{}: gradient {:?} does not fit the output", self.name(), l1.dims());
         }
         let out = two_floats!(self.name(), s1, l1, s2, l2, |gy, wt| backward_input(gy, wt, &g));
-        Ok((out, Shape::from(self.input)))
+        crate::ledger::cpu_output(1, Ok((out, Shape::from(self.input))))
     }
 }
 
@@ -471,7 +473,7 @@ impl CustomOp2 for Conv2dBackwardWeight {
             gy,
             &g
         ));
-        Ok((out, Shape::from(self.weight)))
+        crate::ledger::cpu_output(1, Ok((out, Shape::from(self.weight))))
     }
 }
 
@@ -488,7 +490,7 @@ pub fn conv2d_with(kernels: Kernels, x: &Tensor, weight: &Tensor, stride: usize,
     match kernels {
         Kernels::Fused if x.device().is_cpu() && x.dtype() != candle_core::DType::BF16 => {
             let conv = Conv2d { stride, padding };
-            let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+            let (x, weight) = (x.contiguous_counted()?, weight.contiguous_counted()?);
             tape::op2(&x, &weight, conv, Reads::INPUTS)
         }
         #[cfg(feature = "cudnn")]

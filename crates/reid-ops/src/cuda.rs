@@ -9,6 +9,7 @@
 //! PyTorch allows them for cuDNN convolutions, unless
 //! [`set_reduced_precision_f32`] turns them off. bf16 convolutions accumulate in f32.
 
+use crate::ledger::CountedContiguous;
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -315,11 +316,13 @@ impl CustomOp2 for CudnnConv {
             DType::BF16 => CudaStorage::wrap_cuda_slice(self.run::<bf16>(&dev, &view(s1, l1)?, &view(s2, l2)?)?, dev),
             d => candle_core::bail!("cudnn-conv2d: {d:?} is not supported (f32, f64, bf16)"),
         };
-        Ok((storage, self.shape()))
+        // One cuDNN call (counted as one launch; cuDNN may run more kernels in it).
+        crate::ledger::launched(1);
+        crate::ledger::cuda_output(Ok((storage, self.shape())))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
+        let grad = grad.contiguous_counted()?;
         let with = |direction| CudnnConv { direction, ..*self };
         let grad_x = match x.track_op() {
             true => Some(grad.apply_op2_no_bwd(w, &with(Direction::BackwardData))?),
@@ -332,7 +335,7 @@ impl CustomOp2 for CudnnConv {
 
 /// Convolution without bias of `x` [N, C, H, W] by `weight` [O, C, k, k] through cuDNN.
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let (x, weight) = (x.contiguous_counted()?, weight.contiguous_counted()?);
     let (n, c, h, w) = x.dims4()?;
     let (o, wc, kh, kw) = weight.dims4()?;
     if wc != c || kh != kw || h + 2 * padding < kh || w + 2 * padding < kw {

@@ -4,6 +4,7 @@
 //! GPU code path is tested without a GPU. NaN and infinities propagate as in
 //! PyTorch (candle's `relu` turns NaN into 0; the `relu` here does not).
 
+use crate::ledger::CountedContiguous;
 use candle_core::{Result, Tensor};
 
 use super::pool::Window;
@@ -21,7 +22,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Channels `start..start + len` of `x` [N, C, H, W].
 pub fn channel_slice(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-    x.narrow(1, start, len)?.contiguous()
+    x.narrow(1, start, len)?.contiguous_counted()
 }
 
 /// `x` [N, C, H, W] padded by `p` on every side and by `extra` more at the bottom

@@ -6,12 +6,22 @@
 //! starts as zeros ([`zero_filled`]); tape and candle's graph report the ops
 //! they ran.
 //!
+//! Kernel launches are counted where they happen: each CUDA launch and cuDNN
+//! call of this crate's ops reports itself ([`launched`]); the CPU
+//! implementation of an op that has a CUDA kernel reports the launches its CUDA
+//! twin makes, so that the CPU shows CUDA's count; candle's own ops report
+//! through [`made`], with the launches they make on CUDA. Allocations are the
+//! tensors that kernels make (outputs and gradients), with their bytes; an
+//! op's per-channel scratch is not counted. candle's backward of its own graph
+//! cannot be counted so (its ops are not public): where a step ran any,
+//! [`Ledger::launches_counted`] is false.
+//!
 //! Counting is per thread (the step runs on one) and only inside [`counting`];
 //! elsewhere the functions only do their work.
 
 use std::cell::RefCell;
 
-use candle_core::{Device, Result, Shape, Tensor, WithDType};
+use candle_core::{DType, Device, Result, Shape, Tensor, WithDType};
 
 /// The counts of one stretch of work (see the module's documentation).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -27,6 +37,12 @@ pub struct Ledger {
     pub tape_ops: u64,
     /// Ops of candle's graph that the backward went through (views included).
     pub graph_ops: u64,
+    /// Kernel launches (see the module's documentation).
+    pub launches: u64,
+    /// Tensors made by kernels.
+    pub allocations: u64,
+    /// Their bytes.
+    pub bytes_allocated: u64,
 }
 
 impl std::ops::AddAssign for Ledger {
@@ -36,6 +52,17 @@ impl std::ops::AddAssign for Ledger {
         self.zero_filled_grads += o.zero_filled_grads;
         self.tape_ops += o.tape_ops;
         self.graph_ops += o.graph_ops;
+        self.launches += o.launches;
+        self.allocations += o.allocations;
+        self.bytes_allocated += o.bytes_allocated;
+    }
+}
+
+impl Ledger {
+    /// Whether launches and allocations are all counted: nothing ran through
+    /// candle's backward, whose launches cannot be seen.
+    pub fn launches_counted(&self) -> bool {
+        self.graph_ops == 0
     }
 }
 
@@ -111,6 +138,68 @@ pub fn copied_to_host() {
 /// kernel's parameters).
 pub fn copied_to_device() {
     add(|l| l.host_to_device += 1)
+}
+
+/// Reports `n` kernel launches that make no new tensor (in-place updates, or
+/// the steps of an op whose output is reported by [`allocated`]).
+pub fn launched(n: u64) {
+    add(|l| l.launches += n)
+}
+
+/// Reports one tensor of `elements` values of `dtype` made on the device.
+pub fn allocated(elements: usize, dtype: DType) {
+    add(|l| {
+        l.allocations += 1;
+        l.bytes_allocated += (elements * dtype.size_in_bytes()) as u64;
+    })
+}
+
+/// candle's op `t`, which makes one new tensor in `launches` kernel launches on
+/// CUDA: counted, and handed back.
+pub fn made(launches: u64, t: Result<Tensor>) -> Result<Tensor> {
+    let t = t?;
+    launched(launches);
+    allocated(t.elem_count(), t.dtype());
+    Ok(t)
+}
+
+/// The output of an op's CPU implementation, counted as `launches` launches
+/// (those of its CUDA twin, so that the CPU counts as CUDA does; one for an op
+/// only the CPU has) and one tensor.
+pub fn cpu_output(
+    launches: u64,
+    r: Result<(candle_core::CpuStorage, Shape)>,
+) -> Result<(candle_core::CpuStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    let (s, shape) = r?;
+    launched(launches);
+    allocated(shape.elem_count(), s.dtype());
+    Ok((s, shape))
+}
+
+/// The output of a CUDA op, counted as one tensor made (its launches report
+/// themselves).
+#[cfg(feature = "cuda")]
+pub fn cuda_output(r: Result<(candle_core::CudaStorage, Shape)>) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    let (s, shape) = r?;
+    allocated(shape.elem_count(), s.dtype());
+    Ok((s, shape))
+}
+
+/// `contiguous()` counted: a copy (one launch, one tensor) where `t` is not
+/// contiguous, nothing where it is.
+pub trait CountedContiguous {
+    fn contiguous_counted(&self) -> Result<Tensor>;
+}
+
+impl CountedContiguous for Tensor {
+    fn contiguous_counted(&self) -> Result<Tensor> {
+        match self.is_contiguous() {
+            true => Ok(self.clone()),
+            false => made(1, self.contiguous()),
+        }
+    }
 }
 
 /// Reports `n` gradients started as zeros.

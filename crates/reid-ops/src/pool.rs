@@ -3,9 +3,10 @@
 //! own pooling has no padding and a wrong or refused backward for overlapping
 //! windows, which is exactly the stem max-pool and Res2Net's average pools.
 
+use crate::ledger::CountedContiguous;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -171,7 +172,7 @@ impl MaxPool2d {
             input_hw: (h, w),
             argmax,
         };
-        grad.contiguous()?.apply_op1_no_bwd(&op)
+        grad.contiguous_counted()?.apply_op1_no_bwd(&op)
     }
 }
 
@@ -184,14 +185,17 @@ impl CustomOp1 for MaxPool2d {
         let (n, c, h, w) = dims4(layout, self.name())?;
         let out = float_dispatch!(storage, self.name(), |d| self
             .forward(contiguous(d, layout, self.name())?, (n, c, h, w)));
-        Ok((out, Shape::from((n, c, self.window.out_len(h), self.window.out_len(w)))))
+        let shape = Shape::from((n, c, self.window.out_len(h), self.window.out_len(w)));
+        crate::ledger::allocated(shape.elem_count(), DType::U32); // CUDA's argmax
+        crate::ledger::cpu_output(1, Ok((out, shape)))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let (y, shape, at) = crate::tape_ops_cuda::max_pool(s, l, self.window)?;
+        crate::ledger::allocated(at.len(), DType::U32);
         *self.argmax.lock().expect("argmax lock") = Some(Arc::new(Argmax::Cuda(at)));
-        Ok((y, shape))
+        crate::ledger::cuda_output(Ok((y, shape)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -247,7 +251,7 @@ impl CustomOp1 for MaxPool2dBackward {
             argmax,
             (n, c, oh, ow)
         ));
-        Ok((out, Shape::from((n, c, self.input_hw.0, self.input_hw.1))))
+        crate::ledger::cpu_output(1, Ok((out, Shape::from((n, c, self.input_hw.0, self.input_hw.1)))))
     }
 
     #[cfg(feature = "cuda")]
@@ -255,7 +259,7 @@ impl CustomOp1 for MaxPool2dBackward {
         let Argmax::Cuda(at) = &*self.argmax else {
             candle_core::bail!("{}: the forward ran on another device", self.name());
         };
-        crate::tape_ops_cuda::max_pool_backward(s, l, at, self.input_hw)
+        crate::ledger::cuda_output(crate::tape_ops_cuda::max_pool_backward(s, l, at, self.input_hw))
     }
 }
 
@@ -298,17 +302,17 @@ impl CustomOp1 for AvgPool2d {
         let (n, c, h, w) = dims4(layout, self.name())?;
         let out = float_dispatch!(storage, self.name(), |d| self
             .forward(contiguous(d, layout, self.name())?, (n, c, h, w)));
-        Ok((out, Shape::from((n, c, self.0.out_len(h), self.0.out_len(w)))))
+        crate::ledger::cpu_output(1, Ok((out, Shape::from((n, c, self.0.out_len(h), self.0.out_len(w))))))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::tape_ops_cuda::avg_pool(s, l, self.0, None)
+        crate::ledger::cuda_output(crate::tape_ops_cuda::avg_pool(s, l, self.0, None))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let (_, _, h, w) = arg.dims4()?;
-        let grad = grad_res.contiguous()?.apply_op1_no_bwd(&AvgPool2dBackward {
+        let grad = grad_res.contiguous_counted()?.apply_op1_no_bwd(&AvgPool2dBackward {
             window: self.0,
             input_hw: (h, w),
         })?;
@@ -356,12 +360,12 @@ impl CustomOp1 for AvgPool2dBackward {
         let (n, c, oh, ow) = dims4(layout, self.name())?;
         let out = float_dispatch!(storage, self.name(), |d| self
             .backward(contiguous(d, layout, self.name())?, (n, c, oh, ow)));
-        Ok((out, Shape::from((n, c, self.input_hw.0, self.input_hw.1))))
+        crate::ledger::cpu_output(1, Ok((out, Shape::from((n, c, self.input_hw.0, self.input_hw.1)))))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::tape_ops_cuda::avg_pool(s, l, self.window, Some(self.input_hw))
+        crate::ledger::cuda_output(crate::tape_ops_cuda::avg_pool(s, l, self.window, Some(self.input_hw)))
     }
 }
 
@@ -378,7 +382,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
 /// [`max_pool2d`] with the given kernels.
 pub fn max_pool2d_with(kernels: Kernels, x: &Tensor, window: Window) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused => tape::op1(&x.contiguous()?, MaxPool2d::new(window), Reads::INPUTS),
+        Kernels::Fused => tape::op1(&x.contiguous_counted()?, MaxPool2d::new(window), Reads::INPUTS),
         _ => super::generic::max_pool2d(x, window),
     }
 }
@@ -396,7 +400,7 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
 /// [`avg_pool2d`] with the given kernels.
 pub fn avg_pool2d_with(kernels: Kernels, x: &Tensor, window: Window) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused => tape::op1(&x.contiguous()?, AvgPool2d(window), Reads::INPUTS),
+        Kernels::Fused => tape::op1(&x.contiguous_counted()?, AvgPool2d(window), Reads::INPUTS),
         _ => super::generic::avg_pool2d(x, window),
     }
 }

@@ -1,6 +1,7 @@
 //! The end of every residual block, `relu(a + b)`, as one pass forward and one
 //! backward, instead of candle's add, ReLU and the five passes of its ReLU backward.
 
+use crate::ledger::CountedContiguous;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
@@ -46,7 +47,7 @@ macro_rules! cuda_binary_fwd {
             s2: &candle_core::CudaStorage,
             l2: &Layout,
         ) -> Result<(candle_core::CudaStorage, Shape)> {
-            crate::tape_ops_cuda::binary($kernel, (s1, l1), (s2, l2))
+            crate::ledger::cuda_output(crate::tape_ops_cuda::binary($kernel, (s1, l1), (s2, l2)))
         }
     };
 }
@@ -83,13 +84,13 @@ impl CustomOp2 for AddRelu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        binary!(self.name(), s1, l1, s2, l2, relu_of_sum)
+        crate::ledger::cpu_output(1, binary!(self.name(), s1, l1, s2, l2, relu_of_sum))
     }
 
     cuda_binary_fwd!("add_relu");
 
     fn bwd(&self, _a: &Tensor, _b: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let masked = grad.contiguous()?.apply_op2_no_bwd(out, &ReluMask)?;
+        let masked = grad.contiguous_counted()?.apply_op2_no_bwd(out, &ReluMask)?;
         Ok((Some(masked.clone()), Some(masked)))
     }
 }
@@ -104,7 +105,7 @@ impl CustomOp2 for ReluMask {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        binary!(self.name(), s1, l1, s2, l2, pass_where_positive)
+        crate::ledger::cpu_output(1, binary!(self.name(), s1, l1, s2, l2, pass_where_positive))
     }
 
     cuda_binary_fwd!("relu_mask");
@@ -120,7 +121,7 @@ impl CustomOp2 for Sum {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        binary!(self.name(), s1, l1, s2, l2, |a, b| a + b)
+        crate::ledger::cpu_output(1, binary!(self.name(), s1, l1, s2, l2, |a, b| a + b))
     }
 
     cuda_binary_fwd!("sum");
@@ -140,7 +141,12 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// [`add_relu`] with the given kernels.
 pub fn add_relu_with(kernels: Kernels, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused => tape::op2(&a.contiguous()?, &b.contiguous()?, AddRelu, Reads::OUTPUT),
+        Kernels::Fused => tape::op2(
+            &a.contiguous_counted()?,
+            &b.contiguous_counted()?,
+            AddRelu,
+            Reads::OUTPUT,
+        ),
         _ => super::generic::add_relu(a, b),
     }
 }

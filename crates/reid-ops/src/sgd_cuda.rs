@@ -72,6 +72,7 @@ fn update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float>(
             b.arg(&mut p).arg(&g).arg(&n32).arg(&lr).arg(&wd).arg(&has_wd);
             // SAFETY: the arguments of `sgd_plain` in sgd.cu; p and g hold n values.
             unsafe { b.launch(grid(n)) }.w()?;
+            crate::ledger::launched(1);
         }
         Some(MomentumBuffer { storage, layout, first }) => {
             let (b0, b1) = range(layout, n, "momentum buffer")?;
@@ -90,6 +91,7 @@ fn update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float>(
             b.arg(&mom).arg(&keep).arg(&first).arg(&nesterov);
             // SAFETY: the arguments of `sgd_momentum`; p, g and m hold n values.
             unsafe { b.launch(grid(n)) }.w()?;
+            crate::ledger::launched(1);
         }
     }
     Ok(())

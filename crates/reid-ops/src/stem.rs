@@ -70,7 +70,7 @@ impl CustomOp3 for BatchNormReluMaxPool {
             b,
             [n, c, h, w]
         )?);
-        Ok((out, self.pooled_shape([n, c, h, w])))
+        crate::ledger::cpu_output(1, Ok((out, self.pooled_shape([n, c, h, w]))))
     }
 
     fn bwd(
@@ -169,7 +169,7 @@ impl CustomOp3 for Stem {
             conv_dims = dims;
             pooled
         });
-        Ok((out, self.rest.pooled_shape(conv_dims)))
+        crate::ledger::cpu_output(1, Ok((out, self.rest.pooled_shape(conv_dims))))
     }
 
     fn bwd(

@@ -19,6 +19,7 @@
 //! lost. The custom ops record on the CPU and on CUDA (their `cuda_fwd`); the
 //! ops of any number of operands ([`TapeOp`]) on the CPU only.
 
+use crate::ledger::{made, CountedContiguous};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -292,13 +293,13 @@ impl<'a> Pass<'a> {
         let id = x.id();
         if self.produced.contains(&id) {
             let sum = match self.pending.remove(&id) {
-                Some(before) => (&before + &grad)?,
+                Some(before) => made(1, &before + &grad)?,
                 None => grad,
             };
             self.pending.insert(id, sum);
         } else if x.is_variable() {
             match self.variable_index.get(&id) {
-                Some(&i) => self.variables[i].1 = (&self.variables[i].1 + &grad)?,
+                Some(&i) => self.variables[i].1 = made(1, &self.variables[i].1 + &grad)?,
                 None => {
                     self.variable_index.insert(id, self.variables.len());
                     self.variables.push((id, grad));
@@ -360,15 +361,15 @@ impl<'a> Pass<'a> {
             Step::Cat(parts) => {
                 let mut start = 0;
                 for (p, len) in parts {
-                    self.add_to(p, grad.narrow(1, start, *len)?.contiguous()?)?;
+                    self.add_to(p, grad.narrow(1, start, *len)?.contiguous_counted()?)?;
                     start += len;
                 }
                 Ok(())
             }
             Step::SpatialMean(x, (n, c, h, w)) => {
-                let scaled = (grad * (1.0 / (h * w) as f64))?;
+                let scaled = made(1, grad * (1.0 / (h * w) as f64))?;
                 let spread = scaled.reshape((*n, *c, 1, 1))?.broadcast_as((*n, *c, *h, *w))?;
-                self.add_to(x, spread.contiguous()?)
+                self.add_to(x, spread.contiguous_counted()?)
             }
             Step::Split(..) | Step::OpN(..) => unreachable!("handled above"),
         }
@@ -390,20 +391,20 @@ impl<'a> Pass<'a> {
                 g.map_or_else(
                     || {
                         crate::ledger::zero_filled(1);
-                        Tensor::zeros(shape, some.dtype(), some.device())
+                        made(1, Tensor::zeros(shape, some.dtype(), some.device()))
                     },
                     Ok,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        self.add_to(x, Tensor::cat(&grads, 1)?)
+        self.add_to(x, made(grads.len() as u64, Tensor::cat(&grads, 1))?)
     }
 
     /// Adds the variables' gradients into `store`.
     fn finish(self, store: &mut GradStore) -> Result<()> {
         for (id, grad) in self.variables {
             let sum = match store.get_id(id) {
-                Some(before) => (before + &grad)?,
+                Some(before) => made(1, before + &grad)?,
                 None => grad,
             };
             store.insert_id(id, sum);
@@ -524,6 +525,10 @@ pub fn op_any_outputs(
             .map(|(s, l)| Ok((cpu(s, op.name())?, *l)))
             .collect::<Result<Vec<_>>>()?;
         let results = op.cpu_fwd(&views)?;
+        crate::ledger::launched(1); // an op only the CPU has
+        for (_, shape) in &results {
+            crate::ledger::allocated(shape.elem_count(), inputs[0].0.dtype());
+        }
         let on_cpu = |(s, shape)| device_leaf((Storage::Cpu(s), shape));
         results.into_iter().map(on_cpu).collect::<Vec<_>>()
     };
@@ -558,7 +563,8 @@ pub fn add(a: &Tensor, b: &Tensor, sum: impl CustomOp2 + Send + Sync + 'static) 
 /// `parts` concatenated along dimension 1, recorded on this thread's tape if one
 /// records.
 pub fn cat_channels(parts: &[Tensor]) -> Result<Tensor> {
-    let out = isolated(|| Tensor::cat(parts, 1))?;
+    // On CUDA, one copy per part.
+    let out = made(parts.len() as u64, isolated(|| Tensor::cat(parts, 1)))?;
     let channels = parts.iter().map(|p| p.dim(1)).collect::<Result<Vec<_>>>()?;
     let step = || Step::Cat(parts.iter().map(|p| Saved::new(p, false)).zip(channels).collect());
     let inputs: Vec<&Tensor> = parts.iter().collect();
@@ -591,7 +597,8 @@ pub fn split_channels(
 /// The mean of `x` [N, C, H, W] over H and W, recorded on this thread's tape if
 /// one records.
 pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
-    let out = isolated(|| x.mean((2, 3)))?;
+    // On CUDA, the sum, then the division.
+    let out = made(2, isolated(|| x.mean((2, 3))))?;
     let dims = x.dims4()?;
     push(|| Step::SpatialMean(Saved::new(x, false), dims), &[&out], &[x])?;
     Ok(out)

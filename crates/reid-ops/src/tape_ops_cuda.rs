@@ -57,6 +57,7 @@ fn binary_as<T: WithDType + DeviceRepr + CudaDType>(
     l.arg(&a).arg(&b).arg(&mut y).arg(&n32);
     // SAFETY: (a, b, y, n) as the element-wise kernels of tape_ops.cu take them.
     unsafe { l.launch(grid(n)) }.w()?;
+    crate::ledger::launched(1);
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
@@ -93,6 +94,7 @@ fn max_pool_as<T: WithDType + DeviceRepr + CudaDType>(
     }
     // SAFETY: the arguments of `max_pool` in tape_ops.cu.
     unsafe { b.launch(grid(total)) }.w()?;
+    crate::ledger::launched(1);
     let shape = Shape::from((n, c, g[2] as usize, g[3] as usize));
     Ok((CudaStorage::wrap_cuda_slice(y, dev), shape, at))
 }
@@ -133,6 +135,7 @@ fn max_pool_backward_as<T: WithDType + DeviceRepr + CudaDType>(
     b.arg(&g).arg(at).arg(&mut dx).arg(&planes).arg(&hw).arg(&ohw);
     // SAFETY: the arguments of `max_pool_backward`.
     unsafe { b.launch(grid(n * c)) }.w()?;
+    crate::ledger::launched(1);
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), Shape::from((n, c, h, w))))
 }
 
@@ -183,6 +186,7 @@ fn avg_pool_as<T: WithDType + DeviceRepr + CudaDType>(
     };
     // SAFETY: the arguments of `avg_pool` and `avg_pool_backward`.
     unsafe { l.launch(grid(threads)) }.w()?;
+    crate::ledger::launched(1);
     Ok((
         CudaStorage::wrap_cuda_slice(y, dev),
         Shape::from((n, c, out_dims.0, out_dims.1)),

@@ -146,6 +146,8 @@ impl ModelBench {
         });
         if let Some(counts) = ledger {
             out["ledger"] = json!(counts);
+            // Launches and allocations miss candle's own backward where it ran.
+            out["ledger"]["launches_counted"] = json!(counts.launches_counted());
         }
         Ok(out)
     }

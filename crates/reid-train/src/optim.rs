@@ -2,6 +2,7 @@
 //! PyTorch's `torch.optim.SGD`, with parameter groups.
 
 use candle_core::backprop::GradStore;
+use reid_ops::ledger::CountedContiguous;
 use std::cell::RefCell;
 
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor, Var};
@@ -112,7 +113,7 @@ impl Sgd {
             };
             let rule = Rule::new(&config, p, lr);
             match kernels(p.var.as_tensor()) {
-                Kernels::Fused => rule.update_in_place(p, &grad.contiguous()?)?,
+                Kernels::Fused => rule.update_in_place(p, &grad.contiguous_counted()?)?,
                 Kernels::Generic => rule.update_by_tensors(p, grad)?,
             }
         }
@@ -172,10 +173,10 @@ impl Rule {
             return param.inplace_op2(grad, &Pass { rule: *self, buf: None });
         }
         let (buf, first) = match p.momentum_buffer.take() {
-            Some(b) => (b.contiguous()?, false),
+            Some(b) => (b.contiguous_counted()?, false),
             None => match spare {
                 Some(s) => (s, true),
-                None => (param.zeros_like()?, true),
+                None => (reid_ops::ledger::made(1, param.zeros_like())?, true),
             },
         };
         buf.inplace_op1(&WithBuffer {
@@ -343,6 +344,7 @@ impl InplaceOp2 for Pass<'_> {
 
     fn cpu_fwd(&self, param: &mut CpuStorage, param_l: &Layout, grad: &CpuStorage, grad_l: &Layout) -> Result<()> {
         let op = self.name();
+        reid_ops::ledger::launched(1); // as CUDA's one kernel (sgd.cu)
         let Some((lo, hi)) = param_l.contiguous_offsets() else {
             candle_core::bail!("{op}: the updated tensor must be contiguous");
         };

@@ -2,6 +2,7 @@
 //! forward: the batch norm's output is never written out to be read again by
 //! the residual sum. It runs on the tape only (it has four inputs).
 
+use crate::ledger::CountedContiguous;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
@@ -85,7 +86,7 @@ impl TapeOp for BatchNormAddRelu {
     fn bwd(&self, t: &[&Tensor], grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
         let grad = tape::only_grad(self.name(), grads)?;
         let (x, w, out) = (t[0], t[1], t[4]);
-        let masked = grad.contiguous()?.apply_op2_no_bwd(out, &ReluMask)?;
+        let masked = grad.contiguous_counted()?.apply_op2_no_bwd(out, &ReluMask)?;
         // Without ReLU the batch norm's backward reads no output: `out` stands in.
         let (gx, gw, gb) = self.bn.backward(x, w, out, &masked, x.track_op())?;
         Ok(vec![gx, gw, gb, Some(masked)])

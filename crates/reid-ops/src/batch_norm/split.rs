@@ -5,6 +5,7 @@
 //! copied into pieces, and no concatenation of the pieces' gradients is made
 //! for the backward. The values are those of batch norm, ReLU and the split.
 
+use crate::ledger::CountedContiguous;
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
@@ -53,7 +54,9 @@ impl BatchNormReluSplit {
         let d = x.dims4()?;
         let (n, c, hw) = (d.0, d.1, d.2 * d.3);
         let zeros = vec![T::zero(); hw];
-        let grads = grads.iter().map(|g| g.as_ref().map(|g| g.contiguous()).transpose());
+        let grads = grads
+            .iter()
+            .map(|g| g.as_ref().map(|g| g.contiguous_counted()).transpose());
         let grads: Vec<Option<Tensor>> = grads.collect::<Result<_>>()?;
         // x, the pieces, then the gradients there are.
         let all: Vec<&Tensor> = std::iter::once(x)

@@ -6,6 +6,7 @@
 //! [`Conv2d`]'s on the concatenation, so the results are its bits. It runs on
 //! the tape only, for it takes any number of pieces.
 
+use crate::ledger::CountedContiguous;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -100,7 +101,7 @@ impl ConvCat {
         grad: &Tensor,
     ) -> Result<Vec<Option<Tensor>>> {
         let k = t.len() - 2;
-        let grad = grad.contiguous()?;
+        let grad = grad.contiguous_counted()?;
         let guards: Vec<_> = t[..=k].iter().chain([&&grad]).map(|x| x.storage_and_layout()).collect();
         let mut values = Vec::with_capacity(k + 2);
         for (s, l) in &guards {
