@@ -13,8 +13,10 @@
 # torch's CUDA) that stops the run at once if it fails; reid selftest --device
 # cuda; reid bench train (res2net50_26w_4s, 256x128, 32 pairs) with --ledger in
 # f32 (TF32) with the GPU's utilisation sampled, in bf16, and in f32 on the
-# generic ops (--ops generic, candle's graph: the old path); PyTorch's eager
-# f32 and bf16 autocast in one process; inference, ours and PyTorch's. Nothing
+# generic ops (--ops generic, candle's graph: the old path); the same ledger on
+# this machine's CPU under --ops as-cuda (tiny images: the counts do not depend
+# on the size), which the CUDA ledger must equal; PyTorch's eager f32 and bf16
+# autocast in one process; inference, ours and PyTorch's. Nothing
 # large is written to OUT_DIR: the unpacked binary goes to /tmp. The report is
 # OUT_DIR/gpu-check.json, with each step's output in OUT_DIR/<step>.log.
 set -uo pipefail
@@ -64,10 +66,12 @@ precheck='nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,n
 if ! step precheck 20 bash -c "$precheck" precheck "$bin"; then
   echo "precheck failed: see $out/precheck.log" >&2
 else
-  step selftest 70 "$bin" selftest --device cuda --fixtures tests/fixtures
+  step selftest 65 "$bin" selftest --device cuda --fixtures tests/fixtures
   utilisation reid-train-f32 40 "$bin" bench train --device cuda "${shape[@]}" "${bench[@]}" --ledger
   step reid-train-bf16 40 "$bin" bench train --device cuda --precision bf16 "${shape[@]}" "${bench[@]}" --ledger
-  step reid-train-generic 40 "$bin" bench train --device cuda --ops generic "${shape[@]}" "${bench[@]}" --ledger
+  step reid-train-generic 30 "$bin" bench train --device cuda --ops generic "${shape[@]}" "${bench[@]}" --ledger
+  step reid-ledger-cpu 15 "$bin" bench train --device cpu --ops as-cuda --arch res2net50_26w_4s \
+    --batch 4 --height 64 --width 32 --iters 1 --warmup 0 --ledger
   step torch-train 50 python3 bench/torch_baseline.py train --device cuda --precision both "${shape[@]}" "${bench[@]}"
   step reid-infer-f32 20 "$bin" bench infer --device cuda --arch res2net50_26w_4s --batch 64 "${bench[@]}"
   step torch-infer-f32 20 python3 bench/torch_baseline.py infer --device cuda --arch res2net50_26w_4s --batch 64 "${bench[@]}"
@@ -109,7 +113,15 @@ for p, ours in (("f32", "reid-train-f32"), ("bf16", "reid-train-bf16")):
     report[f"train_{p}_ratio_to_torch"] = a / b if a and b else None
 a, b = result("reid-infer-f32").get("images_per_s_median"), result("torch-infer-f32").get("images_per_s_median")
 report["infer_f32_ratio_to_torch"] = a / b if a and b else None
-report["ledger"] = {s: result(s).get("ledger") for s in ("reid-train-f32", "reid-train-bf16", "reid-train-generic")}
+report["ledger"] = {s: result(s).get("ledger") for s in ("reid-train-f32", "reid-train-bf16", "reid-train-generic", "reid-ledger-cpu")}
+# The CUDA step's counts against the CPU's as-cuda plan (all but the bytes, which
+# depend on the images' size).
+cuda, cpu = report["ledger"]["reid-train-f32"], report["ledger"]["reid-ledger-cpu"]
+if cuda and cpu:
+    differ = {k: [cuda.get(k), cpu.get(k)] for k in cpu if k != "bytes_allocated" and cuda.get(k) != cpu.get(k)}
+    report["ledger_cuda_equals_cpu_as_cuda"] = {"equal": not differ, "differ": differ}
+else:
+    report["ledger_cuda_equals_cpu_as_cuda"] = None
 json.dump(report, open(f"{out}/gpu-check.json", "w"), indent=1)
 print(json.dumps(report, indent=1))
 ok = all(s["passed"] for s in report["steps"].values())

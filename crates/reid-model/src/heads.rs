@@ -7,9 +7,10 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use rand::Rng;
 
+use crate::head_ops;
 use crate::metric::{batch_hard_triplet, pairwise_distances, verification_pairs, Negatives, TripletMargin};
 use reid_ops::ledger;
-use reid_ops::tape::TapedOutput;
+use reid_ops::tape::{Tape, TapedOutput};
 
 /// A linear layer with `weight` ~ N(0, 0.001^2) and zero `bias`, the usual
 /// initialisation of re-ID classifiers.
@@ -29,8 +30,7 @@ fn classifier(din: usize, dout: usize, vb: VarBuilder) -> Result<Linear> {
 /// `linear(x)`, its matrix product in bf16 when `bf16` (mixed precision).
 fn apply(linear: &Linear, x: &Tensor, bf16: bool) -> Result<Tensor> {
     let bias = linear.bias().expect("classifiers have a bias");
-    let y = reid_ops::in_compute_precision(bf16, &[x, linear.weight()], |t| t[0].matmul(&t[1].t()?))?;
-    y.broadcast_add(bias)
+    head_ops::linear(x, linear.weight(), bias, bf16)
 }
 
 /// Inverted-dropout masks drawn from `rng`, so that a seeded run is repeatable
@@ -65,7 +65,7 @@ impl Masks {
     /// `x` times the next mask (`x` itself when there are none).
     fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
         match self.0.next() {
-            Some(mask) => x * mask,
+            Some(mask) => head_ops::dropout(x, &mask),
             None => Ok(x.clone()),
         }
     }
@@ -182,19 +182,53 @@ pub struct PairLoss {
     triplet: Tensor,
     /// The right identifications of f1 and f2, and the right verifications.
     right: [Right; 3],
-    /// The backbone's forward, when it ran on a tape (see [`reid_ops::tape`]): the
-    /// backward continues through it from its output's gradient.
-    backbone: Option<Arc<TapedOutput>>,
+    /// Where the backward goes.
+    through: Through,
+}
+
+/// Where a loss's backward goes (see [`reid_ops::tape`]).
+#[derive(Debug, Clone)]
+pub(crate) enum Through {
+    /// candle's graph, all of it.
+    Graph,
+    /// candle's graph of the heads, then the backbone's tape from its output's
+    /// gradient.
+    Backbone(Arc<TapedOutput>),
+    /// The tape of the whole forward, heads included: no candle backward.
+    Tape(Arc<Tape>),
 }
 
 impl PairLoss {
-    /// This loss with the backbone's tape (if its forward ran on one) for the
-    /// backward to continue through.
-    pub(crate) fn through_backbone(self, taped: Option<Arc<TapedOutput>>) -> Self {
-        PairLoss {
-            backbone: taped,
-            ..self
+    /// This loss with its backward going `through`.
+    pub(crate) fn through(self, through: Through) -> Self {
+        PairLoss { through, ..self }
+    }
+
+    /// The gradients of `t` (one of this loss's tensors) from `through`.
+    fn gradients(t: &Tensor, through: Through) -> Result<GradStore> {
+        let tape = match through {
+            Through::Tape(tape) => tape,
+            Through::Graph => {
+                ledger::graph_backward(t);
+                return t.backward();
+            }
+            Through::Backbone(taped) => {
+                ledger::graph_backward(t);
+                let mut store = t.backward()?;
+                match Arc::try_unwrap(taped) {
+                    Ok(taped) => taped.backward(&mut store)?,
+                    Err(shared) => shared.backward_kept(&mut store)?,
+                }
+                return Ok(store);
+            }
+        };
+        let mut store = GradStore::default();
+        let ones = ledger::made(1, t.ones_like())?;
+        match Arc::try_unwrap(tape) {
+            Ok(tape) => tape.backward(t, ones, &mut store)?,
+            Err(shared) => shared.backward_kept(t, ones, &mut store)?,
         }
+        Ok(store)
     }
 
     fn tensor(&self, term: Term) -> &Tensor {
@@ -244,29 +278,18 @@ impl PairLoss {
         })
     }
 
-    /// The gradients of the total for every variable: candle's backward through
-    /// the heads, then the backbone's tape if it ran on one (consumed unless this
-    /// loss was cloned).
-    pub fn backward(mut self) -> Result<GradStore> {
-        ledger::graph_backward(&self.total);
-        let mut store = self.total.backward()?;
-        match self.backbone.take().map(Arc::try_unwrap) {
-            Some(Ok(taped)) => taped.backward(&mut store)?,
-            Some(Err(shared)) => shared.backward_kept(&mut store)?,
-            None => {}
-        }
-        Ok(store)
+    /// The gradients of the total for every variable: through the tape of the
+    /// whole forward where it ran on one, else candle's backward through the
+    /// heads, then the backbone's tape if it ran on one (the tape is consumed
+    /// unless this loss was cloned).
+    pub fn backward(self) -> Result<GradStore> {
+        Self::gradients(&self.total, self.through)
     }
 
-    /// The gradients of `term` for every variable, keeping the tape for the
+    /// The gradients of `term` for every variable, keeping the tapes for the
     /// other terms and [`PairLoss::backward`].
     pub fn term_backward(&self, term: Term) -> Result<GradStore> {
-        ledger::graph_backward(self.tensor(term));
-        let mut store = self.tensor(term).backward()?;
-        if let Some(taped) = &self.backbone {
-            taped.backward_kept(&mut store)?;
-        }
-        Ok(store)
+        Self::gradients(self.tensor(term), self.through.clone())
     }
 }
 
@@ -279,9 +302,13 @@ struct Right {
 
 /// The rows of `logits` whose largest value is at the target.
 fn accuracy(logits: &Tensor, targets: &Tensor) -> Result<Right> {
-    let predicted = logits.argmax(D::Minus1)?;
-    let targets = targets.to_dtype(DType::U32)?;
-    let count = predicted.eq(&targets)?.to_dtype(DType::F64)?.sum_all()?;
+    let predicted = ledger::made(1, logits.argmax(D::Minus1))?;
+    let targets = match targets.dtype() {
+        DType::U32 => targets.clone(),
+        _ => ledger::made(1, targets.to_dtype(DType::U32))?,
+    };
+    let right = ledger::made(1, ledger::made(1, predicted.eq(&targets))?.to_dtype(DType::F64))?;
+    let count = ledger::made(1, right.sum_all())?;
     Ok(Right {
         count,
         of: targets.elem_count(),
@@ -291,13 +318,7 @@ fn accuracy(logits: &Tensor, targets: &Tensor) -> Result<Right> {
 /// Mean cross-entropy of `logits` [B, K] against `targets` [B] with label
 /// smoothing `e`: `(1 - e) * nll + e * mean over classes of -log p`.
 fn smoothed_cross_entropy(logits: &Tensor, targets: &Tensor, e: f64) -> Result<Tensor> {
-    if e == 0.0 {
-        return candle_nn::loss::cross_entropy(logits, targets);
-    }
-    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let nll = candle_nn::loss::nll(&log_p, targets)?;
-    let uniform = log_p.mean_all()?.neg()?;
-    (nll * (1.0 - e))? + (uniform * e)?
+    head_ops::cross_entropy(logits, targets, e)
 }
 
 /// The identification terms of a batch `cat[x1, x2]`: (id1, id2, accuracy).
@@ -316,8 +337,7 @@ impl Heads {
         weights: &LossSettings,
         masks: &mut Masks,
     ) -> Result<Identification> {
-        let b = f.dim(0)? / 2;
-        let (f1, f2) = (f.narrow(0, 0, b)?, f.narrow(0, b, b)?);
+        let (f1, f2) = head_ops::halves(f)?;
         let logits1 = apply(&self.id_classifier, &masks.apply(&f1)?, self.bf16)?;
         let logits2 = apply(&self.id_classifier, &masks.apply(&f2)?, self.bf16)?;
         Ok(Identification {
@@ -330,9 +350,9 @@ impl Heads {
     /// The verification loss and accuracy of pairs `(a, b)` with labels `same`.
     /// (through the next of `masks`).
     fn verification(&self, a: &Tensor, b: &Tensor, same: &Tensor, masks: &mut Masks) -> Result<(Tensor, Right)> {
-        let square = (a - b)?.sqr()?;
+        let square = head_ops::squared_difference(a, b)?;
         let logits = apply(&self.verif_classifier, &masks.apply(&square)?, self.bf16)?;
-        Ok((candle_nn::loss::cross_entropy(&logits, same)?, accuracy(&logits, same)?))
+        Ok((smoothed_cross_entropy(&logits, same, 0.0)?, accuracy(&logits, same)?))
     }
 
     /// The terms and their weighted total.
@@ -342,10 +362,13 @@ impl Heads {
         triplet: Tensor,
         w: &LossSettings,
     ) -> Result<PairLoss> {
-        let mut total = ((&id.id1 * w.id1)? + (&id.id2 * w.id2)? + (&verif * w.verif)?)?;
+        let mut terms = vec![&id.id1, &id.id2, &verif];
+        let mut weights = vec![w.id1, w.id2, w.verif];
         if w.triplet != 0.0 {
-            total = (total + (&triplet * w.triplet)?)?;
+            terms.push(&triplet);
+            weights.push(w.triplet);
         }
+        let total = head_ops::weighted_sum(&terms, &weights)?;
         Ok(PairLoss {
             total,
             id1: id.id1,
@@ -356,7 +379,7 @@ impl Heads {
                 let [r1, r2] = id.right;
                 [r1, r2, verif_right]
             },
-            backbone: None,
+            through: Through::Graph,
         })
     }
 
@@ -373,12 +396,11 @@ impl Heads {
         p_dropout: f64,
         rng: &mut R,
     ) -> Result<PairLoss> {
-        let b = f.dim(0)? / 2;
-        let (g1, g2) = (g.narrow(0, 0, b)?, g.narrow(0, b, b)?);
+        let (g1, g2) = head_ops::halves(g)?;
         let mut masks = Masks::draw(p_dropout, 3, &g1, rng)?;
         let id = self.identification(f, targets, &weights, &mut masks)?;
         let (verif, verif_accuracy) = self.verification(&g1, &g2, &targets.same, &mut masks)?;
-        let triplet = Tensor::zeros((), f.dtype(), f.device())?;
+        let triplet = ledger::made(1, Tensor::zeros((), f.dtype(), f.device()))?;
         Self::combine(id, (verif, verif_accuracy), triplet, &weights)
     }
 

@@ -10,6 +10,7 @@ pub mod arch;
 pub mod backbone;
 pub mod checkpoint;
 pub mod device;
+mod head_ops;
 pub mod heads;
 pub mod layers;
 pub mod metric;

@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::arch::Arch;
 use crate::backbone::Backbone;
-use crate::heads::{Heads, LossSettings, PairLoss, PairTargets};
+use crate::heads::{Heads, LossSettings, PairLoss, PairTargets, Through};
 use crate::layers::Activation;
 use crate::layers::BatchNorm;
 use reid_ops::tape::TapedOutput;
@@ -155,9 +155,23 @@ impl ReidModel {
         dropout: f64,
         rng: &mut R,
     ) -> Result<PairLoss> {
-        let (f, pooled, taped) = self.train_features(x1, x2)?;
-        let loss = self.heads.pair_loss(&f, &pooled, targets, weights, dropout, rng)?;
-        Ok(loss.through_backbone(taped))
+        let x = Self::both_sides(x1, x2)?;
+        let forward = |rng: &mut R| {
+            let pooled = self.backbone.forward_t(&x, true)?;
+            let f = self.through_neck(&pooled, true)?;
+            self.heads.pair_loss(&f, &pooled, targets, weights, dropout, rng)
+        };
+        if !self.exec.tape(&x) {
+            return forward(rng);
+        }
+        let (loss, tape) = reid_ops::tape::record(|| forward(rng))?;
+        Ok(loss.through(Through::Tape(Arc::new(tape))))
+    }
+
+    /// `cat[x1, x2]` along the batch.
+    fn both_sides(x1: &Tensor, x2: &Tensor) -> Result<Tensor> {
+        // On CUDA, one copy per side.
+        reid_ops::ledger::made(2, Tensor::cat(&[x1, x2], 0))
     }
 
     /// One training forward of a P x K batch `cat[x1, x2]` (see
@@ -176,15 +190,18 @@ impl ReidModel {
     ) -> Result<PairLoss> {
         let (f, pooled, taped) = self.train_features(x1, x2)?;
         let loss = self.heads.batch_loss(&f, &pooled, targets, weights, dropout, rng)?;
-        Ok(loss.through_backbone(taped))
+        Ok(match taped {
+            Some(taped) => loss.through(Through::Backbone(taped)),
+            None => loss,
+        })
     }
 
     /// Train-mode features of `cat[x1, x2]`: (through the neck, pooled), and the
     /// backbone's tape when it ran on one (see [`Exec::tape`]): its backward is
-    /// then the tape's, candle's otherwise.
+    /// then the tape's, candle's otherwise (the heads' on candle's graph: the
+    /// P x K losses mine pairs and triplets with ops the tape does not have).
     fn train_features(&self, x1: &Tensor, x2: &Tensor) -> Result<(Tensor, Tensor, Option<Arc<TapedOutput>>)> {
-        // On CUDA, one copy per side.
-        let x = reid_ops::ledger::made(2, Tensor::cat(&[x1, x2], 0))?;
+        let x = Self::both_sides(x1, x2)?;
         if !self.exec.tape(&x) {
             let pooled = self.backbone.forward_t(&x, true)?;
             return Ok((self.through_neck(&pooled, true)?, pooled, None));

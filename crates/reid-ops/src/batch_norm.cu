@@ -24,28 +24,6 @@ __device__ unsigned int at(unsigned int i, unsigned int ch, unsigned int c, unsi
     return ((i / hw) * c + ch) * hw + i % hw;
 }
 
-// out[ch] = mean, out[c + ch] = biased variance (two passes).
-#define STATS(T, NAME)                                                              \
-extern "C" __global__ void NAME(const T* x, double* out, unsigned int n,           \
-                                unsigned int c, unsigned int hw) {                  \
-    __shared__ double shared[BLOCK];                                                \
-    unsigned int ch = blockIdx.x, count = n * hw;                                   \
-    double s = 0.0;                                                                 \
-    for (unsigned int i = threadIdx.x; i < count; i += BLOCK)                       \
-        s += (double)x[at(i, ch, c, hw)];                                           \
-    double mean = block_sum(s, shared) / (double)count;                             \
-    double q = 0.0;                                                                 \
-    for (unsigned int i = threadIdx.x; i < count; i += BLOCK) {                     \
-        double d = (double)x[at(i, ch, c, hw)] - mean;                              \
-        q = __dadd_rn(q, __dmul_rn(d, d));                                          \
-    }                                                                               \
-    q = block_sum(q, shared);                                                       \
-    if (threadIdx.x == 0) {                                                         \
-        out[ch] = mean;                                                             \
-        out[c + ch] = q / (double)count;                                            \
-    }                                                                               \
-}
-
 // y = x * scale[ch] + shift[ch] (ss = [scale; shift]), then ReLU if asked.
 #define AFFINE(T, NAME, MUL, ADD)                                                   \
 extern "C" __global__ void NAME(const T* x, T* y, const double* ss,                \
@@ -64,16 +42,32 @@ __device__ double invstd_of(double var, double eps) {
     return __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, eps)));
 }
 
-// Per channel, from stats = [mean; var]: ss = [scale; shift] with
-// scale = w / sqrt(var + eps), shift = b - mean * scale.
-#define SCALE_SHIFT(T, NAME)                                                        \
-extern "C" __global__ void NAME(const double* stats, const T* w, const T* b,       \
-                                double* ss, unsigned int c, double eps) {           \
-    unsigned int ch = blockIdx.x * blockDim.x + threadIdx.x;                        \
-    if (ch >= c) return;                                                            \
-    double s = __ddiv_rn((double)w[ch], __dsqrt_rn(__dadd_rn(stats[c + ch], eps))); \
-    ss[ch] = s;                                                                     \
-    ss[c + ch] = __dsub_rn((double)b[ch], __dmul_rn(stats[ch], s));                 \
+// Per channel: stats = [mean; biased variance] (two passes), and from them
+// ss = [scale; shift] with scale = w / sqrt(var + eps), shift = b - mean * scale.
+#define STATS_SCALE_SHIFT(T, NAME)                                                  \
+extern "C" __global__ void NAME(const T* x, const T* w, const T* b, double* stats,  \
+                                double* ss, unsigned int n, unsigned int c,         \
+                                unsigned int hw, double eps) {                      \
+    __shared__ double shared[BLOCK];                                                \
+    unsigned int ch = blockIdx.x, count = n * hw;                                   \
+    double s = 0.0;                                                                 \
+    for (unsigned int i = threadIdx.x; i < count; i += BLOCK)                       \
+        s += (double)x[at(i, ch, c, hw)];                                           \
+    double mean = block_sum(s, shared) / (double)count;                             \
+    double q = 0.0;                                                                 \
+    for (unsigned int i = threadIdx.x; i < count; i += BLOCK) {                     \
+        double d = (double)x[at(i, ch, c, hw)] - mean;                              \
+        q = __dadd_rn(q, __dmul_rn(d, d));                                          \
+    }                                                                               \
+    q = block_sum(q, shared);                                                       \
+    if (threadIdx.x == 0) {                                                         \
+        double var = q / (double)count;                                             \
+        double scale = __ddiv_rn((double)w[ch], __dsqrt_rn(__dadd_rn(var, eps)));  \
+        stats[ch] = mean;                                                           \
+        stats[c + ch] = var;                                                        \
+        ss[ch] = scale;                                                             \
+        ss[c + ch] = __dsub_rn((double)b[ch], __dmul_rn(mean, scale));              \
+    }                                                                               \
 }
 
 // y = x * scale[ch] + shift[ch] from scale and shift of T (eval mode).
@@ -91,11 +85,13 @@ extern "C" __global__ void NAME(const T* x, T* y, const T* scale, const T* shift
 
 // Per channel, with g' the gradient through the ReLU (zero where y <= 0):
 // out[ch] = sum(g' * (x - mean)) * invstd, out[c + ch] = sum(g');
-// stats = [mean; var].
+// stats = [mean; var]. And p = [mean; invstd; k; a; b] for INPUT_GRAD, from
+// the sums as rounded to T and the weight w.
 #define GRAD_SUMS(T, NAME)                                                          \
 extern "C" __global__ void NAME(const T* x, const T* y, const T* g, T* out,        \
-                                const double* stats, double eps, unsigned int n,    \
-                                unsigned int c, unsigned int hw, int relu) {        \
+                                const double* stats, const T* w, double* p,         \
+                                double eps, unsigned int n, unsigned int c,         \
+                                unsigned int hw, int relu) {                        \
     __shared__ double shared[BLOCK];                                                \
     unsigned int ch = blockIdx.x, count = n * hw;                                   \
     double mean = stats[ch], sg = 0.0, sgx = 0.0;                                   \
@@ -108,25 +104,16 @@ extern "C" __global__ void NAME(const T* x, const T* y, const T* g, T* out,     
     sg = block_sum(sg, shared);                                                     \
     sgx = block_sum(sgx, shared);                                                   \
     if (threadIdx.x == 0) {                                                         \
-        out[ch] = (T)__dmul_rn(sgx, invstd_of(stats[c + ch], eps));                 \
-        out[c + ch] = (T)sg;                                                        \
+        double invstd = invstd_of(stats[c + ch], eps);                              \
+        T sum_gx = (T)__dmul_rn(sgx, invstd), sum_g = (T)sg;                        \
+        out[ch] = sum_gx;                                                           \
+        out[c + ch] = sum_g;                                                        \
+        p[ch] = mean;                                                               \
+        p[c + ch] = invstd;                                                         \
+        p[2 * c + ch] = __ddiv_rn(__dmul_rn((double)w[ch], invstd), (double)count); \
+        p[3 * c + ch] = (double)sum_g;                                              \
+        p[4 * c + ch] = (double)sum_gx;                                             \
     }                                                                               \
-}
-
-// Per channel, p = [mean; invstd; k; a; b] (see INPUT_GRAD) from stats =
-// [mean; var], the weight and sums = [sum(g' * x_hat); sum(g')].
-#define INPUT_PARAMS(T, NAME)                                                       \
-extern "C" __global__ void NAME(const double* stats, const T* w, const T* sums,    \
-                                double* p, unsigned int c, double eps,              \
-                                double count) {                                     \
-    unsigned int ch = blockIdx.x * blockDim.x + threadIdx.x;                        \
-    if (ch >= c) return;                                                            \
-    double invstd = invstd_of(stats[c + ch], eps);                                  \
-    p[ch] = stats[ch];                                                              \
-    p[c + ch] = invstd;                                                             \
-    p[2 * c + ch] = __ddiv_rn(__dmul_rn((double)w[ch], invstd), count);             \
-    p[3 * c + ch] = (double)sums[c + ch];                                           \
-    p[4 * c + ch] = (double)sums[ch];                                               \
 }
 
 // dx = k * (count * g' - a - x_hat * b), x_hat = (x - mean) * invstd;
@@ -162,16 +149,12 @@ extern "C" __global__ void NAME(T* mean, T* var, const double* stats,           
     }                                                                               \
 }
 
-STATS(float, bn_stats_f32)
-STATS(double, bn_stats_f64)
+STATS_SCALE_SHIFT(float, bn_stats_scale_shift_f32)
+STATS_SCALE_SHIFT(double, bn_stats_scale_shift_f64)
 AFFINE(float, bn_affine_f32, __fmul_rn, __fadd_rn)
 AFFINE(double, bn_affine_f64, __dmul_rn, __dadd_rn)
-SCALE_SHIFT(float, bn_scale_shift_f32)
-SCALE_SHIFT(double, bn_scale_shift_f64)
 CHANNEL_AFFINE(float, bn_channel_affine_f32, __fmul_rn, __fadd_rn)
 CHANNEL_AFFINE(double, bn_channel_affine_f64, __dmul_rn, __dadd_rn)
-INPUT_PARAMS(float, bn_input_params_f32)
-INPUT_PARAMS(double, bn_input_params_f64)
 GRAD_SUMS(float, bn_grad_sums_f32)
 GRAD_SUMS(double, bn_grad_sums_f64)
 INPUT_GRAD(float, bn_input_grad_f32)

@@ -211,8 +211,7 @@ impl BatchNormTrain {
         [x, w, b]: [&CudaView<T>; 3],
         d: (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
-        let stats = cuda::stats(dev, x, d)?;
-        let ss = cuda::scale_shift(dev, &stats, [w, b], self.eps)?;
+        let (stats, ss) = cuda::stats_scale_shift(dev, [x, w, b], d, self.eps)?;
         let y = cuda::affine(dev, x, d, &ss, self.relu)?;
         let tensor = cuda::tensor_of(dev, stats, (2, d.1));
         let count = d.0 * d.2;
@@ -236,10 +235,14 @@ impl BatchNormTrain {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let stats = self.saved_stats();
         let grad = grad.contiguous_counted()?;
+        let weight = w.contiguous_counted()?;
+        let params = Params::default();
         let sums_op = GradSums {
             eps: self.eps,
             relu: self.relu,
             stats: stats.clone(),
+            weight: weight.clone(),
+            params: params.clone(),
         };
         let sums = x.apply_op3_no_bwd(y, &grad, &sums_op)?;
         let (sum_gxhat, sum_g) = (sums.get(0)?, sums.get(1)?);
@@ -247,8 +250,9 @@ impl BatchNormTrain {
             eps: self.eps,
             relu: self.relu,
             stats,
-            weight: w.contiguous_counted()?,
+            weight,
             sums,
+            params,
         };
         let grad_x = match input_grad {
             true => Some(x.apply_op3_no_bwd(y, &grad, &input_op)?),
@@ -275,8 +279,8 @@ impl CustomOp3 for BatchNormTrain {
         let d = dims(l1, self.name())?;
         let y = three_floats!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, w, b| self
             .forward(x, w, b, d));
-        // CUDA: statistics, scale and shift, then the output.
-        crate::ledger::cpu_output(3, Ok((y, l1.shape().clone())))
+        // CUDA: statistics with scale and shift, then the output.
+        crate::ledger::cpu_output(2, Ok((y, l1.shape().clone())))
     }
 
     #[cfg(feature = "cuda")]
@@ -352,12 +356,23 @@ fn planes<'a, T: Sync>(v: &'a [T], hw: usize) -> impl Fn(usize) -> &'a [T] + Syn
 }
 
 /// Per channel: sum(g * x_hat) and sum(g) as a [2, C] tensor, from (x, y, grad).
+/// On CUDA the same launch leaves the input gradient's per-channel parameters
+/// in `params`, for [`InputGrad`].
 #[derive(Debug, Clone)]
 struct GradSums {
     eps: f64,
     relu: bool,
     stats: SavedStats,
+    /// The batch norm's weight [C] (contiguous), read on CUDA.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    weight: Tensor,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    params: Params,
 }
+
+/// The input gradient's per-channel parameters on CUDA (5C f64), from
+/// [`GradSums`] to [`InputGrad`].
+type Params = Arc<Mutex<Option<Tensor>>>;
 
 impl GradSums {
     fn sums<T: Float + Send + Sync + 'static>(
@@ -432,9 +447,16 @@ impl CustomOp3 for GradSums {
         let dev = &s1.device;
         let (stats, _) = self.stats.tensor.storage_and_layout();
         let stats = cuda::stats_of(&stats)?;
+        let (weight, wl) = self.weight.storage_and_layout();
+        let weight = (cuda::cuda_storage(&weight)?, wl);
+        let params;
         let out = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, y, g| {
-            cuda::grad_sums(dev, (x, y, g), d, stats, self.eps, self.relu)?
+            let w = cuda::view(weight.0, weight.1)?;
+            let (sums, p) = cuda::grad_sums(dev, (x, y, g, &w), d, stats, self.eps, self.relu)?;
+            params = p;
+            sums
         });
+        *self.params.lock().expect("params lock") = Some(cuda::tensor_of(dev, params, 5 * d.1));
         crate::ledger::cuda_output(Ok((out, Shape::from((2, d.1)))))
     }
 }
@@ -450,6 +472,9 @@ struct InputGrad {
     weight: Tensor,
     /// [sum(g' * x_hat); sum(g')], [2, C], as [`GradSums`] gives them.
     sums: Tensor,
+    /// The per-channel parameters [`GradSums`] left on CUDA.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    params: Params,
 }
 
 impl InputGrad {
@@ -528,8 +553,8 @@ impl CustomOp3 for InputGrad {
         let d = dims(l1, self.name())?;
         let out = three_floats!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, y, g| self
             .backward(x, y, g, d)?);
-        // CUDA: the per-channel parameters, then dx.
-        crate::ledger::cpu_output(2, Ok((out, l1.shape().clone())))
+        // CUDA: dx (the per-channel parameters came with the sums).
+        crate::ledger::cpu_output(1, Ok((out, l1.shape().clone())))
     }
 
     #[cfg(feature = "cuda")]
@@ -544,17 +569,14 @@ impl CustomOp3 for InputGrad {
     ) -> Result<(CudaStorage, Shape)> {
         let d = dims(l1, self.name())?;
         let dev = &s1.device;
-        let (stats, _) = self.stats.tensor.storage_and_layout();
-        let (w, lw) = self.weight.storage_and_layout();
-        let (sums, ls) = self.sums.storage_and_layout();
-        let operands = cuda::BackwardOperands {
-            stats: cuda::stats_of(&stats)?,
-            weight: (&w, lw),
-            sums: (&sums, ls),
-            eps: self.eps,
+        let params = self.params.lock().expect("params lock").clone();
+        let Some(params) = params else {
+            candle_core::bail!("{}: the gradient sums did not run on CUDA", self.name());
         };
+        let (p, _) = params.storage_and_layout();
+        let p = cuda::stats_of(&p)?;
         let dx = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, y, g| {
-            cuda::input_grad(dev, (x, y, g), d, &operands, self.relu)?
+            cuda::input_grad(dev, (x, y, g), d, p, self.relu)?
         });
         crate::ledger::cuda_output(Ok((dx, l1.shape().clone())))
     }

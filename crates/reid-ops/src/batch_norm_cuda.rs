@@ -46,15 +46,6 @@ pub(crate) fn view<'a, T: WithDType + DeviceRepr + CudaDType>(
     contiguous_view(s, l, "batch norm")
 }
 
-/// One thread per channel.
-fn per_channel_thread(c: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((c as u32).div_ceil(BLOCK).max(1), 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// The CUDA storage behind a tensor's storage guard.
 pub(crate) fn cuda_storage(s: &Storage) -> Result<&CudaStorage> {
     match s {
@@ -74,44 +65,26 @@ pub(crate) fn tensor_of<S: Into<Shape>>(dev: &CudaDevice, slice: CudaSlice<f64>,
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
 }
 
-/// Per-channel [mean; biased variance] of x (2C values, left on the device).
-pub(crate) fn stats<T: WithDType + DeviceRepr + CudaDType>(
+/// Per channel, [mean; biased variance] of x and [scale; shift] from them and
+/// the weight and bias (2C f64 each, left on the device): one launch.
+pub(crate) fn stats_scale_shift<T: WithDType + DeviceRepr + CudaDType>(
     dev: &CudaDevice,
-    x: &CudaView<T>,
+    [x, w, b]: [&CudaView<T>; 3],
     d: (usize, usize, usize),
-) -> Result<CudaSlice<f64>> {
-    let (n, c, hw) = sizes(d)?;
-    // SAFETY: the kernel writes every value.
-    let mut out = unsafe { dev.alloc::<f64>(2 * d.1)? };
-    let f = kernel::<T>(dev, "bn_stats")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(x).arg(&mut out).arg(&n).arg(&c).arg(&hw);
-    // SAFETY: the arguments of `bn_stats` in batch_norm.cu; `out` holds 2C values.
-    unsafe { b.launch(per_channel(d.1)) }.w()?;
-    crate::ledger::launched(1);
-    Ok(out)
-}
-
-/// [scale; shift] (2C f64) from the statistics and the weight and bias.
-pub(crate) fn scale_shift<T: WithDType + DeviceRepr + CudaDType>(
-    dev: &CudaDevice,
-    stats: &CudaSlice<f64>,
-    [w, b]: [&CudaView<T>; 2],
     eps: f64,
-) -> Result<CudaSlice<f64>> {
-    let c = w.len();
-    // SAFETY: the kernel writes every value.
-    let mut ss = unsafe { dev.alloc::<f64>(2 * c)? };
-    let c32 = c as u32;
-    let f = kernel::<T>(dev, "bn_scale_shift")?;
+) -> Result<(CudaSlice<f64>, CudaSlice<f64>)> {
+    let (n, c, hw) = sizes(d)?;
+    // SAFETY: the kernel writes every value of both.
+    let (mut stats, mut ss) = unsafe { (dev.alloc::<f64>(2 * d.1)?, dev.alloc::<f64>(2 * d.1)?) };
+    let f = kernel::<T>(dev, "bn_stats_scale_shift")?;
     let stream = dev.cuda_stream();
     let mut l = stream.launch_builder(&f);
-    l.arg(stats).arg(w).arg(b).arg(&mut ss).arg(&c32).arg(&eps);
-    // SAFETY: the arguments of `bn_scale_shift`; stats and ss hold 2C values.
-    unsafe { l.launch(per_channel_thread(c)) }.w()?;
+    l.arg(x).arg(w).arg(b).arg(&mut stats).arg(&mut ss);
+    l.arg(&n).arg(&c).arg(&hw).arg(&eps);
+    // SAFETY: the arguments of `bn_stats_scale_shift`; stats and ss hold 2C values.
+    unsafe { l.launch(per_channel(d.1)) }.w()?;
     crate::ledger::launched(1);
-    Ok(ss)
+    Ok((stats, ss))
 }
 
 /// `x * scale[c] + shift[c]` (ss = [scale; shift], 2C f64), then ReLU if `relu`.
@@ -168,90 +141,55 @@ pub(crate) fn channel_affine<T: WithDType + DeviceRepr + CudaDType>(
 }
 
 /// [sum(g' * x_hat); sum(g')] per channel as 2C values of T, with the saved
-/// statistics `stats` = [mean; var].
+/// statistics `stats` = [mean; var]; and in the same launch the input
+/// gradient's per-channel parameters [mean; invstd; k; a; b] (5C f64) from
+/// those sums and the weight `w` (see `bn_input_grad`).
 pub(crate) fn grad_sums<T: WithDType + DeviceRepr + CudaDType>(
     dev: &CudaDevice,
-    (x, y, g): (&CudaView<T>, &CudaView<T>, &CudaView<T>),
+    (x, y, g, w): (&CudaView<T>, &CudaView<T>, &CudaView<T>, &CudaView<T>),
     d: (usize, usize, usize),
     stats: &CudaSlice<f64>,
     eps: f64,
     relu: bool,
-) -> Result<CudaSlice<T>> {
+) -> Result<(CudaSlice<T>, CudaSlice<f64>)> {
     let (n, c, hw) = sizes(d)?;
-    // SAFETY: the kernel writes every value.
-    let mut out = unsafe { dev.alloc::<T>(2 * d.1)? };
+    // SAFETY: the kernel writes every value of both.
+    let (mut out, mut p) = unsafe { (dev.alloc::<T>(2 * d.1)?, dev.alloc::<f64>(5 * d.1)?) };
     let r = relu as i32;
     let f = kernel::<T>(dev, "bn_grad_sums")?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    b.arg(x)
-        .arg(y)
-        .arg(g)
-        .arg(&mut out)
-        .arg(stats)
-        .arg(&eps)
-        .arg(&n)
-        .arg(&c)
-        .arg(&hw)
-        .arg(&r);
-    // SAFETY: the arguments of `bn_grad_sums`; out and stats hold 2C values.
+    b.arg(x).arg(y).arg(g).arg(&mut out).arg(stats).arg(w).arg(&mut p);
+    b.arg(&eps).arg(&n).arg(&c).arg(&hw).arg(&r);
+    // SAFETY: the arguments of `bn_grad_sums`; out and stats hold 2C values, p 5C.
     unsafe { b.launch(per_channel(d.1)) }.w()?;
     crate::ledger::launched(1);
-    Ok(out)
+    Ok((out, p))
 }
 
-/// What the input gradient reads besides (x, y, g): the saved statistics, the
-/// weight [C] and the sums [2, C] of [`grad_sums`], as storages and layouts.
-pub(crate) struct BackwardOperands<'a> {
-    pub stats: &'a CudaSlice<f64>,
-    pub weight: (&'a Storage, &'a Layout),
-    pub sums: (&'a Storage, &'a Layout),
-    pub eps: f64,
-}
-
-/// The input gradient (two launches: the per-channel parameters, then dx).
+/// The input gradient from the per-channel parameters `p` of [`grad_sums`]:
+/// one launch.
 pub(crate) fn input_grad<T: WithDType + DeviceRepr + CudaDType>(
     dev: &CudaDevice,
     (x, y, g): (&CudaView<T>, &CudaView<T>, &CudaView<T>),
     d: (usize, usize, usize),
-    o: &BackwardOperands,
+    p: &CudaSlice<f64>,
     relu: bool,
 ) -> Result<CudaSlice<T>> {
     let (_, c, hw) = sizes(d)?;
-    let w = view::<T>(cuda_storage(o.weight.0)?, o.weight.1)?;
-    let sums = view::<T>(cuda_storage(o.sums.0)?, o.sums.1)?;
+    if p.len() != 5 * d.1 {
+        candle_core::bail!("batch-norm input gradient on CUDA: parameters of another width");
+    }
     let count = (d.0 * d.2) as f64;
-    // SAFETY: the kernel writes every value.
-    let mut p = unsafe { dev.alloc::<f64>(5 * d.1)? };
-    let f = kernel::<T>(dev, "bn_input_params")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(o.stats)
-        .arg(&w)
-        .arg(&sums)
-        .arg(&mut p)
-        .arg(&c)
-        .arg(&o.eps)
-        .arg(&count);
-    // SAFETY: the arguments of `bn_input_params`; p holds 5C values.
-    unsafe { b.launch(per_channel_thread(d.1)) }.w()?;
-    crate::ledger::launched(1);
     let total = d.0 * d.1 * d.2;
     // SAFETY: the kernel writes every value.
     let mut dx = unsafe { dev.alloc::<T>(total)? };
     let (t, r) = (total as u32, relu as i32);
     let f = kernel::<T>(dev, "bn_input_grad")?;
+    let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    b.arg(x)
-        .arg(y)
-        .arg(g)
-        .arg(&mut dx)
-        .arg(&p)
-        .arg(&count)
-        .arg(&t)
-        .arg(&c)
-        .arg(&hw)
-        .arg(&r);
+    b.arg(x).arg(y).arg(g).arg(&mut dx).arg(p);
+    b.arg(&count).arg(&t).arg(&c).arg(&hw).arg(&r);
     // SAFETY: the arguments of `bn_input_grad`; p holds 5C values.
     unsafe { b.launch(elementwise(total)) }.w()?;
     crate::ledger::launched(1);
@@ -316,12 +254,10 @@ mod tests {
     fn kernels_compile() {
         let ptx = super::KERNELS.ptx().expect("NVRTC compiles batch_norm.cu");
         let names = [
-            "bn_stats",
-            "bn_scale_shift",
+            "bn_stats_scale_shift",
             "bn_affine",
             "bn_channel_affine",
             "bn_grad_sums",
-            "bn_input_params",
             "bn_input_grad",
             "bn_running_update",
         ];

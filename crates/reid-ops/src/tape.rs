@@ -46,6 +46,20 @@ pub trait TapeOp: Send + Sync {
     fn bwd(&self, tensors: &[&Tensor], grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>>;
 }
 
+/// An op written with candle's ops (so on any device), recorded on the tape as
+/// one step whose backward is written by hand: the heads' layers and losses.
+/// Without a tape its forward runs on candle's graph, which differentiates it.
+pub trait TensorOp: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// The outputs (each tensor a kernel makes reported through
+    /// [`crate::ledger::made`]).
+    fn fwd(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>>;
+
+    /// As [`TapeOp::bwd`].
+    fn bwd(&self, tensors: &[&Tensor], grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>>;
+}
+
 /// The gradient of a one-output [`TapeOp`].
 pub(crate) fn only_grad<'a>(op: &str, grads: &'a [Option<Tensor>]) -> Result<&'a Tensor> {
     match grads {
@@ -162,6 +176,7 @@ enum Step {
     Op2(Custom<Op2>),
     Op3(Custom<Op3>),
     OpN(Custom<Arc<dyn TapeOp>>),
+    Tensors(Custom<Arc<dyn TensorOp>>),
     /// `a + b`: both get the output's gradient.
     Add([Saved; 2]),
     /// Concatenation along the channels of tensors of these channel counts.
@@ -319,6 +334,15 @@ impl<'a> Pass<'a> {
         Ok(())
     }
 
+    /// The gradients `op` gave its `inputs`, one each, added to theirs.
+    fn add_each(&mut self, op: &str, inputs: &[Saved], grads: Vec<Option<Tensor>>) -> Result<()> {
+        if grads.len() != inputs.len() {
+            let (got, want) = (grads.len(), inputs.len());
+            candle_core::bail!("tape: {op} gave {got} gradients for {want} inputs");
+        }
+        self.add_all(inputs, grads)
+    }
+
     /// The backward of one entry, if a gradient reached any of its outputs.
     fn step_back(&mut self, entry: &Entry) -> Result<()> {
         let grads: Vec<Option<Tensor>> = entry.outputs.iter().map(|id| self.pending.remove(id)).collect();
@@ -327,14 +351,8 @@ impl<'a> Pass<'a> {
         }
         match &entry.step {
             Step::Split(x, shapes) => return self.split_back(x, shapes, grads),
-            Step::OpN(c) => {
-                let input_grads = c.op.bwd(&c.tensors(), &grads)?;
-                if input_grads.len() != c.inputs.len() {
-                    let (name, got, want) = (c.op.name(), input_grads.len(), c.inputs.len());
-                    candle_core::bail!("tape: {name} gave {got} gradients for {want} inputs");
-                }
-                return self.add_all(&c.inputs, input_grads);
-            }
+            Step::OpN(c) => return self.add_each(c.op.name(), &c.inputs, c.op.bwd(&c.tensors(), &grads)?),
+            Step::Tensors(c) => return self.add_each(c.op.name(), &c.inputs, c.op.bwd(&c.tensors(), &grads)?),
             _ => {}
         }
         let grad = grads.into_iter().next().flatten().expect("one output");
@@ -371,7 +389,7 @@ impl<'a> Pass<'a> {
                 let spread = scaled.reshape((*n, *c, 1, 1))?.broadcast_as((*n, *c, *h, *w))?;
                 self.add_to(x, spread.contiguous_counted()?)
             }
-            Step::Split(..) | Step::OpN(..) => unreachable!("handled above"),
+            Step::Split(..) | Step::OpN(..) | Step::Tensors(..) => unreachable!("handled above"),
         }
     }
 
@@ -536,6 +554,26 @@ pub fn op_any_outputs(
     let outputs: Vec<&Tensor> = outs.iter().collect();
     push(
         || Step::OpN(Custom::of_many(op, inputs, &outs, outputs_read)),
+        &outputs,
+        &tensors,
+    )?;
+    Ok(outs)
+}
+
+/// `op` on `inputs` (each with whether its backward reads it), recorded on this
+/// thread's tape (its outputs, which the backward reads if `outputs_read`, cut
+/// from candle's graph); on candle's graph where no tape records.
+pub fn op_tensors(inputs: &[(&Tensor, bool)], op: impl TensorOp + 'static, outputs_read: bool) -> Result<Vec<Tensor>> {
+    let tensors: Vec<&Tensor> = inputs.iter().map(|(t, _)| *t).collect();
+    if !recording() {
+        return op.fwd(&tensors);
+    }
+    let outs = isolated(|| op.fwd(&tensors))?;
+    let outs: Vec<Tensor> = outs.iter().map(Tensor::detach).collect();
+    let op: Arc<dyn TensorOp> = Arc::new(op);
+    let outputs: Vec<&Tensor> = outs.iter().collect();
+    push(
+        || Step::Tensors(Custom::of_many(op, inputs, &outs, outputs_read)),
         &outputs,
         &tensors,
     )?;
