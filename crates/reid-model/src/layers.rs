@@ -211,9 +211,11 @@ impl BatchNorm {
     }
 
     /// `relu(bn(x) + r)`, the end of a residual block: one op while a tape
-    /// records (train mode on the CPU), batch norm then [`add_relu`] otherwise.
+    /// records in train mode (on the CPU and CUDA), batch norm then
+    /// [`add_relu`] otherwise.
     pub fn forward_add_relu(&self, x: &Tensor, r: &Tensor, train: bool) -> Result<Tensor> {
-        if !self.tape_fused(x, train) {
+        let fused = self.exec.kernels(OpKind::BatchNormAddRelu, x) == Kernels::Fused;
+        if !(train && fused && tape::recording()) {
             let kernels = self.exec.kernels(OpKind::AddRelu, x);
             return add_relu_with(kernels, &self.forward_t(x, train, Activation::Identity)?, r);
         }

@@ -37,6 +37,20 @@ extern "C" __global__ void NAME(const T* x, T* y, const double* ss,             
     }                                                                               \
 }
 
+// y = relu((x * scale[ch] + shift[ch]) + r), each sum rounded as the CPU's
+// batch norm and residual sum round it; NaN kept.
+#define AFFINE_ADD_RELU(T, NAME, MUL, ADD)                                          \
+extern "C" __global__ void NAME(const T* x, const T* r, T* y, const double* ss,    \
+                                unsigned int total, unsigned int c,                 \
+                                unsigned int hw) {                                  \
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;        \
+         i += blockDim.x * gridDim.x) {                                             \
+        unsigned int ch = (i / hw) % c;                                             \
+        T s = ADD(ADD(MUL(x[i], (T)ss[ch]), (T)ss[c + ch]), r[i]);                  \
+        y[i] = s <= (T)0 ? (T)0 : s;                                                \
+    }                                                                               \
+}
+
 // 1 / sqrt(var + eps), rounded as the CPU rounds it.
 __device__ double invstd_of(double var, double eps) {
     return __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, eps)));
@@ -159,5 +173,7 @@ GRAD_SUMS(float, bn_grad_sums_f32)
 GRAD_SUMS(double, bn_grad_sums_f64)
 INPUT_GRAD(float, bn_input_grad_f32)
 INPUT_GRAD(double, bn_input_grad_f64)
+AFFINE_ADD_RELU(float, bn_affine_add_relu_f32, __fmul_rn, __fadd_rn)
+AFFINE_ADD_RELU(double, bn_affine_add_relu_f64, __dmul_rn, __dadd_rn)
 RUNNING_UPDATE(float, bn_running_update_f32, __fmul_rn, __fadd_rn)
 RUNNING_UPDATE(double, bn_running_update_f64, __dmul_rn, __dadd_rn)

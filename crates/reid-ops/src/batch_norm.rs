@@ -211,8 +211,20 @@ impl BatchNormTrain {
         [x, w, b]: [&CudaView<T>; 3],
         d: (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
+        let ss = self.cuda_normalise(dev, [x, w, b], d)?;
+        cuda::affine(dev, x, d, &ss, self.relu)
+    }
+
+    /// The batch statistics of x, left in `stats`, and [scale; shift] from
+    /// them and (w, b), on CUDA: one launch.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_normalise<T: WithDType + DeviceRepr + CudaDType>(
+        &self,
+        dev: &CudaDevice,
+        [x, w, b]: [&CudaView<T>; 3],
+        d: (usize, usize, usize),
+    ) -> Result<CudaSlice<f64>> {
         let (stats, ss) = cuda::stats_scale_shift(dev, [x, w, b], d, self.eps)?;
-        let y = cuda::affine(dev, x, d, &ss, self.relu)?;
         let tensor = cuda::tensor_of(dev, stats, (2, d.1));
         let count = d.0 * d.2;
         *self.stats.lock().expect("stats lock") = Some(SavedStats {
@@ -220,7 +232,7 @@ impl BatchNormTrain {
             tensor,
             count,
         });
-        Ok(y)
+        Ok(ss)
     }
 
     /// The gradients of (x, weight, bias) from the output `y` and its gradient;

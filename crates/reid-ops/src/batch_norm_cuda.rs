@@ -110,6 +110,29 @@ pub(crate) fn affine<T: WithDType + DeviceRepr + CudaDType>(
     Ok(y)
 }
 
+/// `relu(x * scale[c] + shift[c] + r)` (ss = [scale; shift], 2C f64): the end
+/// of a residual block, one launch.
+pub(crate) fn affine_add_relu<T: WithDType + DeviceRepr + CudaDType>(
+    dev: &CudaDevice,
+    (x, r): (&CudaView<T>, &CudaView<T>),
+    d: (usize, usize, usize),
+    ss: &CudaSlice<f64>,
+) -> Result<CudaSlice<T>> {
+    let (_, c, hw) = sizes(d)?;
+    let total = d.0 * d.1 * d.2;
+    // SAFETY: the kernel writes every value.
+    let mut y = unsafe { dev.alloc::<T>(total)? };
+    let t = total as u32;
+    let f = kernel::<T>(dev, "bn_affine_add_relu")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(x).arg(r).arg(&mut y).arg(ss).arg(&t).arg(&c).arg(&hw);
+    // SAFETY: the arguments of `bn_affine_add_relu`; x, r and y hold `total` values, ss 2C.
+    unsafe { b.launch(elementwise(total)) }.w()?;
+    crate::ledger::launched(1);
+    Ok(y)
+}
+
 /// `x * scale[c] + shift[c]` with scale and shift of T (eval mode).
 pub(crate) fn channel_affine<T: WithDType + DeviceRepr + CudaDType>(
     dev: &CudaDevice,
@@ -260,6 +283,7 @@ mod tests {
             "bn_grad_sums",
             "bn_input_grad",
             "bn_running_update",
+            "bn_affine_add_relu",
         ];
         for name in names {
             for t in ["f32", "f64"] {

@@ -55,9 +55,11 @@ pub enum OpKind {
     Conv,
     /// Batch norm, alone or followed by ReLU (train and eval mode).
     BatchNorm,
-    /// The ops that exist only on a tape: batch norm + ReLU + split, batch norm +
-    /// residual add + ReLU, the 1x1 convolution of pieces, and the stem.
+    /// The ops that exist only on a tape: batch norm + ReLU + split, the 1x1
+    /// convolution of pieces, and the stem.
     TapeFused,
+    /// Batch norm + residual add + ReLU in one op (on a tape).
+    BatchNormAddRelu,
     Pool,
     AddRelu,
     ChannelSlice,
@@ -71,7 +73,7 @@ impl OpKind {
     pub fn has_cuda_kernel(self, dtype: DType) -> bool {
         match self {
             OpKind::Conv => matches!(dtype, DType::F32 | DType::F64 | DType::BF16),
-            OpKind::BatchNorm | OpKind::Sgd | OpKind::Pool | OpKind::AddRelu => {
+            OpKind::BatchNorm | OpKind::BatchNormAddRelu | OpKind::Sgd | OpKind::Pool | OpKind::AddRelu => {
                 matches!(dtype, DType::F32 | DType::F64)
             }
             _ => false,
@@ -172,7 +174,7 @@ mod tests {
         let k = |op| plan.kernels_on(op, &cpu, DType::F32);
         assert_eq!(k(OpKind::Conv), Kernels::Fused);
         assert_eq!(k(OpKind::BatchNorm), Kernels::Fused);
-        for op in [OpKind::Sgd, OpKind::Pool, OpKind::AddRelu] {
+        for op in [OpKind::Sgd, OpKind::Pool, OpKind::AddRelu, OpKind::BatchNormAddRelu] {
             assert_eq!(k(op), Kernels::Fused, "{op:?}");
         }
         for op in [OpKind::TapeFused, OpKind::ChannelSlice] {

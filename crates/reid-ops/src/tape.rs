@@ -16,8 +16,9 @@
 //! [`spatial_mean`]) keep candle's graph, which holds only tensors the tape holds
 //! anyway. An op that reaches the tape with an input from outside it (a candle op
 //! that did not record itself) is an error at once, never a gradient silently
-//! lost. The custom ops record on the CPU and on CUDA (their `cuda_fwd`); the
-//! ops of any number of operands ([`TapeOp`]) on the CPU only.
+//! lost. The custom ops record on the CPU and on CUDA (their `cuda_fwd`), and
+//! so do the ops of any number of operands ([`TapeOp`]) that have a
+//! `cuda_fwd`; the others, on the CPU only.
 
 use crate::ledger::{made, CountedContiguous};
 use std::cell::RefCell;
@@ -32,13 +33,29 @@ type Op1 = Arc<Box<dyn CustomOp1 + Send + Sync>>;
 type Op2 = Arc<Box<dyn CustomOp2 + Send + Sync>>;
 type Op3 = Arc<Box<dyn CustomOp3 + Send + Sync>>;
 
-/// An op of any number of inputs and outputs that runs only on a tape (CPU):
-/// for what candle's custom ops cannot take (three operands, one output).
+/// An op of any number of inputs and outputs that runs only on a tape: for
+/// what candle's custom ops cannot take (three operands, one output).
 pub trait TapeOp: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// The outputs from the inputs' CPU storages and layouts.
     fn cpu_fwd(&self, inputs: &[(&CpuStorage, &candle_core::Layout)]) -> Result<Vec<(CpuStorage, Shape)>>;
+
+    /// The outputs from the inputs' CUDA storages and layouts (an error for an
+    /// op only the CPU has).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _inputs: &[(&candle_core::CudaStorage, &candle_core::Layout)],
+    ) -> Result<Vec<(candle_core::CudaStorage, Shape)>> {
+        candle_core::bail!("tape: {} runs on the CPU only", self.name())
+    }
+
+    /// The launches its forward makes on CUDA (one for an op only the CPU has),
+    /// which the CPU's forward reports (see [`crate::ledger`]).
+    fn launches(&self) -> u64 {
+        1
+    }
 
     /// The inputs' gradients, in order, from `tensors` ([inputs..., outputs...],
     /// a kept one in place of each that is not read) and the outputs' gradients
@@ -458,7 +475,7 @@ macro_rules! forward_on {
 fn cpu<'a>(storage: &'a Storage, op: &str) -> Result<&'a CpuStorage> {
     match storage {
         Storage::Cpu(s) => Ok(s),
-        _ => candle_core::bail!("tape: {op} records on the CPU only"),
+        _ => candle_core::bail!("tape: {op} records on the CPU, or on CUDA with every operand there"),
     }
 }
 
@@ -536,20 +553,10 @@ pub fn op_any_outputs(
     if !recording() {
         candle_core::bail!("tape: {} runs only while a tape records", op.name());
     }
-    let outs = {
-        let guards: Vec<_> = inputs.iter().map(|(t, _)| t.storage_and_layout()).collect();
-        let views = guards
-            .iter()
-            .map(|(s, l)| Ok((cpu(s, op.name())?, *l)))
-            .collect::<Result<Vec<_>>>()?;
-        let results = op.cpu_fwd(&views)?;
-        crate::ledger::launched(1); // an op only the CPU has
-        for (_, shape) in &results {
-            crate::ledger::allocated(shape.elem_count(), inputs[0].0.dtype());
-        }
-        let on_cpu = |(s, shape)| device_leaf((Storage::Cpu(s), shape));
-        results.into_iter().map(on_cpu).collect::<Vec<_>>()
-    };
+    let outs = forward_any(&*op, inputs)?;
+    for t in &outs {
+        crate::ledger::allocated(t.elem_count(), t.dtype());
+    }
     let tensors: Vec<&Tensor> = inputs.iter().map(|(t, _)| *t).collect();
     let outputs: Vec<&Tensor> = outs.iter().collect();
     push(
@@ -578,6 +585,33 @@ pub fn op_tensors(inputs: &[(&Tensor, bool)], op: impl TensorOp + 'static, outpu
         &tensors,
     )?;
     Ok(outs)
+}
+
+/// The outputs of `op` on `inputs`, on their device (CPU, or CUDA with the
+/// `cuda` feature), as new leaf tensors.
+fn forward_any(op: &dyn TapeOp, inputs: &[(&Tensor, bool)]) -> Result<Vec<Tensor>> {
+    let guards: Vec<_> = inputs.iter().map(|(t, _)| t.storage_and_layout()).collect();
+    #[cfg(feature = "cuda")]
+    if guards.iter().all(|(s, _)| matches!(&**s, Storage::Cuda(_))) {
+        let views: Vec<_> = guards
+            .iter()
+            .map(|(s, l)| match &**s {
+                Storage::Cuda(s) => (s, *l),
+                _ => unreachable!("all on CUDA"),
+            })
+            .collect();
+        let results = op.cuda_fwd(&views)?;
+        let on_cuda = |(s, shape)| device_leaf((Storage::Cuda(s), shape));
+        return Ok(results.into_iter().map(on_cuda).collect());
+    }
+    let views = guards
+        .iter()
+        .map(|(s, l)| Ok((cpu(s, op.name())?, *l)))
+        .collect::<Result<Vec<_>>>()?;
+    let results = op.cpu_fwd(&views)?;
+    crate::ledger::launched(op.launches());
+    let on_cpu = |(s, shape)| device_leaf((Storage::Cpu(s), shape));
+    Ok(results.into_iter().map(on_cpu).collect())
 }
 
 /// `a + b`, recorded on this thread's tape if one records (by `sum`, the op

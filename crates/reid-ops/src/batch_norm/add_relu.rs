@@ -1,6 +1,7 @@
 //! The end of a residual block in training, `relu(bn(x) + r)`, as one pass
 //! forward: the batch norm's output is never written out to be read again by
-//! the residual sum. It runs on the tape only (it has four inputs).
+//! the residual sum. It runs on the tape only (it has four inputs), on the CPU
+//! and on CUDA (the statistics with scale and shift, then one pass).
 
 use crate::ledger::CountedContiguous;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
@@ -57,6 +58,44 @@ impl BatchNormAddRelu {
 impl TapeOp for BatchNormAddRelu {
     fn name(&self) -> &'static str {
         "batch-norm-add-relu"
+    }
+
+    /// On CUDA: the statistics with scale and shift, then the output.
+    fn launches(&self) -> u64 {
+        2
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        inputs: &[(&candle_core::CudaStorage, &Layout)],
+    ) -> Result<Vec<(candle_core::CudaStorage, Shape)>> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let op = self.name();
+        let &[(x, lx), (w, lw), (b, lb), (r, lr)] = inputs else {
+            candle_core::bail!("{op}: expected 4 inputs, got {}", inputs.len());
+        };
+        if lx.dims() != lr.dims() {
+            candle_core::bail!("{op}: input {:?} and residual {:?} differ", lx.dims(), lr.dims());
+        }
+        let d = dims(lx, op)?;
+        let dev = &x.device;
+        macro_rules! run {
+            ($t:ty) => {{
+                let v = |s, l| cuda::view::<$t>(s, l);
+                let (xv, rv) = (v(x, lx)?, v(r, lr)?);
+                let ss = self.bn.cuda_normalise(dev, [&xv, &v(w, lw)?, &v(b, lb)?], d)?;
+                let y = cuda::affine_add_relu(dev, (&xv, &rv), d, &ss)?;
+                candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone())
+            }};
+        }
+        let y = match x.dtype() {
+            candle_core::DType::F32 => run!(f32),
+            candle_core::DType::F64 => run!(f64),
+            dt => candle_core::bail!("{op}: {dt:?} on CUDA (f32 and f64 only)"),
+        };
+        Ok(vec![(y, lx.shape().clone())])
     }
 
     fn cpu_fwd(&self, inputs: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
