@@ -37,6 +37,21 @@ fn affine_add_relu<T: Float + Send + Sync>(
     }
 }
 
+/// A storage of either device with its layout.
+type Operand<'a, S> = (&'a S, &'a Layout);
+
+/// The four operands (x, weight, bias, r) of either device, or an error
+/// naming `op`.
+fn operands<'a, S>(op: &str, inputs: &[Operand<'a, S>]) -> Result<[Operand<'a, S>; 4]> {
+    let &[x, w, b, r] = inputs else {
+        candle_core::bail!("{op}: expected 4 inputs, got {}", inputs.len());
+    };
+    if x.1.dims() != r.1.dims() {
+        candle_core::bail!("{op}: input {:?} and residual {:?} differ", x.1.dims(), r.1.dims());
+    }
+    Ok([x, w, b, r])
+}
+
 /// Train-mode batch norm of (x, weight, bias) without ReLU, plus the residual
 /// `r`, then ReLU: inputs (x, weight, bias, r). The batch statistics are left in
 /// the batch norm's `stats`, as [`BatchNormTrain`] leaves them.
@@ -73,12 +88,7 @@ impl TapeOp for BatchNormAddRelu {
         use super::cuda;
         use candle_core::backend::BackendStorage;
         let op = self.name();
-        let &[(x, lx), (w, lw), (b, lb), (r, lr)] = inputs else {
-            candle_core::bail!("{op}: expected 4 inputs, got {}", inputs.len());
-        };
-        if lx.dims() != lr.dims() {
-            candle_core::bail!("{op}: input {:?} and residual {:?} differ", lx.dims(), lr.dims());
-        }
+        let [(x, lx), (w, lw), (b, lb), (r, lr)] = operands(op, inputs)?;
         let d = dims(lx, op)?;
         let dev = &x.device;
         macro_rules! run {
@@ -100,12 +110,7 @@ impl TapeOp for BatchNormAddRelu {
 
     fn cpu_fwd(&self, inputs: &[(&CpuStorage, &Layout)]) -> Result<Vec<(CpuStorage, Shape)>> {
         let op = self.name();
-        let &[(x, lx), (w, lw), (b, lb), (r, lr)] = inputs else {
-            candle_core::bail!("{op}: expected 4 inputs, got {}", inputs.len());
-        };
-        if lx.dims() != lr.dims() {
-            candle_core::bail!("{op}: input {:?} and residual {:?} differ", lx.dims(), lr.dims());
-        }
+        let [(x, lx), (w, lw), (b, lb), (r, lr)] = operands(op, inputs)?;
         let d = dims(lx, op)?;
         let layouts = [lx, lw, lb, lr];
         let y = match (x, w, b, r) {
