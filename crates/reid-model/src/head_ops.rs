@@ -182,10 +182,7 @@ impl TensorOp for CrossEntropy {
 /// Mean cross-entropy of `logits` [B, K] against `targets` [B] with label
 /// smoothing `e` (0: plain cross-entropy).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, e: f64) -> Result<Tensor> {
-    let targets = match targets.dtype() {
-        DType::U32 => targets.clone(),
-        _ => made(1, targets.to_dtype(DType::U32))?,
-    };
+    let targets = reid_ops::ledger::cast(targets, DType::U32)?;
     let op = CrossEntropy {
         targets,
         smoothing: e,

@@ -259,11 +259,10 @@ impl PairLoss {
             &r2.count,
             &rv.count,
         ];
-        let as_f64 = |t: &&Tensor| match t.dtype() {
-            DType::F64 => Ok((*t).clone()),
-            _ => ledger::made(1, t.to_dtype(DType::F64)),
-        };
-        let all = all.iter().map(as_f64).collect::<Result<Vec<_>>>()?;
+        let all = all
+            .iter()
+            .map(|t| ledger::cast(t, DType::F64))
+            .collect::<Result<Vec<_>>>()?;
         // On CUDA, one copy per value.
         let v: Vec<f64> = ledger::read(&ledger::made(all.len() as u64, Tensor::stack(&all, 0))?)?;
         let fraction = |right: f64, r: &Right| right / r.of as f64;
@@ -303,10 +302,7 @@ struct Right {
 /// The rows of `logits` whose largest value is at the target.
 fn accuracy(logits: &Tensor, targets: &Tensor) -> Result<Right> {
     let predicted = ledger::made(1, logits.argmax(D::Minus1))?;
-    let targets = match targets.dtype() {
-        DType::U32 => targets.clone(),
-        _ => ledger::made(1, targets.to_dtype(DType::U32))?,
-    };
+    let targets = ledger::cast(targets, DType::U32)?;
     let right = ledger::made(1, ledger::made(1, predicted.eq(&targets))?.to_dtype(DType::F64))?;
     let count = ledger::made(1, right.sum_all())?;
     Ok(Right {

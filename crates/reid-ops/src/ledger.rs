@@ -187,6 +187,15 @@ pub fn cuda_output(r: Result<(candle_core::CudaStorage, Shape)>) -> Result<(cand
     Ok((s, shape))
 }
 
+/// `t.to_dtype(dtype)` counted: one launch and one tensor where the dtype
+/// changes, nothing where it is already `dtype`.
+pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    match t.dtype() == dtype {
+        true => Ok(t.clone()),
+        false => made(1, t.to_dtype(dtype)),
+    }
+}
+
 /// `contiguous()` counted: a copy (one launch, one tensor) where `t` is not
 /// contiguous, nothing where it is.
 pub trait CountedContiguous {
