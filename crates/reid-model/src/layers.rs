@@ -92,7 +92,11 @@ impl Conv {
         let direct = self.weight.dim(2)? == 1 && self.stride == 1 && self.padding == 0;
         let fused = self.exec.kernels(OpKind::TapeFused, &self.weight) == Kernels::Fused;
         if !(direct && fused && tape::recording()) {
-            return self.forward(&tape::cat_channels(pieces)?);
+            let merged = match self.pieces_on_tape() {
+                true => reid_ops::pieces::cat(pieces)?,
+                false => tape::cat_channels(pieces)?,
+            };
+            return self.forward(&merged);
         }
         let pieces = pieces
             .iter()
@@ -102,6 +106,12 @@ impl Conv {
         let mut inputs: Vec<(&Tensor, bool)> = pieces.iter().map(|p| (p, true)).collect();
         inputs.push((&weight, true));
         tape::op_any_inputs(&inputs, ConvCat, false)
+    }
+
+    /// Whether the Res2Net pieces this convolution merges are concatenated by
+    /// one op on the tape ([`reid_ops::pieces`]).
+    fn pieces_on_tape(&self) -> bool {
+        tape::recording() && self.exec.kernels(OpKind::Pieces, &self.weight) == Kernels::Fused
     }
 }
 
@@ -236,6 +246,9 @@ impl BatchNorm {
     pub fn forward_relu_split(&self, x: &Tensor, width: usize, count: usize, train: bool) -> Result<Vec<Tensor>> {
         if !self.tape_fused(x, train) {
             let y = self.forward_t(x, train, Activation::Relu)?;
+            if tape::recording() && self.exec.kernels(OpKind::Pieces, &y) == Kernels::Fused {
+                return reid_ops::pieces::split(&y, width, count);
+            }
             let kernels = self.exec.kernels(OpKind::ChannelSlice, &y);
             let slice = |x: &Tensor, start, len| channel_slice_with(kernels, x, start, len);
             return tape::split_channels(&y, width, count, slice);

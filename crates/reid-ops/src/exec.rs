@@ -63,6 +63,8 @@ pub enum OpKind {
     Pool,
     AddRelu,
     ChannelSlice,
+    /// The Res2Net split and concatenation on a tape (see [`crate::pieces`]).
+    Pieces,
     /// The optimiser's update of one parameter.
     Sgd,
 }
@@ -72,7 +74,7 @@ impl OpKind {
     /// on `dtype`.
     pub fn has_cuda_kernel(self, dtype: DType) -> bool {
         match self {
-            OpKind::Conv => matches!(dtype, DType::F32 | DType::F64 | DType::BF16),
+            OpKind::Conv | OpKind::Pieces => matches!(dtype, DType::F32 | DType::F64 | DType::BF16),
             OpKind::BatchNorm | OpKind::BatchNormAddRelu | OpKind::Sgd | OpKind::Pool | OpKind::AddRelu => {
                 matches!(dtype, DType::F32 | DType::F64)
             }
@@ -174,7 +176,13 @@ mod tests {
         let k = |op| plan.kernels_on(op, &cpu, DType::F32);
         assert_eq!(k(OpKind::Conv), Kernels::Fused);
         assert_eq!(k(OpKind::BatchNorm), Kernels::Fused);
-        for op in [OpKind::Sgd, OpKind::Pool, OpKind::AddRelu, OpKind::BatchNormAddRelu] {
+        for op in [
+            OpKind::Sgd,
+            OpKind::Pool,
+            OpKind::AddRelu,
+            OpKind::BatchNormAddRelu,
+            OpKind::Pieces,
+        ] {
             assert_eq!(k(op), Kernels::Fused, "{op:?}");
         }
         for op in [OpKind::TapeFused, OpKind::ChannelSlice] {

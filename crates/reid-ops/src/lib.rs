@@ -138,6 +138,9 @@ mod cuda_kernels;
 pub mod exec;
 pub mod generic;
 pub mod ledger;
+pub mod pieces;
+#[cfg(feature = "cuda")]
+mod pieces_cuda;
 mod plane_sums;
 pub mod pool;
 pub mod residual;

@@ -554,9 +554,6 @@ pub fn op_any_outputs(
         candle_core::bail!("tape: {} runs only while a tape records", op.name());
     }
     let outs = forward_any(&*op, inputs)?;
-    for t in &outs {
-        crate::ledger::allocated(t.elem_count(), t.dtype());
-    }
     let tensors: Vec<&Tensor> = inputs.iter().map(|(t, _)| *t).collect();
     let outputs: Vec<&Tensor> = outs.iter().collect();
     push(
@@ -588,8 +585,17 @@ pub fn op_tensors(inputs: &[(&Tensor, bool)], op: impl TensorOp + 'static, outpu
 }
 
 /// The outputs of `op` on `inputs`, on their device (CPU, or CUDA with the
-/// `cuda` feature), as new leaf tensors.
+/// `cuda` feature), as new leaf tensors (each reported to the ledger).
 fn forward_any(op: &dyn TapeOp, inputs: &[(&Tensor, bool)]) -> Result<Vec<Tensor>> {
+    let outs = forward_on_device(op, inputs)?;
+    for t in &outs {
+        crate::ledger::allocated(t.elem_count(), t.dtype());
+    }
+    Ok(outs)
+}
+
+/// [`forward_any`]'s outputs, not yet reported.
+fn forward_on_device(op: &dyn TapeOp, inputs: &[(&Tensor, bool)]) -> Result<Vec<Tensor>> {
     let guards: Vec<_> = inputs.iter().map(|(t, _)| t.storage_and_layout()).collect();
     #[cfg(feature = "cuda")]
     if guards.iter().all(|(s, _)| matches!(&**s, Storage::Cuda(_))) {
@@ -612,6 +618,14 @@ fn forward_any(op: &dyn TapeOp, inputs: &[(&Tensor, bool)]) -> Result<Vec<Tensor
     crate::ledger::launched(op.launches());
     let on_cpu = |(s, shape)| device_leaf((Storage::Cpu(s), shape));
     Ok(results.into_iter().map(on_cpu).collect())
+}
+
+/// The outputs of `op` on `inputs` (on their device), not recorded: for a
+/// backward that runs another op's forward.
+pub(crate) fn run(op: &dyn TapeOp, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
+    let inputs: Vec<(&Tensor, bool)> = inputs.iter().map(|t| (*t, false)).collect();
+    let outs = forward_any(op, &inputs)?;
+    Ok(outs.iter().map(Tensor::detach).collect())
 }
 
 /// `a + b`, recorded on this thread's tape if one records (by `sum`, the op
