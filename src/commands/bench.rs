@@ -54,8 +54,9 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub ops: super::OpsArg,
     /// With train: count one more step's device work (host reads and uploads,
-    /// gradients started as zeros, ops on the tape and on candle's graph) and add
-    /// it as "ledger" to the JSON line.
+    /// kernel launches, tensors allocated and their bytes, gradients started as
+    /// zeros, ops on the tape and on candle's graph) and add it as "ledger" to the
+    /// JSON line.
     #[arg(long)]
     pub ledger: bool,
     /// Manifest for the loader benchmark (e.g. of `reid synth --preset market`).

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use reid_data::Split;
 use reid_extract::{extract_split, ExtractOptions, Extracted};
-use reid_model::DeviceSpec;
+use reid_model::{DeviceSpec, Precision};
 use reid_pipeline::extract::ExtractRequest;
 
 use crate::progress;
@@ -36,6 +36,10 @@ pub struct ExtractArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// f32, or bf16 (mixed precision: convolutions and matrix products in bf16;
+    /// the features are f32 either way, and the gallery records which).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
     /// Output folder [default: artifacts/features/<run>]; files are <split>.safetensors.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -54,6 +58,7 @@ pub fn run(args: ExtractArgs) -> Result<()> {
             batch_size: args.batch.max(1),
             flip: args.flip,
             normalize: !args.no_normalize,
+            precision: args.precision,
         },
         out: args.out,
         force: args.force,

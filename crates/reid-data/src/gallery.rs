@@ -30,6 +30,9 @@ pub struct GalleryMeta {
     pub interpolation: Option<Interpolation>,
     pub normalized: Option<bool>,
     pub flip: Option<bool>,
+    /// The precision of the network's convolutions and matrix products: `f32`
+    /// (also when absent, as in files written before it was recorded) or `bf16`.
+    pub precision: Option<String>,
     pub checkpoint_sha256: Option<String>,
     pub manifest_sha256: Option<String>,
     /// Image paths relative to `data_root`, one per row.
@@ -55,6 +58,7 @@ impl GalleryMeta {
         put("interpolation", self.interpolation.map(|i| i.to_string()));
         put("normalized", self.normalized.map(|b| b.to_string()));
         put("flip", self.flip.map(|b| b.to_string()));
+        put("precision", self.precision.clone());
         put("checkpoint_sha256", self.checkpoint_sha256.clone());
         put("manifest_sha256", self.manifest_sha256.clone());
         put(
@@ -88,6 +92,7 @@ impl GalleryMeta {
             .transpose()?;
         let normalized = parse_bool("normalized", take("normalized"))?;
         let flip = parse_bool("flip", take("flip"))?;
+        let precision = take("precision");
         let checkpoint_sha256 = take("checkpoint_sha256");
         let manifest_sha256 = take("manifest_sha256");
         let paths = take("paths")
@@ -102,6 +107,7 @@ impl GalleryMeta {
             interpolation,
             normalized,
             flip,
+            precision,
             checkpoint_sha256,
             manifest_sha256,
             paths,
@@ -314,6 +320,7 @@ mod tests {
                 interpolation: Some(Interpolation::Bicubic),
                 normalized: Some(true),
                 flip: Some(false),
+                precision: Some("bf16".into()),
                 checkpoint_sha256: Some("ab".into()),
                 manifest_sha256: Some("cd".into()),
                 paths: Some(vec!["query/a.jpg".into(), "query/b.jpg".into()]),

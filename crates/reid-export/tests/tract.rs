@@ -114,6 +114,7 @@ fn check(checkpoint: &Path, dir: &Path, seed: u64, normalize: &[bool]) {
             batch_size: 5,
             flip: false,
             normalize,
+            ..ExtractOptions::default()
         };
         let what = format!("{} normalize={normalize}", info.model.arch);
         let one = embed(&m, info.input, &batch[..1], &extract).unwrap();

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use reid_data::gallery::{sha256_file, Gallery, GalleryMeta, GALLERY_FORMAT_VERSION};
 use reid_data::{Manifest, Split};
-use reid_model::ReidModel;
+use reid_model::{Exec, Precision, ReidModel};
 use reid_sampling::{load_normalized, Chw, InputSpec};
 
 /// Why extraction failed.
@@ -34,6 +34,9 @@ pub struct ExtractOptions {
     pub flip: bool,
     /// L2-normalise the features.
     pub normalize: bool,
+    /// The precision of convolutions and matrix products (`bf16`: mixed
+    /// precision; the features are f32 either way).
+    pub precision: Precision,
 }
 
 impl Default for ExtractOptions {
@@ -42,6 +45,7 @@ impl Default for ExtractOptions {
             batch_size: 32,
             flip: false,
             normalize: true,
+            precision: Precision::F32,
         }
     }
 }
@@ -54,9 +58,14 @@ pub struct Extractor {
 }
 
 impl Extractor {
-    /// Loads a checkpoint written by `reid train` onto `device`.
-    pub fn load(checkpoint: &Path, device: &Device) -> Result<Self, ExtractError> {
-        let (model, info) = reid_model::checkpoint::load(checkpoint, reid_model::Exec::default(), device)?;
+    /// Loads a checkpoint written by `reid train` onto `device`, to run in
+    /// `precision`.
+    pub fn load(checkpoint: &Path, precision: Precision, device: &Device) -> Result<Self, ExtractError> {
+        let exec = Exec {
+            precision,
+            ..Exec::default()
+        };
+        let (model, info) = reid_model::checkpoint::load(checkpoint, exec, device)?;
         Ok(Extractor {
             model,
             input: info.input,
@@ -161,6 +170,7 @@ pub fn split_features(
         interpolation: Some(input.interpolation),
         normalized: Some(options.normalize),
         flip: Some(options.flip),
+        precision: Some(model.exec.precision.as_str().into()),
         paths: Some(records.iter().map(|r| r.path.clone()).collect()),
         data_root: Some(manifest.root.to_string_lossy().into_owned()),
         ..GalleryMeta::default()
@@ -198,6 +208,7 @@ fn expected_meta(
         interpolation: Some(input.interpolation),
         normalized: Some(options.normalize),
         flip: Some(options.flip),
+        precision: Some(options.precision.as_str().into()),
         checkpoint_sha256: Some(checkpoint_sha.into()),
         manifest_sha256: Some(manifest_sha.into()),
         ..GalleryMeta::default()
@@ -211,6 +222,7 @@ fn same_settings(a: &GalleryMeta, b: &GalleryMeta) -> bool {
         && a.interpolation.unwrap_or_default() == b.interpolation.unwrap_or_default()
         && a.normalized == b.normalized
         && a.flip == b.flip
+        && a.precision.as_deref().unwrap_or("f32") == b.precision.as_deref().unwrap_or("f32")
         && a.checkpoint_sha256 == b.checkpoint_sha256
         && a.manifest_sha256 == b.manifest_sha256
 }
@@ -248,7 +260,7 @@ pub fn extract_split(
         }
     }
     let manifest = Manifest::read_parquet(&job.manifest)?;
-    let extractor = Extractor::load(&job.checkpoint, device)?;
+    let extractor = Extractor::load(&job.checkpoint, job.options.precision, device)?;
     let mut gallery = split_features(
         &extractor.model,
         extractor.input,
@@ -302,11 +314,20 @@ pub fn search(
 ) -> Result<SearchResult, ExtractError> {
     let gallery = Gallery::read(gallery_path)?;
     gallery.check_checkpoint(gallery_path, Some(&sha256_file(checkpoint)?), checkpoint)?;
-    let extractor = Extractor::load(checkpoint, device)?;
+    // The queries are embedded as the gallery was.
+    let precision: Precision = gallery
+        .meta
+        .precision
+        .as_deref()
+        .unwrap_or("f32")
+        .parse()
+        .map_err(|e| ExtractError::Invalid(format!("{}: metadata 'precision': {e}", gallery_path.display())))?;
+    let extractor = Extractor::load(checkpoint, precision, device)?;
     let options = ExtractOptions {
         batch_size: 32,
         flip: gallery.meta.flip.unwrap_or(false),
         normalize: true,
+        precision,
     };
     let features = extractor.embed_files(images, &options, &|_| {})?;
     let dim = gallery.dim;

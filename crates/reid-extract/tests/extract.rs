@@ -8,7 +8,7 @@ use reid_data::gallery::Gallery;
 use reid_data::synth::{tiny_indexed_dataset, SynthConfig};
 use reid_data::Split;
 use reid_extract::{extract_split, ExtractOptions, Extracted, Extractor, SplitJob};
-use reid_model::{Arch, ModelConfig, ReidModel};
+use reid_model::{Arch, ModelConfig, Precision, ReidModel};
 
 fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     let cfg = SynthConfig {
@@ -68,6 +68,7 @@ fn extraction_caches_by_checkpoint_and_manifest() {
             batch_size: 4,
             flip: false,
             normalize: true,
+            ..ExtractOptions::default()
         },
         out: out.clone(),
         force: false,
@@ -130,7 +131,7 @@ fn extraction_caches_by_checkpoint_and_manifest() {
 fn with_flip_an_image_and_its_mirror_have_one_feature() {
     let dir = tempfile::tempdir().unwrap();
     let (_, ckpt) = setup(dir.path());
-    let extractor = Extractor::load(&ckpt, &Device::Cpu).unwrap();
+    let extractor = Extractor::load(&ckpt, Precision::F32, &Device::Cpu).unwrap();
     let path = std::fs::read_dir(dir.path().join("syn/query"))
         .unwrap()
         .next()
@@ -144,6 +145,7 @@ fn with_flip_an_image_and_its_mirror_have_one_feature() {
         batch_size: 2,
         flip: true,
         normalize: true,
+        ..ExtractOptions::default()
     };
     let f = extractor.embed(&[img.clone(), mirror.clone()], &on).unwrap();
     let (a, b) = f.split_at(256);
@@ -156,4 +158,51 @@ fn with_flip_an_image_and_its_mirror_have_one_feature() {
         a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-4),
         "without flip the two differ"
     );
+}
+
+/// bf16 features (mixed precision) are the f32 ones within rounding, and each
+/// precision has its own cache entry. The bound: bf16 keeps 8 significant bits,
+/// so each convolution's operands are off by up to 2^-9 relative, and the tiny
+/// model's L2-normalised features come out at a cosine similarity above 0.9999
+/// to f32's (measured: 1 - 2.5e-5 at worst); 0.999 leaves room for another
+/// machine's summation order, while a wrong layer or a lost cast would give
+/// far less.
+#[test]
+fn bf16_features_are_f32s_within_rounding_and_cached_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (manifest, ckpt) = setup(dir.path());
+    let mut job = SplitJob {
+        checkpoint: ckpt,
+        manifest,
+        split: Split::Gallery,
+        options: ExtractOptions::default(),
+        out: dir.path().join("gallery.safetensors"),
+        force: false,
+    };
+    let mut extract = |precision: Precision| {
+        job.options.precision = precision;
+        let outcome = extract_split(&job, &Device::Cpu, &|_, _| {}).unwrap();
+        (outcome, Gallery::read(&job.out).unwrap())
+    };
+    let (first, f32s) = extract(Precision::F32);
+    assert!(matches!(first, Extracted::Written { .. }));
+    assert_eq!(f32s.meta.precision.as_deref(), Some("f32"));
+    let (second, bf16s) = extract(Precision::Bf16);
+    assert!(
+        matches!(second, Extracted::Written { .. }),
+        "an f32 gallery is not a bf16 one"
+    );
+    assert_eq!(bf16s.meta.precision.as_deref(), Some("bf16"));
+    assert_eq!(extract(Precision::Bf16).0, Extracted::Cached);
+    assert_ne!(f32s.features, bf16s.features, "bf16 rounds");
+    let worst = (0..f32s.len())
+        .map(|i| {
+            f32s.feature(i)
+                .iter()
+                .zip(bf16s.feature(i))
+                .map(|(a, b)| a * b)
+                .sum::<f32>()
+        })
+        .fold(f32::INFINITY, f32::min);
+    assert!(worst > 0.999, "cosine similarity {worst}");
 }

@@ -163,6 +163,16 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// `f32` or `bf16`, as parsed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
 impl std::str::FromStr for Precision {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

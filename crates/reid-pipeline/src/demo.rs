@@ -326,6 +326,7 @@ fn extract_stage(request: &DemoRequest, paths: &Layout) -> Result<String> {
             batch_size: 64,
             flip: request.flip,
             normalize: true,
+            ..ExtractOptions::default()
         },
         out: Some(paths.features.clone()),
         force: false,
