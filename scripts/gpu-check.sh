@@ -16,7 +16,7 @@
 # generic ops (--ops generic, candle's graph: the old path); the same ledger on
 # this machine's CPU under --ops as-cuda (tiny images: the counts do not depend
 # on the size), which the CUDA ledger must equal; PyTorch's eager f32 and bf16
-# autocast in one process; inference, ours and PyTorch's. Nothing
+# autocast in one process; inference in f32 and bf16, ours and PyTorch's. Nothing
 # large is written to OUT_DIR: the unpacked binary goes to /tmp. The report is
 # OUT_DIR/gpu-check.json, with each step's output in OUT_DIR/<step>.log.
 set -uo pipefail
@@ -68,13 +68,14 @@ if ! step precheck 20 bash -c "$precheck" precheck "$bin"; then
 else
   step selftest 65 "$bin" selftest --device cuda --fixtures tests/fixtures
   utilisation reid-train-f32 40 "$bin" bench train --device cuda "${shape[@]}" "${bench[@]}" --ledger
-  step reid-train-bf16 40 "$bin" bench train --device cuda --precision bf16 "${shape[@]}" "${bench[@]}" --ledger
-  step reid-train-generic 30 "$bin" bench train --device cuda --ops generic "${shape[@]}" "${bench[@]}" --ledger
+  step reid-train-bf16 35 "$bin" bench train --device cuda --precision bf16 "${shape[@]}" "${bench[@]}" --ledger
+  step reid-train-generic 20 "$bin" bench train --device cuda --ops generic "${shape[@]}" --iters 5 --warmup 2 --ledger
   step reid-ledger-cpu 15 "$bin" bench train --device cpu --ops as-cuda --arch res2net50_26w_4s \
     --batch 4 --height 64 --width 32 --iters 1 --warmup 0 --ledger
   step torch-train 50 python3 bench/torch_baseline.py train --device cuda --precision both "${shape[@]}" "${bench[@]}"
-  step reid-infer-f32 20 "$bin" bench infer --device cuda --arch res2net50_26w_4s --batch 64 "${bench[@]}"
-  step torch-infer-f32 20 python3 bench/torch_baseline.py infer --device cuda --arch res2net50_26w_4s --batch 64 "${bench[@]}"
+  step reid-infer-f32 15 "$bin" bench infer --device cuda --arch res2net50_26w_4s --batch 64 "${bench[@]}"
+  step reid-infer-bf16 15 "$bin" bench infer --device cuda --precision bf16 --arch res2net50_26w_4s --batch 64 "${bench[@]}"
+  step torch-infer 25 python3 bench/torch_baseline.py infer --device cuda --precision both --arch res2net50_26w_4s --batch 64 "${bench[@]}"
 fi
 rm -rf "$unpack"
 
@@ -111,8 +112,9 @@ torch_runs = {p: result("torch-train", p).get("images_per_s_median") for p in ("
 for p, ours in (("f32", "reid-train-f32"), ("bf16", "reid-train-bf16")):
     a, b = result(ours).get("images_per_s_median"), torch_runs[p]
     report[f"train_{p}_ratio_to_torch"] = a / b if a and b else None
-a, b = result("reid-infer-f32").get("images_per_s_median"), result("torch-infer-f32").get("images_per_s_median")
-report["infer_f32_ratio_to_torch"] = a / b if a and b else None
+for p in ("f32", "bf16"):
+    a, b = result(f"reid-infer-{p}").get("images_per_s_median"), result("torch-infer", p).get("images_per_s_median")
+    report[f"infer_{p}_ratio_to_torch"] = a / b if a and b else None
 report["ledger"] = {s: result(s).get("ledger") for s in ("reid-train-f32", "reid-train-bf16", "reid-train-generic", "reid-ledger-cpu")}
 # The CUDA step's counts against the CPU's as-cuda plan (all but the bytes, which
 # depend on the images' size).
