@@ -61,10 +61,12 @@ impl Cut {
         [self.images, self.count, self.piece_len()].map(|v| v as u32)
     }
 
+    /// [N, width, H, W].
     pub fn piece_shape(&self) -> Shape {
         Shape::from((self.images, self.width, self.h, self.w))
     }
 
+    /// [N, count * width, H, W].
     pub fn whole_shape(&self) -> Shape {
         Shape::from((self.images, self.count * self.width, self.h, self.w))
     }
@@ -171,7 +173,7 @@ impl TapeOp for SplitPieces {
         crate::pieces_cuda::split(s, l, self.cut(l)?)
     }
 
-    fn bwd(&self, tensors: &[&Tensor], grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn bwd(&self, _tensors: &[&Tensor], grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
         let some = grads.iter().flatten().next().expect("a gradient reached the split");
         let grads = grads
             .iter()
@@ -184,7 +186,6 @@ impl TapeOp for SplitPieces {
             })
             .collect::<Result<Vec<_>>>()?;
         let grads: Vec<&Tensor> = grads.iter().collect();
-        let _ = tensors;
         Ok(tape::run(&CatPieces, &grads)?.into_iter().map(Some).collect())
     }
 }
