@@ -13,9 +13,9 @@
 # torch's CUDA) that stops the run at once if it fails; reid selftest --device
 # cuda; reid bench train (res2net50_26w_4s, 256x128, 32 pairs) with --ledger in
 # f32 (TF32) with the GPU's utilisation sampled, in bf16, and in f32 on the
-# generic ops (--ops generic, candle's graph: the old path); the same ledger on
-# this machine's CPU under --ops as-cuda (tiny images: the counts do not depend
-# on the size), which the CUDA ledger must equal; PyTorch's eager f32 and bf16
+# generic ops (--ops generic, candle's graph: the old path); the same ledgers in
+# f32 and bf16 on this machine's CPU under --ops as-cuda (tiny images: the
+# counts do not depend on the size), which the CUDA ledgers must equal; PyTorch's eager f32 and bf16
 # autocast in one process; inference in f32 and bf16, ours and PyTorch's. Nothing
 # large is written to OUT_DIR: the unpacked binary goes to /tmp. The report is
 # OUT_DIR/gpu-check.json, with each step's output in OUT_DIR/<step>.log.
@@ -70,8 +70,9 @@ else
   utilisation reid-train-f32 40 "$bin" bench train --device cuda "${shape[@]}" "${bench[@]}" --ledger
   step reid-train-bf16 35 "$bin" bench train --device cuda --precision bf16 "${shape[@]}" "${bench[@]}" --ledger
   step reid-train-generic 20 "$bin" bench train --device cuda --ops generic "${shape[@]}" --iters 5 --warmup 2 --ledger
-  step reid-ledger-cpu 15 "$bin" bench train --device cpu --ops as-cuda --arch res2net50_26w_4s \
-    --batch 4 --height 64 --width 32 --iters 1 --warmup 0 --ledger
+  ledger_cpu='for p in f32 bf16; do "$1" bench train --device cpu --ops as-cuda --precision $p \
+    --arch res2net50_26w_4s --batch 4 --height 64 --width 32 --iters 1 --warmup 0 --ledger || exit 1; done'
+  step reid-ledger-cpu 15 bash -c "$ledger_cpu" ledger "$bin"
   step torch-train 50 python3 bench/torch_baseline.py train --device cuda --precision both "${shape[@]}" "${bench[@]}"
   step reid-infer-f32 15 "$bin" bench infer --device cuda --arch res2net50_26w_4s --batch 64 "${bench[@]}"
   step reid-infer-bf16 15 "$bin" bench infer --device cuda --precision bf16 --arch res2net50_26w_4s --batch 64 "${bench[@]}"
@@ -115,15 +116,18 @@ for p, ours in (("f32", "reid-train-f32"), ("bf16", "reid-train-bf16")):
 for p in ("f32", "bf16"):
     a, b = result(f"reid-infer-{p}").get("images_per_s_median"), result("torch-infer", p).get("images_per_s_median")
     report[f"infer_{p}_ratio_to_torch"] = a / b if a and b else None
-report["ledger"] = {s: result(s).get("ledger") for s in ("reid-train-f32", "reid-train-bf16", "reid-train-generic", "reid-ledger-cpu")}
-# The CUDA step's counts against the CPU's as-cuda plan (all but the bytes, which
-# depend on the images' size).
-cuda, cpu = report["ledger"]["reid-train-f32"], report["ledger"]["reid-ledger-cpu"]
-if cuda and cpu:
-    differ = {k: [cuda.get(k), cpu.get(k)] for k in cpu if k != "bytes_allocated" and cuda.get(k) != cpu.get(k)}
-    report["ledger_cuda_equals_cpu_as_cuda"] = {"equal": not differ, "differ": differ}
-else:
-    report["ledger_cuda_equals_cpu_as_cuda"] = None
+report["ledger"] = {s: result(s).get("ledger") for s in ("reid-train-f32", "reid-train-bf16", "reid-train-generic")}
+for p in ("f32", "bf16"):
+    report["ledger"][f"reid-ledger-cpu-{p}"] = result("reid-ledger-cpu", p).get("ledger")
+# Each CUDA step's counts against the CPU's as-cuda plan in its precision (all
+# but the bytes, which depend on the images' size).
+for p in ("f32", "bf16"):
+    cuda, cpu = report["ledger"][f"reid-train-{p}"], report["ledger"][f"reid-ledger-cpu-{p}"]
+    if cuda and cpu:
+        differ = {k: [cuda.get(k), cpu.get(k)] for k in cpu if k != "bytes_allocated" and cuda.get(k) != cpu.get(k)}
+        report[f"ledger_{p}_cuda_equals_cpu_as_cuda"] = {"equal": not differ, "differ": differ}
+    else:
+        report[f"ledger_{p}_cuda_equals_cpu_as_cuda"] = None
 json.dump(report, open(f"{out}/gpu-check.json", "w"), indent=1)
 print(json.dumps(report, indent=1))
 ok = all(s["passed"] for s in report["steps"].values())

@@ -89,6 +89,12 @@ impl Bottle2neck {
         })
     }
 
+    /// Its convolutions, in order.
+    pub fn convs(&self) -> impl Iterator<Item = &Conv> {
+        let units = std::iter::once(&self.conv1).chain(&self.convs).chain([&self.conv3]);
+        units.chain(&self.downsample).map(|u| &u.conv)
+    }
+
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let splits = self.conv1.forward_relu_split(x, self.width, self.scale, train)?;
         let mut splits = splits.into_iter();
@@ -165,6 +171,12 @@ impl Bottleneck {
         })
     }
 
+    /// Its convolutions, in order.
+    pub fn convs(&self) -> impl Iterator<Item = &Conv> {
+        let units = [&self.conv1, &self.conv2, &self.conv3].into_iter();
+        units.chain(&self.downsample).map(|u| &u.conv)
+    }
+
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.conv1.forward_t(x, train, Activation::Relu)?;
         let y = self.conv2.forward_t(&y, train, Activation::Relu)?;
@@ -184,6 +196,14 @@ pub enum Block {
 }
 
 impl Block {
+    /// Its convolutions, in order.
+    pub fn convs(&self) -> Box<dyn Iterator<Item = &Conv> + '_> {
+        match self {
+            Block::Res2Net(b) => Box::new(b.convs()),
+            Block::ResNet(b) => Box::new(b.convs()),
+        }
+    }
+
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             Block::Res2Net(b) => b.forward_t(x, train),
@@ -200,6 +220,7 @@ pub struct Backbone {
     pub stem: ConvBn,
     /// layer1..layer4, their blocks in order.
     pub stages: Vec<Vec<Block>>,
+    exec: Exec,
 }
 
 impl Backbone {
@@ -239,7 +260,18 @@ impl Backbone {
             }
             stages.push(stage);
         }
-        Ok(Backbone { arch, stem, stages })
+        Ok(Backbone {
+            arch,
+            stem,
+            stages,
+            exec,
+        })
+    }
+
+    /// Every convolution, in order (the stem's first).
+    pub fn convs(&self) -> impl Iterator<Item = &Conv> {
+        let blocks = self.stages.iter().flatten();
+        std::iter::once(&self.stem.conv).chain(blocks.flat_map(Block::convs))
     }
 
     /// The stem: 7x7/2 convolution, batch norm, ReLU, 3x3/2 max pool (one op in
@@ -268,14 +300,20 @@ impl Backbone {
 }
 
 impl ModuleT for Backbone {
-    /// Pooled features `f` [N, C].
+    /// Pooled features `f` [N, C]. On a tape in bf16 precision the images are
+    /// cast to bf16 once, and the last activations back once before pooling
+    /// (see [`Exec::activations`]); the features have the images' dtype.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.stem_forward(x, train)?;
+        let activations = match tape::recording() {
+            true => self.exec.activations(x.dtype()),
+            false => x.dtype(),
+        };
+        let mut y = self.stem_forward(&reid_ops::ledger::cast(x, activations)?, train)?;
         for stage in &self.stages {
             for block in stage {
                 y = block.forward_t(&y, train)?;
             }
         }
-        tape::spatial_mean(&y)
+        tape::spatial_mean(&tape::cast(&y, x.dtype())?)
     }
 }

@@ -52,12 +52,16 @@ impl ConvSpec {
     }
 }
 
-/// A bias-free 2-D convolution (`<name>.weight`, [out, in, k, k]).
+/// A bias-free 2-D convolution (`<name>.weight`, [out, in, k, k]). In bf16
+/// precision it also holds a bf16 copy of its weight, which the convolution of
+/// bf16 activations reads (on a tape) and the optimiser rewrites after each
+/// update of the f32 weight (see [`Conv::bf16_copy`]).
 #[derive(Debug, Clone)]
 pub struct Conv {
     pub weight: Tensor,
     pub stride: usize,
     pub padding: usize,
+    copy: Option<Var>,
     exec: Exec,
 }
 
@@ -77,22 +81,37 @@ impl Conv {
             mean: 0.0,
             stdev: (2.0 / fan_out as f64).sqrt(),
         };
+        let weight = vb.get_with_hints((cout, cin, kernel, kernel), "weight", init)?;
+        let copy = match exec.bf16() {
+            true => Some(Var::from_tensor(&weight.to_dtype(DType::BF16)?)?),
+            false => None,
+        };
         Ok(Conv {
-            weight: vb.get_with_hints((cout, cin, kernel, kernel), "weight", init)?,
+            weight,
             stride,
             padding,
+            copy,
             exec,
         })
+    }
+
+    /// The bf16 copy of the weight (bf16 precision only): a gradient reaches it,
+    /// not the weight, where the activations are bf16.
+    pub fn bf16_copy(&self) -> Option<&Var> {
+        self.copy.as_ref()
     }
 
     /// The convolution of `pieces` concatenated along the channels: a 1x1
     /// convolution on a tape, where the plan fuses it, reads the pieces where
     /// they are ([`ConvCat`]); otherwise the concatenation is made first.
     pub fn forward_cat(&self, pieces: &[Tensor]) -> Result<Tensor> {
+        let Some(first) = pieces.first() else {
+            candle_core::bail!("conv: no pieces to concatenate");
+        };
         let direct = self.weight.dim(2)? == 1 && self.stride == 1 && self.padding == 0;
-        let fused = self.exec.kernels(OpKind::TapeFused, &self.weight) == Kernels::Fused;
+        let fused = self.exec.kernels(OpKind::TapeFused, first) == Kernels::Fused;
         if !(direct && fused && tape::recording()) {
-            let merged = match self.pieces_on_tape() {
+            let merged = match self.pieces_on_tape(first) {
                 true => reid_ops::pieces::cat(pieces)?,
                 false => tape::cat_channels(pieces)?,
             };
@@ -108,16 +127,22 @@ impl Conv {
         tape::op_any_inputs(&inputs, ConvCat, false)
     }
 
-    /// Whether the Res2Net pieces this convolution merges are concatenated by
-    /// one op on the tape ([`reid_ops::pieces`]).
-    fn pieces_on_tape(&self) -> bool {
-        tape::recording() && self.exec.kernels(OpKind::Pieces, &self.weight) == Kernels::Fused
+    /// Whether the Res2Net pieces this convolution merges (like `piece`) are
+    /// concatenated by one op on the tape ([`reid_ops::pieces`]).
+    fn pieces_on_tape(&self, piece: &Tensor) -> bool {
+        tape::recording() && self.exec.kernels(OpKind::Pieces, piece) == Kernels::Fused
     }
 }
 
 impl Module for Conv {
-    /// The convolution, in bf16 under mixed precision (see [`Exec::bf16`]).
+    /// The convolution, in bf16 under mixed precision (see [`Exec::bf16`]):
+    /// of bf16 activations with the weight's bf16 copy, else of f32 operands
+    /// cast to bf16 and back.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (DType::BF16, Some(copy)) = (x.dtype(), &self.copy) {
+            let kernels = self.exec.kernels(OpKind::Conv, x);
+            return reid_ops::conv::conv2d_with(kernels, x, copy.as_tensor(), self.stride, self.padding);
+        }
         reid_ops::in_compute_precision(self.exec.bf16(), &[x, &self.weight], |t| {
             let kernels = self.exec.kernels(OpKind::Conv, &t[0]);
             reid_ops::conv::conv2d_with(kernels, &t[0], &t[1], self.stride, self.padding)
@@ -292,7 +317,7 @@ impl BatchNorm {
     /// forward on `x` computed (unbiased variance, as PyTorch).
     fn update_running(&self, op: &BatchNormTrain, x: &Tensor) -> Result<()> {
         let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-        if mean.dtype() != x.dtype() {
+        if mean.dtype() != x.dtype() && (mean.dtype(), x.dtype()) != (DType::F32, DType::BF16) {
             candle_core::bail!(
                 "batch norm: running statistics of {:?} for {:?} inputs",
                 mean.dtype(),

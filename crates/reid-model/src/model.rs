@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, ModuleT, Result, Tensor, Var};
+use candle_core::{DType, Device, ModuleT, Result, Tensor, TensorId, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -209,6 +209,17 @@ impl ReidModel {
         let taped = TapedOutput::record(|| self.backbone.forward_t(&x, true))?;
         let pooled = taped.leaf().clone();
         Ok((self.through_neck(&pooled, true)?, pooled, Some(Arc::new(taped))))
+    }
+
+    /// The bf16 copies of the convolutions' weights (bf16 precision only),
+    /// each beside the id of the weight it copies (see [`Conv::bf16_copy`]).
+    ///
+    /// [`Conv::bf16_copy`]: crate::layers::Conv::bf16_copy
+    pub fn weight_copies(&self) -> Vec<(TensorId, Var)> {
+        let convs = self.backbone.convs();
+        convs
+            .filter_map(|c| c.bf16_copy().map(|v| (c.weight.id(), v.clone())))
+            .collect()
     }
 
     /// Every variable's current value by name, as f32 on the CPU (for saving).

@@ -3,6 +3,10 @@
 // values. Per-channel sums run in one block per channel, in double, in a fixed
 // order (the same bits every run). The element-wise products and sums round as
 // the CPU kernels do (no fused multiply-add where the CPU has none).
+// Activations are stored as S and computed as T, read through LD and written
+// through ST: S = T for f32 and f64; S = bf16 bits, T = float for bf16
+// activations, whose parameters, statistics and parameter gradients are f32
+// (bf16.cuh, prepended).
 
 #define BLOCK 256
 
@@ -25,29 +29,29 @@ __device__ unsigned int at(unsigned int i, unsigned int ch, unsigned int c, unsi
 }
 
 // y = x * scale[ch] + shift[ch] (ss = [scale; shift]), then ReLU if asked.
-#define AFFINE(T, NAME, MUL, ADD)                                                   \
-extern "C" __global__ void NAME(const T* x, T* y, const double* ss,                \
+#define AFFINE(S, T, LD, ST, NAME, MUL, ADD)                                        \
+extern "C" __global__ void NAME(const S* x, S* y, const double* ss,                \
                                 unsigned int total, unsigned int c,                 \
                                 unsigned int hw, int relu) {                        \
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;        \
          i += blockDim.x * gridDim.x) {                                             \
         unsigned int ch = (i / hw) % c;                                             \
-        T r = ADD(MUL(x[i], (T)ss[ch]), (T)ss[c + ch]);                             \
-        y[i] = (relu && r <= (T)0) ? (T)0 : r;                                      \
+        T r = ADD(MUL(LD(x[i]), (T)ss[ch]), (T)ss[c + ch]);                         \
+        y[i] = ST((relu && r <= (T)0) ? (T)0 : r);                                  \
     }                                                                               \
 }
 
 // y = relu((x * scale[ch] + shift[ch]) + r), each sum rounded as the CPU's
 // batch norm and residual sum round it; NaN kept.
-#define AFFINE_ADD_RELU(T, NAME, MUL, ADD)                                          \
-extern "C" __global__ void NAME(const T* x, const T* r, T* y, const double* ss,    \
+#define AFFINE_ADD_RELU(S, T, LD, ST, NAME, MUL, ADD)                               \
+extern "C" __global__ void NAME(const S* x, const S* r, S* y, const double* ss,    \
                                 unsigned int total, unsigned int c,                 \
                                 unsigned int hw) {                                  \
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;        \
          i += blockDim.x * gridDim.x) {                                             \
         unsigned int ch = (i / hw) % c;                                             \
-        T s = ADD(ADD(MUL(x[i], (T)ss[ch]), (T)ss[c + ch]), r[i]);                  \
-        y[i] = s <= (T)0 ? (T)0 : s;                                                \
+        T s = ADD(ADD(MUL(LD(x[i]), (T)ss[ch]), (T)ss[c + ch]), LD(r[i]));          \
+        y[i] = ST(s <= (T)0 ? (T)0 : s);                                            \
     }                                                                               \
 }
 
@@ -58,19 +62,19 @@ __device__ double invstd_of(double var, double eps) {
 
 // Per channel: stats = [mean; biased variance] (two passes), and from them
 // ss = [scale; shift] with scale = w / sqrt(var + eps), shift = b - mean * scale.
-#define STATS_SCALE_SHIFT(T, NAME)                                                  \
-extern "C" __global__ void NAME(const T* x, const T* w, const T* b, double* stats,  \
+#define STATS_SCALE_SHIFT(S, T, LD, NAME)                                           \
+extern "C" __global__ void NAME(const S* x, const T* w, const T* b, double* stats,  \
                                 double* ss, unsigned int n, unsigned int c,         \
                                 unsigned int hw, double eps) {                      \
     __shared__ double shared[BLOCK];                                                \
     unsigned int ch = blockIdx.x, count = n * hw;                                   \
     double s = 0.0;                                                                 \
     for (unsigned int i = threadIdx.x; i < count; i += BLOCK)                       \
-        s += (double)x[at(i, ch, c, hw)];                                           \
+        s += (double)LD(x[at(i, ch, c, hw)]);                                       \
     double mean = block_sum(s, shared) / (double)count;                             \
     double q = 0.0;                                                                 \
     for (unsigned int i = threadIdx.x; i < count; i += BLOCK) {                     \
-        double d = (double)x[at(i, ch, c, hw)] - mean;                              \
+        double d = (double)LD(x[at(i, ch, c, hw)]) - mean;                          \
         q = __dadd_rn(q, __dmul_rn(d, d));                                          \
     }                                                                               \
     q = block_sum(q, shared);                                                       \
@@ -85,15 +89,15 @@ extern "C" __global__ void NAME(const T* x, const T* w, const T* b, double* stat
 }
 
 // y = x * scale[ch] + shift[ch] from scale and shift of T (eval mode).
-#define CHANNEL_AFFINE(T, NAME, MUL, ADD)                                           \
-extern "C" __global__ void NAME(const T* x, T* y, const T* scale, const T* shift,  \
+#define CHANNEL_AFFINE(S, T, LD, ST, NAME, MUL, ADD)                                \
+extern "C" __global__ void NAME(const S* x, S* y, const T* scale, const T* shift,  \
                                 unsigned int total, unsigned int c,                 \
                                 unsigned int hw, int relu) {                        \
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;        \
          i += blockDim.x * gridDim.x) {                                             \
         unsigned int ch = (i / hw) % c;                                             \
-        T r = ADD(MUL(x[i], scale[ch]), shift[ch]);                                 \
-        y[i] = (relu && r <= (T)0) ? (T)0 : r;                                      \
+        T r = ADD(MUL(LD(x[i]), scale[ch]), shift[ch]);                             \
+        y[i] = ST((relu && r <= (T)0) ? (T)0 : r);                                  \
     }                                                                               \
 }
 
@@ -101,8 +105,8 @@ extern "C" __global__ void NAME(const T* x, T* y, const T* scale, const T* shift
 // out[ch] = sum(g' * (x - mean)) * invstd, out[c + ch] = sum(g');
 // stats = [mean; var]. And p = [mean; invstd; k; a; b] for INPUT_GRAD, from
 // the sums as rounded to T and the weight w.
-#define GRAD_SUMS(T, NAME)                                                          \
-extern "C" __global__ void NAME(const T* x, const T* y, const T* g, T* out,        \
+#define GRAD_SUMS(S, T, LD, NAME)                                                   \
+extern "C" __global__ void NAME(const S* x, const S* y, const S* g, T* out,        \
                                 const double* stats, const T* w, double* p,         \
                                 double eps, unsigned int n, unsigned int c,         \
                                 unsigned int hw, int relu) {                        \
@@ -111,9 +115,9 @@ extern "C" __global__ void NAME(const T* x, const T* y, const T* g, T* out,     
     double mean = stats[ch], sg = 0.0, sgx = 0.0;                                   \
     for (unsigned int i = threadIdx.x; i < count; i += BLOCK) {                     \
         unsigned int k = at(i, ch, c, hw);                                          \
-        double gv = (relu && y[k] <= (T)0) ? 0.0 : (double)g[k];                    \
+        double gv = (relu && LD(y[k]) <= (T)0) ? 0.0 : (double)LD(g[k]);            \
         sg += gv;                                                                   \
-        sgx = __dadd_rn(sgx, __dmul_rn(gv, (double)x[k] - mean));                   \
+        sgx = __dadd_rn(sgx, __dmul_rn(gv, (double)LD(x[k]) - mean));               \
     }                                                                               \
     sg = block_sum(sg, shared);                                                     \
     sgx = block_sum(sgx, shared);                                                   \
@@ -133,18 +137,18 @@ extern "C" __global__ void NAME(const T* x, const T* y, const T* g, T* out,     
 // dx = k * (count * g' - a - x_hat * b), x_hat = (x - mean) * invstd;
 // p = [mean; invstd; k; a; b], k = weight * invstd / count, a = sum(g'),
 // b = sum(g' * x_hat).
-#define INPUT_GRAD(T, NAME)                                                         \
-extern "C" __global__ void NAME(const T* x, const T* y, const T* g, T* dx,         \
+#define INPUT_GRAD(S, T, LD, ST, NAME)                                              \
+extern "C" __global__ void NAME(const S* x, const S* y, const S* g, S* dx,         \
                                 const double* p, double count, unsigned int total,  \
                                 unsigned int c, unsigned int hw, int relu) {        \
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;        \
          i += blockDim.x * gridDim.x) {                                             \
         unsigned int ch = (i / hw) % c;                                             \
-        double xhat = __dmul_rn((double)x[i] - p[ch], p[c + ch]);                   \
-        double gv = (relu && y[i] <= (T)0) ? 0.0 : (double)g[i];                    \
+        double xhat = __dmul_rn((double)LD(x[i]) - p[ch], p[c + ch]);               \
+        double gv = (relu && LD(y[i]) <= (T)0) ? 0.0 : (double)LD(g[i]);            \
         double inner = __dsub_rn(__dsub_rn(__dmul_rn(count, gv), p[3 * c + ch]),    \
                                  __dmul_rn(xhat, p[4 * c + ch]));                   \
-        dx[i] = (T)__dmul_rn(p[2 * c + ch], inner);                                 \
+        dx[i] = ST((T)__dmul_rn(p[2 * c + ch], inner));                             \
     }                                                                               \
 }
 
@@ -163,17 +167,23 @@ extern "C" __global__ void NAME(T* mean, T* var, const double* stats,           
     }                                                                               \
 }
 
-STATS_SCALE_SHIFT(float, bn_stats_scale_shift_f32)
-STATS_SCALE_SHIFT(double, bn_stats_scale_shift_f64)
-AFFINE(float, bn_affine_f32, __fmul_rn, __fadd_rn)
-AFFINE(double, bn_affine_f64, __dmul_rn, __dadd_rn)
-CHANNEL_AFFINE(float, bn_channel_affine_f32, __fmul_rn, __fadd_rn)
-CHANNEL_AFFINE(double, bn_channel_affine_f64, __dmul_rn, __dadd_rn)
-GRAD_SUMS(float, bn_grad_sums_f32)
-GRAD_SUMS(double, bn_grad_sums_f64)
-INPUT_GRAD(float, bn_input_grad_f32)
-INPUT_GRAD(double, bn_input_grad_f64)
-AFFINE_ADD_RELU(float, bn_affine_add_relu_f32, __fmul_rn, __fadd_rn)
-AFFINE_ADD_RELU(double, bn_affine_add_relu_f64, __dmul_rn, __dadd_rn)
+STATS_SCALE_SHIFT(float, float, SAME, bn_stats_scale_shift_f32)
+STATS_SCALE_SHIFT(double, double, SAME, bn_stats_scale_shift_f64)
+STATS_SCALE_SHIFT(unsigned short, float, bf16_ld, bn_stats_scale_shift_bf16)
+AFFINE(float, float, SAME, SAME, bn_affine_f32, __fmul_rn, __fadd_rn)
+AFFINE(double, double, SAME, SAME, bn_affine_f64, __dmul_rn, __dadd_rn)
+AFFINE(unsigned short, float, bf16_ld, bf16_st, bn_affine_bf16, __fmul_rn, __fadd_rn)
+CHANNEL_AFFINE(float, float, SAME, SAME, bn_channel_affine_f32, __fmul_rn, __fadd_rn)
+CHANNEL_AFFINE(double, double, SAME, SAME, bn_channel_affine_f64, __dmul_rn, __dadd_rn)
+CHANNEL_AFFINE(unsigned short, float, bf16_ld, bf16_st, bn_channel_affine_bf16, __fmul_rn, __fadd_rn)
+GRAD_SUMS(float, float, SAME, bn_grad_sums_f32)
+GRAD_SUMS(double, double, SAME, bn_grad_sums_f64)
+GRAD_SUMS(unsigned short, float, bf16_ld, bn_grad_sums_bf16)
+INPUT_GRAD(float, float, SAME, SAME, bn_input_grad_f32)
+INPUT_GRAD(double, double, SAME, SAME, bn_input_grad_f64)
+INPUT_GRAD(unsigned short, float, bf16_ld, bf16_st, bn_input_grad_bf16)
+AFFINE_ADD_RELU(float, float, SAME, SAME, bn_affine_add_relu_f32, __fmul_rn, __fadd_rn)
+AFFINE_ADD_RELU(double, double, SAME, SAME, bn_affine_add_relu_f64, __dmul_rn, __dadd_rn)
+AFFINE_ADD_RELU(unsigned short, float, bf16_ld, bf16_st, bn_affine_add_relu_bf16, __fmul_rn, __fadd_rn)
 RUNNING_UPDATE(float, bn_running_update_f32, __fmul_rn, __fadd_rn)
 RUNNING_UPDATE(double, bn_running_update_f64, __dmul_rn, __dadd_rn)

@@ -25,9 +25,9 @@ use crate::with_widest_simd;
 pub use add_relu::BatchNormAddRelu;
 #[cfg(feature = "cuda")]
 use candle_core::{
-    cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr},
-    cuda_backend::{CudaDType, CudaDevice},
-    CudaStorage, WithDType,
+    cuda_backend::cudarc::driver::{CudaSlice, CudaView},
+    cuda_backend::CudaDevice,
+    CudaStorage,
 };
 pub use running::update_running;
 pub use split::BatchNormReluSplit;
@@ -205,26 +205,28 @@ impl BatchNormTrain {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_forward<T: Float + WithDType + DeviceRepr + CudaDType>(
+    fn cuda_forward<T: cuda::Activations>(
         &self,
         dev: &CudaDevice,
-        [x, w, b]: [&CudaView<T>; 3],
+        x: &CudaView<T>,
+        [w, b]: [&CudaView<T::Param>; 2],
         d: (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
-        let ss = self.cuda_normalise(dev, [x, w, b], d)?;
+        let ss = self.cuda_normalise(dev, x, [w, b], d)?;
         cuda::affine(dev, x, d, &ss, self.relu)
     }
 
     /// The batch statistics of x, left in `stats`, and [scale; shift] from
     /// them and (w, b), on CUDA: one launch.
     #[cfg(feature = "cuda")]
-    pub(crate) fn cuda_normalise<T: WithDType + DeviceRepr + CudaDType>(
+    pub(crate) fn cuda_normalise<T: cuda::Activations>(
         &self,
         dev: &CudaDevice,
-        [x, w, b]: [&CudaView<T>; 3],
+        x: &CudaView<T>,
+        [w, b]: [&CudaView<T::Param>; 2],
         d: (usize, usize, usize),
     ) -> Result<CudaSlice<f64>> {
-        let (stats, ss) = cuda::stats_scale_shift(dev, [x, w, b], d, self.eps)?;
+        let (stats, ss) = cuda::stats_scale_shift(dev, x, [w, b], d, self.eps)?;
         let tensor = cuda::tensor_of(dev, stats, (2, d.1));
         let count = d.0 * d.2;
         *self.stats.lock().expect("stats lock") = Some(SavedStats {
@@ -307,8 +309,8 @@ impl CustomOp3 for BatchNormTrain {
     ) -> Result<(CudaStorage, Shape)> {
         let d = dims(l1, self.name())?;
         let dev = &s1.device;
-        let y = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, w, b| self
-            .cuda_forward(dev, [x, w, b], d)?);
+        let y = three_cuda_floats!(self.name(), dev, (s1, l1, A), (s2, l2, P), (s3, l3, P), |x, w, b| self
+            .cuda_forward(dev, x, [w, b], d)?);
         crate::ledger::cuda_output(Ok((y, l1.shape().clone())))
     }
 
@@ -440,7 +442,8 @@ impl CustomOp3 for GradSums {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = dims(l1, self.name())?;
-        let out = three_floats!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, y, g| self
+        // The sums are the parameters' gradients: f32 for bf16 activations.
+        let out = three_floats!(f32 => self.name(), (s1, l1), (s2, l2), (s3, l3), |x, y, g| self
             .sums(x, y, g, d)?);
         crate::ledger::cpu_output(1, Ok((out, Shape::from((2, d.1)))))
     }
@@ -462,9 +465,9 @@ impl CustomOp3 for GradSums {
         let (weight, wl) = self.weight.storage_and_layout();
         let weight = (cuda::cuda_storage(&weight)?, wl);
         let params;
-        let out = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, y, g| {
-            let w = cuda::view(weight.0, weight.1)?;
-            let (sums, p) = cuda::grad_sums(dev, (x, y, g, &w), d, stats, self.eps, self.relu)?;
+        let out = three_cuda_floats!(self.name(), dev, (s1, l1, A), (s2, l2, A), (s3, l3, A), |x, y, g| {
+            let w = cuda::view::<P>(weight.0, weight.1)?;
+            let (sums, p) = cuda::grad_sums(dev, ([x, y, g], &w), d, stats, self.eps, self.relu)?;
             params = p;
             sums
         });
@@ -587,7 +590,7 @@ impl CustomOp3 for InputGrad {
         };
         let (p, _) = params.storage_and_layout();
         let p = cuda::stats_of(&p)?;
-        let dx = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, y, g| {
+        let dx = three_cuda_floats!(self.name(), dev, (s1, l1, A), (s2, l2, A), (s3, l3, A), |x, y, g| {
             cuda::input_grad(dev, (x, y, g), d, p, self.relu)?
         });
         crate::ledger::cuda_output(Ok((dx, l1.shape().clone())))
@@ -638,9 +641,14 @@ impl CustomOp3 for ChannelAffine {
     ) -> Result<(CudaStorage, Shape)> {
         let d = dims(l1, self.name())?;
         let dev = &s1.device;
-        let y = three_cuda_floats!(self.name(), dev, (s1, l1), (s2, l2), (s3, l3), |x, scale, shift| {
-            cuda::channel_affine(dev, x, d, [scale, shift], self.relu)?
-        });
+        let y = three_cuda_floats!(
+            self.name(),
+            dev,
+            (s1, l1, A),
+            (s2, l2, P),
+            (s3, l3, P),
+            |x, scale, shift| { cuda::channel_affine(dev, x, d, [scale, shift], self.relu)? }
+        );
         crate::ledger::cuda_output(Ok((y, l1.shape().clone())))
     }
 }

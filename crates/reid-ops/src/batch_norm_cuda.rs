@@ -14,7 +14,29 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor, WithDType};
 
 /// The kernels of batch_norm.cu.
-static KERNELS: Kernels = Kernels::new("reid_batch_norm", include_str!("batch_norm.cu"));
+static KERNELS: Kernels = Kernels::new(
+    "reid_batch_norm",
+    concat!(include_str!("bf16.cuh"), include_str!("batch_norm.cu")),
+);
+
+/// A dtype of activations on CUDA, with the dtype of the parameters (weight,
+/// bias, scale and shift) and of their gradients beside them: its own for f32
+/// and f64, f32 for bf16 (mixed precision).
+pub(crate) trait Activations: WithDType + DeviceRepr + CudaDType {
+    type Param: WithDType + DeviceRepr + CudaDType;
+}
+
+impl Activations for f32 {
+    type Param = f32;
+}
+
+impl Activations for f64 {
+    type Param = f64;
+}
+
+impl Activations for half::bf16 {
+    type Param = f32;
+}
 
 /// Kernel `name`, suffixed by T's dtype.
 fn kernel<T: WithDType>(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
@@ -67,9 +89,10 @@ pub(crate) fn tensor_of<S: Into<Shape>>(dev: &CudaDevice, slice: CudaSlice<f64>,
 
 /// Per channel, [mean; biased variance] of x and [scale; shift] from them and
 /// the weight and bias (2C f64 each, left on the device): one launch.
-pub(crate) fn stats_scale_shift<T: WithDType + DeviceRepr + CudaDType>(
+pub(crate) fn stats_scale_shift<T: Activations>(
     dev: &CudaDevice,
-    [x, w, b]: [&CudaView<T>; 3],
+    x: &CudaView<T>,
+    [w, b]: [&CudaView<T::Param>; 2],
     d: (usize, usize, usize),
     eps: f64,
 ) -> Result<(CudaSlice<f64>, CudaSlice<f64>)> {
@@ -134,11 +157,11 @@ pub(crate) fn affine_add_relu<T: WithDType + DeviceRepr + CudaDType>(
 }
 
 /// `x * scale[c] + shift[c]` with scale and shift of T (eval mode).
-pub(crate) fn channel_affine<T: WithDType + DeviceRepr + CudaDType>(
+pub(crate) fn channel_affine<T: Activations>(
     dev: &CudaDevice,
     x: &CudaView<T>,
     d: (usize, usize, usize),
-    [scale, shift]: [&CudaView<T>; 2],
+    [scale, shift]: [&CudaView<T::Param>; 2],
     relu: bool,
 ) -> Result<CudaSlice<T>> {
     let (_, c, hw) = sizes(d)?;
@@ -163,21 +186,21 @@ pub(crate) fn channel_affine<T: WithDType + DeviceRepr + CudaDType>(
     Ok(y)
 }
 
-/// [sum(g' * x_hat); sum(g')] per channel as 2C values of T, with the saved
+/// [sum(g' * x_hat); sum(g')] per channel as 2C parameter values, with the saved
 /// statistics `stats` = [mean; var]; and in the same launch the input
 /// gradient's per-channel parameters [mean; invstd; k; a; b] (5C f64) from
 /// those sums and the weight `w` (see `bn_input_grad`).
-pub(crate) fn grad_sums<T: WithDType + DeviceRepr + CudaDType>(
+pub(crate) fn grad_sums<T: Activations>(
     dev: &CudaDevice,
-    (x, y, g, w): (&CudaView<T>, &CudaView<T>, &CudaView<T>, &CudaView<T>),
+    ([x, y, g], w): ([&CudaView<T>; 3], &CudaView<T::Param>),
     d: (usize, usize, usize),
     stats: &CudaSlice<f64>,
     eps: f64,
     relu: bool,
-) -> Result<(CudaSlice<T>, CudaSlice<f64>)> {
+) -> Result<(CudaSlice<T::Param>, CudaSlice<f64>)> {
     let (n, c, hw) = sizes(d)?;
     // SAFETY: the kernel writes every value of both.
-    let (mut out, mut p) = unsafe { (dev.alloc::<T>(2 * d.1)?, dev.alloc::<f64>(5 * d.1)?) };
+    let (mut out, mut p) = unsafe { (dev.alloc::<T::Param>(2 * d.1)?, dev.alloc::<f64>(5 * d.1)?) };
     let r = relu as i32;
     let f = kernel::<T>(dev, "bn_grad_sums")?;
     let stream = dev.cuda_stream();
@@ -286,7 +309,11 @@ mod tests {
             "bn_affine_add_relu",
         ];
         for name in names {
-            for t in ["f32", "f64"] {
+            for t in ["f32", "f64", "bf16"] {
+                // The running statistics are f32 beside bf16 activations.
+                if (name, t) == ("bn_running_update", "bf16") {
+                    continue;
+                }
                 assert!(ptx.contains(&format!(".entry {name}_{t}(")), "{name}_{t} in the PTX");
             }
         }

@@ -488,7 +488,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
 /// CUDA when built with `cudnn`).
 pub fn conv2d_with(kernels: Kernels, x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     match kernels {
-        Kernels::Fused if x.device().is_cpu() && x.dtype() != candle_core::DType::BF16 => {
+        Kernels::Fused if x.device().is_cpu() => {
             let conv = Conv2d { stride, padding };
             let (x, weight) = (x.contiguous_counted()?, weight.contiguous_counted()?);
             tape::op2(&x, &weight, conv, Reads::INPUTS)

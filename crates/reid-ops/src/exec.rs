@@ -74,11 +74,28 @@ impl OpKind {
     /// on `dtype`.
     pub fn has_cuda_kernel(self, dtype: DType) -> bool {
         match self {
-            OpKind::Conv | OpKind::Pieces => matches!(dtype, DType::F32 | DType::F64 | DType::BF16),
-            OpKind::BatchNorm | OpKind::BatchNormAddRelu | OpKind::Sgd | OpKind::Pool | OpKind::AddRelu => {
-                matches!(dtype, DType::F32 | DType::F64)
+            OpKind::Conv
+            | OpKind::Pieces
+            | OpKind::BatchNorm
+            | OpKind::BatchNormAddRelu
+            | OpKind::Pool
+            | OpKind::AddRelu => {
+                matches!(dtype, DType::F32 | DType::F64 | DType::BF16)
             }
+            // Of f32 parameters with bf16 gradients too.
+            OpKind::Sgd => matches!(dtype, DType::F32 | DType::F64),
             _ => false,
+        }
+    }
+
+    /// Whether the CPU has a fused kernel of its own for this op on `dtype`:
+    /// every op on f32 and f64; on bf16 (widened, see `mixed`), all but the
+    /// tape-only fused ops, which run as their parts instead.
+    pub fn has_cpu_kernel(self, dtype: DType) -> bool {
+        match (self, dtype) {
+            (_, DType::F32 | DType::F64) => true,
+            (OpKind::TapeFused, _) => false,
+            (_, dtype) => dtype == DType::BF16,
         }
     }
 
@@ -131,8 +148,8 @@ impl Exec {
     pub fn kernels_on(&self, op: OpKind, device: &Device, dtype: DType) -> Kernels {
         let fused = match (self.ops, device.is_cuda()) {
             (Ops::Generic, _) => false,
-            (Ops::Auto | Ops::Fused, false) => device.is_cpu(),
-            (Ops::AsCuda, false) => device.is_cpu() && op.has_cuda_kernel(dtype),
+            (Ops::Auto | Ops::Fused, false) => device.is_cpu() && op.has_cpu_kernel(dtype),
+            (Ops::AsCuda, false) => device.is_cpu() && op.has_cuda_kernel(dtype) && op.has_cpu_kernel(dtype),
             (_, true) => op.built_for_cuda(dtype),
         };
         if fused {
@@ -148,15 +165,34 @@ impl Exec {
     }
 
     /// Whether the backbone's training forward on `x` records itself on a tape:
-    /// every op it runs has a kernel that records (any plan but `generic`, on the
-    /// CPU or on CUDA with the `cudnn` build), in f32 precision, on f32 or f64.
-    /// Elsewhere its backward is candle's.
+    /// any plan but `generic`, on f32 or f64 images, on the CPU or on CUDA with
+    /// the `cudnn` build, where every op it runs has a kernel for the
+    /// activations' dtype (see [`Exec::activations`]). Elsewhere its backward is
+    /// candle's.
     pub fn tape(&self, x: &Tensor) -> bool {
-        let device = x.device().is_cpu() || (x.device().is_cuda() && OpKind::Conv.built_for_cuda(x.dtype()));
-        device
-            && self.ops != Ops::Generic
-            && self.precision == Precision::F32
-            && matches!(x.dtype(), DType::F32 | DType::F64)
+        let dtype = self.activations(x.dtype());
+        let device = x.device().is_cpu() || (x.device().is_cuda() && OpKind::Conv.built_for_cuda(dtype));
+        let on_tape = [
+            OpKind::Conv,
+            OpKind::BatchNorm,
+            OpKind::BatchNormAddRelu,
+            OpKind::Pool,
+            OpKind::AddRelu,
+            OpKind::Pieces,
+        ];
+        let kernels = on_tape
+            .iter()
+            .all(|&op| self.kernels_on(op, x.device(), dtype) == Kernels::Fused);
+        device && self.ops != Ops::Generic && matches!(x.dtype(), DType::F32 | DType::F64) && kernels
+    }
+
+    /// The dtype of the backbone's activations on a tape for images of `input`:
+    /// bf16 for f32 images in bf16 precision, `input` otherwise.
+    pub fn activations(&self, input: DType) -> DType {
+        match (self.precision, input) {
+            (Precision::Bf16, DType::F32) => DType::BF16,
+            _ => input,
+        }
     }
 
     /// Whether convolutions and matrix products of f32 operands run in bf16.
@@ -191,7 +227,12 @@ mod tests {
         let x = Tensor::zeros(2, DType::F32, &cpu).unwrap();
         assert!(plan.tape(&x), "CUDA's backbone records itself");
         assert!(Exec::default().tape(&x));
-        assert!(!Exec::new(Ops::Auto, Precision::Bf16).tape(&x));
+        let bf16 = Exec::new(Ops::Auto, Precision::Bf16);
+        assert!(bf16.tape(&x), "the CPU has every op in bf16");
+        assert!(Exec::new(Ops::AsCuda, Precision::Bf16).tape(&x), "and so has CUDA");
+        assert_eq!(bf16.activations(DType::F32), DType::BF16);
+        assert_eq!(bf16.activations(DType::F64), DType::F64);
+        assert_eq!(bf16.kernels_on(OpKind::TapeFused, &cpu, DType::BF16), Kernels::Generic);
         let generic = Exec::new(Ops::Generic, Precision::F32);
         assert_eq!(generic.kernels(OpKind::Conv, &x), Kernels::Generic);
         assert!(!generic.tape(&x));

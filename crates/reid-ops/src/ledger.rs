@@ -39,6 +39,8 @@ pub struct Ledger {
     pub graph_ops: u64,
     /// Kernel launches (see the module's documentation).
     pub launches: u64,
+    /// Casts from one dtype to another (each also a launch).
+    pub casts: u64,
     /// Tensors made by kernels.
     pub allocations: u64,
     /// Their bytes.
@@ -53,6 +55,7 @@ impl std::ops::AddAssign for Ledger {
         self.tape_ops += o.tape_ops;
         self.graph_ops += o.graph_ops;
         self.launches += o.launches;
+        self.casts += o.casts;
         self.allocations += o.allocations;
         self.bytes_allocated += o.bytes_allocated;
     }
@@ -192,8 +195,19 @@ pub fn cuda_output(r: Result<(candle_core::CudaStorage, Shape)>) -> Result<(cand
 pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     match t.dtype() == dtype {
         true => Ok(t.clone()),
-        false => made(1, t.to_dtype(dtype)),
+        false => {
+            add(|l| l.casts += 1);
+            made(1, t.to_dtype(dtype))
+        }
     }
+}
+
+/// Reports a cast written into an existing tensor: one launch, one cast.
+pub fn cast_in_place() {
+    add(|l| {
+        l.casts += 1;
+        l.launches += 1;
+    })
 }
 
 /// `contiguous()` counted: a copy (one launch, one tensor) where `t` is not

@@ -44,21 +44,37 @@ pub(crate) fn dims4(layout: &Layout, op: &str) -> Result<(usize, usize, usize, u
 }
 
 /// Runs `$body` on the f32 or f64 vector of a CPU storage, wrapping the result
-/// back into a storage of the same type.
+/// back into a storage of the same type; a bf16 vector is widened to f32 and the
+/// result rounded back (see [`mixed`]).
 macro_rules! float_dispatch {
     ($storage:expr, $op:expr, |$data:ident| $body:expr) => {
         match $storage {
             candle_core::CpuStorage::F32($data) => candle_core::CpuStorage::F32($body),
             candle_core::CpuStorage::F64($data) => candle_core::CpuStorage::F64($body),
-            _ => candle_core::bail!("{}: only f32 and f64 are supported", $op),
+            candle_core::CpuStorage::BF16(v) => {
+                let wide: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+                let $data = &wide;
+                candle_core::CpuStorage::BF16($body.into_iter().map(half::bf16::from_f32).collect())
+            }
+            _ => candle_core::bail!("{}: only f32, f64 and bf16 are supported", $op),
         }
     };
 }
 
-/// Runs `$body` on the contiguous values of two f32 or two f64 operands.
+/// Runs `$body` on the contiguous values of two f32 or two f64 operands; where
+/// either is bf16, on both as f32, the result in the first one's dtype (see
+/// [`mixed`]).
 macro_rules! two_floats {
     ($op:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, |$a:ident, $b:ident| $body:expr) => {
         match ($s1, $s2) {
+            (s1, s2) if $crate::mixed::any_bf16(&[s1, s2]) => {
+                let (a, b) = (
+                    $crate::mixed::widened(s1, $l1, $op)?,
+                    $crate::mixed::widened(s2, $l2, $op)?,
+                );
+                let ($a, $b) = (&*a, &*b);
+                $crate::mixed::narrowed_like(s1, $body)
+            }
             (candle_core::CpuStorage::F32(a), candle_core::CpuStorage::F32(b)) => {
                 let ($a, $b) = ($crate::contiguous(a, $l1, $op)?, $crate::contiguous(b, $l2, $op)?);
                 candle_core::CpuStorage::F32($body)
@@ -72,10 +88,24 @@ macro_rules! two_floats {
     };
 }
 
-/// Runs `$body` with three f32 or three f64 slices.
+/// Runs `$body` with three f32 or three f64 slices; where any is bf16, with all
+/// three as f32, the result in the first one's dtype, or in f32 after `f32 =>`
+/// (see [`mixed`]).
 macro_rules! three_floats {
+    (f32 => $op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
+        three_floats!($op, ($s1, $l1), ($s2, $l2), ($s3, $l3), like &candle_core::CpuStorage::F32(Vec::new()) => |$a, $b, $c| $body)
+    };
     ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
+        three_floats!($op, ($s1, $l1), ($s2, $l2), ($s3, $l3), like $s1 => |$a, $b, $c| $body)
+    };
+    ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), like $like:expr => |$a:ident, $b:ident, $c:ident| $body:expr) => {
         match ($s1, $s2, $s3) {
+            (s1, s2, s3) if $crate::mixed::any_bf16(&[s1, s2, s3]) => {
+                let w = |s, l| $crate::mixed::widened(s, l, $op);
+                let (a, b, c) = (w(s1, $l1)?, w(s2, $l2)?, w(s3, $l3)?);
+                let ($a, $b, $c) = (&*a, &*b, &*c);
+                $crate::mixed::narrowed_like($like, $body)
+            }
             (candle_core::CpuStorage::F32(a), candle_core::CpuStorage::F32(b), candle_core::CpuStorage::F32(c)) => {
                 let ($a, $b, $c) = (
                     $crate::contiguous(a, $l1, $op)?,
@@ -97,31 +127,45 @@ macro_rules! three_floats {
     };
 }
 
-/// Runs `$body` with three contiguous f32 or three f64 CUDA views (the CUDA
-/// side of `three_floats!`); `$body` gives a `CudaSlice`, wrapped for `$dev`.
+/// Runs `$body` with three contiguous CUDA views, each of the activations'
+/// type `A` or of the parameters' type `P` as marked (the CUDA side of
+/// `three_floats!`): f32 and f32, f64 and f64, or bf16 and f32, by the first
+/// operand's dtype. `$body` gives a `CudaSlice`, wrapped for `$dev`.
 #[cfg(feature = "cuda")]
 macro_rules! three_cuda_floats {
-    ($op:expr, $dev:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {{
+    ($op:expr, $dev:expr, ($s1:expr, $l1:expr, $t1:ident), ($s2:expr, $l2:expr, $t2:ident), ($s3:expr, $l3:expr, $t3:ident), |$a:ident, $b:ident, $c:ident| $body:expr) => {{
         use candle_core::backend::BackendStorage;
         use $crate::batch_norm_cuda::view;
+        macro_rules! run {
+            () => {{
+                let ($a, $b, $c) = (
+                    &view::<$t1>($s1, $l1)?,
+                    &view::<$t2>($s2, $l2)?,
+                    &view::<$t3>($s3, $l3)?,
+                );
+                candle_core::CudaStorage::wrap_cuda_slice($body, $dev.clone())
+            }};
+        }
         match $s1.dtype() {
             candle_core::DType::F32 => {
-                let ($a, $b, $c) = (
-                    &view::<f32>($s1, $l1)?,
-                    &view::<f32>($s2, $l2)?,
-                    &view::<f32>($s3, $l3)?,
-                );
-                candle_core::CudaStorage::wrap_cuda_slice($body, $dev.clone())
+                type A = f32;
+                #[allow(dead_code)]
+                type P = f32;
+                run!()
             }
             candle_core::DType::F64 => {
-                let ($a, $b, $c) = (
-                    &view::<f64>($s1, $l1)?,
-                    &view::<f64>($s2, $l2)?,
-                    &view::<f64>($s3, $l3)?,
-                );
-                candle_core::CudaStorage::wrap_cuda_slice($body, $dev.clone())
+                type A = f64;
+                #[allow(dead_code)]
+                type P = f64;
+                run!()
             }
-            dt => candle_core::bail!("{}: {dt:?} on CUDA (f32 and f64 only)", $op),
+            candle_core::DType::BF16 => {
+                type A = half::bf16;
+                #[allow(dead_code)]
+                type P = f32;
+                run!()
+            }
+            dt => candle_core::bail!("{}: {dt:?} on CUDA (f32, f64 and bf16 only)", $op),
         }
     }};
 }
@@ -138,6 +182,7 @@ mod cuda_kernels;
 pub mod exec;
 pub mod generic;
 pub mod ledger;
+pub mod mixed;
 pub mod pieces;
 #[cfg(feature = "cuda")]
 mod pieces_cuda;
@@ -185,7 +230,7 @@ impl std::str::FromStr for Precision {
 }
 
 /// `op` on `operands`, in bf16 when `bf16` and they are f32 (the result cast back
-/// to f32); as they are otherwise.
+/// to f32; each cast counted); as they are otherwise.
 pub fn in_compute_precision(
     bf16: bool,
     operands: &[&candle_core::Tensor],
@@ -197,9 +242,9 @@ pub fn in_compute_precision(
     }
     let cast: Vec<candle_core::Tensor> = operands
         .iter()
-        .map(|t| t.to_dtype(DType::BF16))
+        .map(|t| ledger::cast(t, DType::BF16))
         .collect::<Result<_>>()?;
-    op(&cast)?.to_dtype(DType::F32)
+    ledger::cast(&op(&cast)?, DType::F32)
 }
 
 /// Allows (the default, as PyTorch for convolutions) or forbids TF32 tensor cores

@@ -170,6 +170,7 @@ impl MaxPool2d {
         };
         let op = MaxPool2dBackward {
             input_hw: (h, w),
+            window: self.window,
             argmax,
         };
         grad.contiguous_counted()?.apply_op1_no_bwd(&op)
@@ -208,6 +209,8 @@ impl CustomOp1 for MaxPool2d {
 #[derive(Debug, Clone)]
 pub struct MaxPool2dBackward {
     pub input_hw: (usize, usize),
+    /// The forward's window (CUDA gathers each input's gradient over it).
+    pub window: Window,
     pub argmax: Arc<Argmax>,
 }
 
@@ -259,7 +262,13 @@ impl CustomOp1 for MaxPool2dBackward {
         let Argmax::Cuda(at) = &*self.argmax else {
             candle_core::bail!("{}: the forward ran on another device", self.name());
         };
-        crate::ledger::cuda_output(crate::tape_ops_cuda::max_pool_backward(s, l, at, self.input_hw))
+        crate::ledger::cuda_output(crate::tape_ops_cuda::max_pool_backward(
+            s,
+            l,
+            at,
+            self.window,
+            self.input_hw,
+        ))
     }
 }
 

@@ -8,7 +8,7 @@ use candle_core::{CudaStorage, Layout, Result, WithDType};
 
 use crate::cuda_kernels::{grid_stride as grid, Kernels};
 
-static KERNELS: Kernels = Kernels::new("reid_sgd", include_str!("sgd.cu"));
+static KERNELS: Kernels = Kernels::new("reid_sgd", concat!(include_str!("bf16.cuh"), include_str!("sgd.cu")));
 
 /// The settings of one parameter's update, as f64 (the kernel gets them as T).
 #[derive(Debug, Clone, Copy)]
@@ -37,24 +37,34 @@ fn range(l: &Layout, n: usize, what: &str) -> Result<(usize, usize)> {
 }
 
 /// `param <- param - lr * direction` (and the buffer beside it), one launch.
+/// The gradient has the parameter's dtype, or bf16 for an f32 parameter (the
+/// gradient of its bf16 copy).
 pub fn update(
     (param, pl): (&mut CudaStorage, &Layout),
     (grad, gl): (&CudaStorage, &Layout),
     buf: Option<MomentumBuffer>,
     s: &SgdScalars,
 ) -> Result<()> {
-    match param.dtype() {
-        candle_core::DType::F32 => update_as::<f32>((param, pl), (grad, gl), buf, s),
-        candle_core::DType::F64 => update_as::<f64>((param, pl), (grad, gl), buf, s),
-        dt => candle_core::bail!("sgd-update on CUDA: {dt:?} parameters (f32 and f64 only)"),
+    use candle_core::DType::{BF16, F32, F64};
+    match (param.dtype(), grad.dtype()) {
+        (F32, F32) => update_as::<f32, f32>((param, pl), (grad, gl), buf, s, ""),
+        (F64, F64) => update_as::<f64, f64>((param, pl), (grad, gl), buf, s, ""),
+        (F32, BF16) => update_as::<f32, half::bf16>((param, pl), (grad, gl), buf, s, "_bf16_grad"),
+        (p, g) => candle_core::bail!(
+            "sgd-update on CUDA: {p:?} parameters with {g:?} gradients (f32 or f64 with their own, \
+             or f32 with bf16)"
+        ),
     }
 }
 
-fn update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float>(
+/// [`update`] of a parameter of T with a gradient of G, by the kernels named
+/// with `grad_kind` (empty where G is T).
+fn update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float, G: WithDType + DeviceRepr + CudaDType>(
     (param, pl): (&mut CudaStorage, &Layout),
     (grad, gl): (&CudaStorage, &Layout),
     buf: Option<MomentumBuffer>,
     s: &SgdScalars,
+    grad_kind: &str,
 ) -> Result<()> {
     let n = pl.shape().elem_count();
     let (p0, p1) = range(pl, n, "parameter")?;
@@ -62,12 +72,12 @@ fn update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float>(
     let dev = param.device().clone();
     let t = |v: f64| T::from(v).expect("a float");
     let (n32, lr, wd, has_wd) = (n as u32, t(s.lr), t(s.weight_decay), (s.weight_decay != 0.0) as i32);
-    let g = grad.as_cuda_slice::<T>()?.slice(g0..g1);
+    let g = grad.as_cuda_slice::<G>()?.slice(g0..g1);
     let mut p = param.as_cuda_slice_mut::<T>()?.slice_mut(p0..p1);
     let stream = dev.cuda_stream();
     match buf {
         None => {
-            let f = KERNELS.get::<T>(&dev, "sgd_plain")?;
+            let f = KERNELS.get::<T>(&dev, &format!("sgd_plain{grad_kind}"))?;
             let mut b = stream.launch_builder(&f);
             b.arg(&mut p).arg(&g).arg(&n32).arg(&lr).arg(&wd).arg(&has_wd);
             // SAFETY: the arguments of `sgd_plain` in sgd.cu; p and g hold n values.
@@ -79,7 +89,7 @@ fn update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float>(
             let mut m = storage.as_cuda_slice_mut::<T>()?.slice_mut(b0..b1);
             let (mom, keep) = (t(s.momentum), t(1.0 - s.dampening));
             let (first, nesterov) = (first as i32, s.nesterov as i32);
-            let f = KERNELS.get::<T>(&dev, "sgd_momentum")?;
+            let f = KERNELS.get::<T>(&dev, &format!("sgd_momentum{grad_kind}"))?;
             let mut b = stream.launch_builder(&f);
             b.arg(&mut p)
                 .arg(&g)
@@ -97,6 +107,28 @@ fn update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float>(
     Ok(())
 }
 
+/// `copy <- bf16(param)` for an f32 parameter and its bf16 copy, one launch.
+pub(crate) fn write_bf16_copy(
+    (copy, cl): (&mut CudaStorage, &Layout),
+    (param, pl): (&CudaStorage, &Layout),
+) -> Result<()> {
+    let n = pl.shape().elem_count();
+    let (c0, c1) = range(cl, n, "copy")?;
+    let (p0, p1) = range(pl, n, "parameter")?;
+    let dev = param.device().clone();
+    let p = param.as_cuda_slice::<f32>()?.slice(p0..p1);
+    let mut c = copy.as_cuda_slice_mut::<half::bf16>()?.slice_mut(c0..c1);
+    let n32 = n as u32;
+    let f = KERNELS.get::<f32>(&dev, "bf16_copy")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&p).arg(&mut c).arg(&n32);
+    // SAFETY: the arguments of `bf16_copy` in sgd.cu; p and c hold n values.
+    unsafe { b.launch(grid(n)) }.w()?;
+    crate::ledger::launched(1);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     /// NVRTC compiles the kernels (no GPU needed; see batch_norm_cuda's test).
@@ -104,9 +136,10 @@ mod tests {
     fn kernels_compile() {
         let ptx = super::KERNELS.ptx().expect("NVRTC compiles sgd.cu");
         for name in ["sgd_plain", "sgd_momentum"] {
-            for t in ["f32", "f64"] {
+            for t in ["f32", "f64", "bf16_grad_f32"] {
                 assert!(ptx.contains(&format!(".entry {name}_{t}(")), "{name}_{t} in the PTX");
             }
         }
+        assert!(ptx.contains(".entry bf16_copy_f32("), "bf16_copy_f32 in the PTX");
     }
 }

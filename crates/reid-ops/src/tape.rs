@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Result, Shape, Storage, Tensor, TensorId};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Result, Shape, Storage, Tensor, TensorId};
 
 type Op1 = Arc<Box<dyn CustomOp1 + Send + Sync>>;
 type Op2 = Arc<Box<dyn CustomOp2 + Send + Sync>>;
@@ -202,6 +202,8 @@ enum Step {
     Split(Saved, Vec<Shape>),
     /// The mean over the two spatial dimensions of an [N, C, H, W] tensor.
     SpatialMean(Saved, (usize, usize, usize, usize)),
+    /// A cast from this dtype.
+    Cast(Saved, DType),
 }
 
 struct Entry {
@@ -401,6 +403,7 @@ impl<'a> Pass<'a> {
                 }
                 Ok(())
             }
+            Step::Cast(x, from) => self.add_to(x, crate::ledger::cast(&grad, *from)?),
             Step::SpatialMean(x, (n, c, h, w)) => {
                 let scaled = made(1, grad * (1.0 / (h * w) as f64))?;
                 let spread = scaled.reshape((*n, *c, 1, 1))?.broadcast_as((*n, *c, *h, *w))?;
@@ -687,6 +690,17 @@ pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
     let out = made(2, isolated(|| x.mean((2, 3))))?;
     let dims = x.dims4()?;
     push(|| Step::SpatialMean(Saved::new(x, false), dims), &[&out], &[x])?;
+    Ok(out)
+}
+
+/// `x` cast to `dtype` (one launch, counted as a cast), recorded: its backward
+/// casts the gradient back. The same tensor where `x` already is `dtype`.
+pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if x.dtype() == dtype {
+        return Ok(x.clone());
+    }
+    let out = isolated(|| crate::ledger::cast(x, dtype))?;
+    push(|| Step::Cast(Saved::new(x, false), x.dtype()), &[&out], &[x])?;
     Ok(out)
 }
 

@@ -9,9 +9,13 @@ use candle_core::{CudaStorage, DType, Layout, Result, Shape, WithDType};
 use crate::cuda_kernels::{contiguous_view as values, grid_stride as grid, Kernels};
 use crate::pool::Window;
 
-static KERNELS: Kernels = Kernels::new("reid_tape_ops", include_str!("tape_ops.cu"));
+static KERNELS: Kernels = Kernels::new(
+    "reid_tape_ops",
+    concat!(include_str!("bf16.cuh"), include_str!("tape_ops.cu")),
+);
 
-/// Runs `$body` with `T` the f32 or f64 of `$dtype`.
+/// Runs `$body` with `T` the f32, f64 or bf16 of `$dtype` (bf16 computed in f32
+/// by the kernels).
 macro_rules! with_float {
     ($op:expr, $dtype:expr, |$t:ident| $body:expr) => {
         match $dtype {
@@ -23,7 +27,11 @@ macro_rules! with_float {
                 type $t = f64;
                 $body
             }
-            dt => candle_core::bail!("{} on CUDA: {dt:?} (f32 and f64 only)", $op),
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            dt => candle_core::bail!("{} on CUDA: {dt:?} (f32, f64 and bf16 only)", $op),
         }
     };
 }
@@ -99,18 +107,17 @@ fn max_pool_as<T: WithDType + DeviceRepr + CudaDType>(
     Ok((CudaStorage::wrap_cuda_slice(y, dev), shape, at))
 }
 
-/// The gradient of max pooling from the output gradient and the argmax.
+/// The gradient of max pooling with `win` from the output gradient and the
+/// argmax, for an input of `hw`.
 pub(crate) fn max_pool_backward(
     s: &CudaStorage,
     l: &Layout,
     at: &CudaSlice<u32>,
-    (h, w): (usize, usize),
+    win: Window,
+    hw: (usize, usize),
 ) -> Result<(CudaStorage, Shape)> {
     with_float!("max-pool2d-backward", s.dtype(), |T| max_pool_backward_as::<T>(
-        s,
-        l,
-        at,
-        (h, w)
+        s, l, at, win, hw
     ))
 }
 
@@ -118,23 +125,28 @@ fn max_pool_backward_as<T: WithDType + DeviceRepr + CudaDType>(
     s: &CudaStorage,
     l: &Layout,
     at: &CudaSlice<u32>,
+    win: Window,
     (h, w): (usize, usize),
 ) -> Result<(CudaStorage, Shape)> {
     let (n, c, oh, ow) = crate::dims4(l, "max-pool2d-backward")?;
-    if at.len() != n * c * oh * ow {
+    let g = geometry(win, (h, w));
+    if at.len() != n * c * oh * ow || [oh, ow] != [g[2] as usize, g[3] as usize] {
         candle_core::bail!("max-pool2d-backward: the gradient does not match the forward");
     }
-    let g = values::<T>(s, l, "max-pool2d-backward")?;
+    let grad = values::<T>(s, l, "max-pool2d-backward")?;
     let dev = s.device().clone();
-    // SAFETY: the kernel writes every value (zeros, then the sums).
+    // SAFETY: the kernel writes every value (one thread per input).
     let mut dx = unsafe { dev.alloc::<T>(n * c * h * w)? };
-    let (planes, hw, ohw) = ((n * c) as u32, (h * w) as i32, (oh * ow) as i32);
+    let planes = (n * c) as u32;
     let f = KERNELS.get::<T>(&dev, "max_pool_backward")?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    b.arg(&g).arg(at).arg(&mut dx).arg(&planes).arg(&hw).arg(&ohw);
+    b.arg(&grad).arg(at).arg(&mut dx).arg(&planes);
+    for v in &g {
+        b.arg(v);
+    }
     // SAFETY: the arguments of `max_pool_backward`.
-    unsafe { b.launch(grid(n * c)) }.w()?;
+    unsafe { b.launch(grid(n * c * h * w)) }.w()?;
     crate::ledger::launched(1);
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), Shape::from((n, c, h, w))))
 }
@@ -180,10 +192,8 @@ fn avg_pool_as<T: WithDType + DeviceRepr + CudaDType>(
     for v in &g {
         l.arg(v);
     }
-    let threads = match backward {
-        None => planes * out_dims.0 * out_dims.1,
-        Some(_) => planes,
-    };
+    // One thread per output forward, per input backward.
+    let threads = planes * out_dims.0 * out_dims.1;
     // SAFETY: the arguments of `avg_pool` and `avg_pool_backward`.
     unsafe { l.launch(grid(threads)) }.w()?;
     crate::ledger::launched(1);
@@ -209,7 +219,7 @@ mod tests {
             "avg_pool_backward",
         ];
         for name in names {
-            for t in ["f32", "f64"] {
+            for t in ["f32", "f64", "bf16"] {
                 assert!(ptx.contains(&format!(".entry {name}_{t}(")), "{name}_{t} in the PTX");
             }
         }

@@ -54,6 +54,10 @@ pub struct SgdParam {
     /// activations (in-place updates only): buffers made at the first step land
     /// between them and raised the peak of a Res2Net-50 step by 6%.
     spare: Option<Tensor>,
+    /// The parameter's bf16 copy (convolution weights in bf16 precision): where
+    /// the gradient reached it, the update reads that gradient; after each
+    /// update it is rewritten from the parameter.
+    pub copy: Option<Var>,
 }
 
 /// `torch.optim.SGD` over named parameters.
@@ -88,10 +92,26 @@ impl Sgd {
                     name,
                     var,
                     momentum_buffer: None,
+                    copy: None,
                 }
             })
             .collect();
         Sgd { config, params, exec }
+    }
+
+    /// `Sgd::new` over `model`'s trainable variables and its plan, with the
+    /// bf16 copies of its weights (bf16 precision), each rewritten from its
+    /// weight now: build it after loading any weights.
+    pub fn for_model(model: &reid_model::ReidModel, config: SgdConfig) -> Result<Self> {
+        let mut sgd = Sgd::new(model.trainable_vars(), config, model.exec);
+        let copies: std::collections::HashMap<_, _> = model.weight_copies().into_iter().collect();
+        for p in &mut sgd.params {
+            if let Some(copy) = copies.get(&p.var.id()) {
+                refresh(copy, &p.var)?;
+                p.copy = Some(copy.clone());
+            }
+        }
+        Ok(sgd)
     }
 
     /// One update with learning rate `lr` (before group multipliers). Parameters
@@ -108,17 +128,26 @@ impl Sgd {
     fn step_with(&mut self, grads: &GradStore, lr: f64, kernels: impl Fn(&Tensor) -> Kernels) -> Result<()> {
         let config = self.config.clone();
         for p in &mut self.params {
-            let Some(grad) = grads.get(p.var.as_tensor()) else {
+            let of_copy = p.copy.as_ref().and_then(|c| grads.get(c.as_tensor()));
+            let Some(grad) = of_copy.or_else(|| grads.get(p.var.as_tensor())) else {
                 continue;
             };
             let rule = Rule::new(&config, p, lr);
             match kernels(p.var.as_tensor()) {
                 Kernels::Fused => rule.update_in_place(p, &grad.contiguous_counted()?)?,
-                Kernels::Generic => rule.update_by_tensors(p, grad)?,
+                Kernels::Generic => rule.update_by_tensors(p, &reid_ops::ledger::cast(grad, p.var.dtype())?)?,
+            }
+            if let Some(copy) = &p.copy {
+                refresh(copy, &p.var)?;
             }
         }
         Ok(())
     }
+}
+
+/// Rewrites `copy` (bf16) from `var` (f32): one launch.
+fn refresh(copy: &Var, var: &Var) -> Result<()> {
+    reid_ops::mixed::write_bf16_copy(copy.as_tensor(), var.as_tensor())
 }
 
 /// The update of one parameter: PyTorch's SGD with this group's settings.
@@ -360,10 +389,11 @@ impl InplaceOp2 for Pass<'_> {
             buf = Some((&mut **v, *r, *first));
         }
         match (param, buf) {
-            (CpuStorage::F32(v), None) => self.run(&mut v[lo..hi], values::<f32>(grad, grad_l, op)?, None),
+            // A bf16 gradient (of a bf16 copy) is read widened, as the CUDA kernel does.
+            (CpuStorage::F32(v), None) => self.run(&mut v[lo..hi], &reid_ops::mixed::widened(grad, grad_l, op)?, None),
             (CpuStorage::F32(v), Some((CpuStorage::F32(b), r, first))) => self.run(
                 &mut v[lo..hi],
-                values::<f32>(grad, grad_l, op)?,
+                &reid_ops::mixed::widened(grad, grad_l, op)?,
                 Some((&mut b[r.0..r.1], first)),
             ),
             (CpuStorage::F64(v), None) => self.run(&mut v[lo..hi], values::<f64>(grad, grad_l, op)?, None),

@@ -106,14 +106,12 @@ fn backbone_norm(backbone: &[Var], grads: &GradStore, weight: f64) -> Result<f64
     Ok(weight * sum.sqrt())
 }
 
-/// The backbone's variables.
+/// The backbone's variables, with the bf16 copies of its weights (bf16
+/// precision): a weight's gradient reaches it or its copy, never both.
 fn backbone_vars(model: &ReidModel) -> Vec<Var> {
-    model
-        .trainable_vars()
-        .into_iter()
-        .filter(|(name, _)| !is_head(name))
-        .map(|(_, v)| v)
-        .collect()
+    let vars = model.trainable_vars().into_iter().filter(|(name, _)| !is_head(name));
+    let copies = model.weight_copies().into_iter().map(|(_, copy)| copy);
+    vars.map(|(_, v)| v).chain(copies).collect()
 }
 
 /// Each term's backbone gradient norm (id1, id2, verif, triplet), each from its

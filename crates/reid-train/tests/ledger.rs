@@ -15,16 +15,22 @@ use reid_train::{train_step, Sgd, SgdConfig, StepSettings};
 
 /// The counts of one step (dropout on) of `arch` under `ops`, on images of
 /// `height` x `width`.
-fn one_step(arch: &str, ops: Ops, (height, width): (usize, usize)) -> Ledger {
+fn one_step(arch: &str, ops: Ops, size: (usize, usize)) -> Ledger {
+    one_step_in(arch, Exec::new(ops, Precision::F32), size).0
+}
+
+/// [`one_step`] under the plan `exec`, with the number of weights that have a
+/// bf16 copy.
+fn one_step_in(arch: &str, exec: Exec, (height, width): (usize, usize)) -> (Ledger, usize) {
     let config = ModelConfig {
         arch: arch.parse().unwrap(),
         last_stride: 2,
         num_classes: 6,
         bnneck: false,
     };
-    let model = ReidModel::new(config, Exec::new(ops, Precision::F32), DType::F32, &Device::Cpu).unwrap();
+    let model = ReidModel::new(config, exec, DType::F32, &Device::Cpu).unwrap();
     model.initialize(1).unwrap();
-    let mut sgd = Sgd::new(model.trainable_vars(), SgdConfig::default(), model.exec);
+    let mut sgd = Sgd::for_model(&model, SgdConfig::default()).unwrap();
     let mut batch = common::batch(2);
     if (height, width) != (64, 32) {
         let resize = |t: &candle_core::Tensor| t.narrow(2, 0, height).unwrap().narrow(3, 0, width).unwrap();
@@ -35,7 +41,7 @@ fn one_step(arch: &str, ops: Ops, (height, width): (usize, usize)) -> Ledger {
     let settings = StepSettings::pairs(LossSettings::default(), 0.5);
     let (stats, ledger) = counting(|| train_step(&model, &mut sgd, &batch, settings, 0.01, &mut rng));
     assert!(stats.unwrap().loss.is_finite());
-    ledger
+    (ledger, model.weight_copies().len())
 }
 
 #[test]
@@ -92,6 +98,45 @@ fn the_backbone_runs_on_the_tape_with_no_zero_filled_gradient() {
         // Nothing is left on candle's graph, the heads included.
         assert_eq!(taped.graph_ops, 0, "{ops}: {taped:?}");
         assert!(graph.graph_ops > taped.graph_ops + 5000, "{graph:?}");
+    }
+}
+
+#[test]
+fn bf16_activations_stay_on_the_tape_and_cast_once_each_way() {
+    let params = {
+        let config = ModelConfig {
+            arch: "res2net50_26w_4s".parse().unwrap(),
+            last_stride: 2,
+            num_classes: 6,
+            bnneck: false,
+        };
+        let model = ReidModel::new(config, Exec::default(), DType::F32, &Device::Cpu).unwrap();
+        model.trainable_vars().len() as u64
+    };
+    for ops in [Ops::Auto, Ops::AsCuda] {
+        let (f32, _) = one_step_in("res2net50_26w_4s", Exec::new(ops, Precision::F32), (64, 32));
+        let (bf16, copies) = one_step_in("res2net50_26w_4s", Exec::new(ops, Precision::Bf16), (64, 32));
+        // Every convolution weight has its copy: the stem, 5 per block, 4 downsamples.
+        assert_eq!(copies, 1 + 16 * 5 + 4);
+        assert!(bf16.tape_ops > 150, "{ops}: {bf16:?}");
+        assert_eq!((bf16.graph_ops, bf16.zero_filled_grads), (0, 0), "{ops}: {bf16:?}");
+        assert_eq!((bf16.device_to_host, bf16.host_to_device), (1, 1), "{ops}: {bf16:?}");
+        // Beyond f32's casts (the labels and the losses'): the images to bf16,
+        // the last activations to f32 and their gradient back, one rewrite of
+        // each weight's copy after its update, and the heads' three matrix
+        // products (operands in, product out). None per convolution or batch norm.
+        let extra = 3 + copies as u64 + 3 * 3;
+        assert_eq!(bf16.casts, f32.casts + extra, "{ops}: {bf16:?} vs {f32:?}");
+        if ops == Ops::AsCuda {
+            // CUDA's launches: f32's plus those casts, within one per parameter.
+            assert_eq!(bf16.launches, f32.launches + extra, "{bf16:?} vs {f32:?}");
+            assert!(bf16.launches <= f32.launches + params, "{bf16:?}, {params} parameters");
+            // Activations of half the bytes.
+            assert!(
+                bf16.bytes_allocated < f32.bytes_allocated * 2 / 3,
+                "{bf16:?} vs {f32:?}"
+            );
+        }
     }
 }
 

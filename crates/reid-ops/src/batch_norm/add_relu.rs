@@ -91,19 +91,21 @@ impl TapeOp for BatchNormAddRelu {
         let [(x, lx), (w, lw), (b, lb), (r, lr)] = operands(op, inputs)?;
         let d = dims(lx, op)?;
         let dev = &x.device;
+        // Activations of $a, parameters of $p.
         macro_rules! run {
-            ($t:ty) => {{
-                let v = |s, l| cuda::view::<$t>(s, l);
-                let (xv, rv) = (v(x, lx)?, v(r, lr)?);
-                let ss = self.bn.cuda_normalise(dev, [&xv, &v(w, lw)?, &v(b, lb)?], d)?;
+            ($a:ty, $p:ty) => {{
+                let (xv, rv) = (cuda::view::<$a>(x, lx)?, cuda::view::<$a>(r, lr)?);
+                let (wv, bv) = (cuda::view::<$p>(w, lw)?, cuda::view::<$p>(b, lb)?);
+                let ss = self.bn.cuda_normalise(dev, &xv, [&wv, &bv], d)?;
                 let y = cuda::affine_add_relu(dev, (&xv, &rv), d, &ss)?;
                 candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone())
             }};
         }
         let y = match x.dtype() {
-            candle_core::DType::F32 => run!(f32),
-            candle_core::DType::F64 => run!(f64),
-            dt => candle_core::bail!("{op}: {dt:?} on CUDA (f32 and f64 only)"),
+            candle_core::DType::F32 => run!(f32, f32),
+            candle_core::DType::F64 => run!(f64, f64),
+            candle_core::DType::BF16 => run!(half::bf16, f32),
+            dt => candle_core::bail!("{op}: {dt:?} on CUDA (f32, f64 and bf16 only)"),
         };
         Ok(vec![(y, lx.shape().clone())])
     }
@@ -120,7 +122,12 @@ impl TapeOp for BatchNormAddRelu {
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b), CpuStorage::F64(r)) => {
                 CpuStorage::F64(self.forward(contiguous_all([&x[..], w, b, r], layouts, op)?, d))
             }
-            _ => candle_core::bail!("{op}: expected four f32 or four f64 inputs"),
+            _ if crate::mixed::any_bf16(&[x, w, b, r]) => {
+                let wide = |s, l| crate::mixed::widened(s, l, op);
+                let all = [wide(x, lx)?, wide(w, lw)?, wide(b, lb)?, wide(r, lr)?];
+                crate::mixed::narrowed_like(x, self.forward([&*all[0], &all[1], &all[2], &all[3]], d))
+            }
+            _ => candle_core::bail!("{op}: expected four f32 or four f64 inputs, or bf16 activations"),
         };
         Ok(vec![(y, lx.shape().clone())])
     }
