@@ -31,7 +31,8 @@ pub struct GalleryMeta {
     pub normalized: Option<bool>,
     pub flip: Option<bool>,
     /// The precision of the network's convolutions and matrix products: `f32`
-    /// (also when absent, as in files written before it was recorded) or `bf16`.
+    /// (also when absent, as in files written before it was recorded) or `bf16`;
+    /// see [`GalleryMeta::precision_or_f32`].
     pub precision: Option<String>,
     pub checkpoint_sha256: Option<String>,
     pub manifest_sha256: Option<String>,
@@ -44,6 +45,11 @@ pub struct GalleryMeta {
 }
 
 impl GalleryMeta {
+    /// The recorded precision, `f32` where none is recorded.
+    pub fn precision_or_f32(&self) -> &str {
+        self.precision.as_deref().unwrap_or("f32")
+    }
+
     fn to_map(&self) -> BTreeMap<String, String> {
         let mut m = self.extra.clone();
         let mut put = |k: &str, v: Option<String>| {

@@ -222,7 +222,7 @@ fn same_settings(a: &GalleryMeta, b: &GalleryMeta) -> bool {
         && a.interpolation.unwrap_or_default() == b.interpolation.unwrap_or_default()
         && a.normalized == b.normalized
         && a.flip == b.flip
-        && a.precision.as_deref().unwrap_or("f32") == b.precision.as_deref().unwrap_or("f32")
+        && a.precision_or_f32() == b.precision_or_f32()
         && a.checkpoint_sha256 == b.checkpoint_sha256
         && a.manifest_sha256 == b.manifest_sha256
 }
@@ -317,9 +317,7 @@ pub fn search(
     // The queries are embedded as the gallery was.
     let precision: Precision = gallery
         .meta
-        .precision
-        .as_deref()
-        .unwrap_or("f32")
+        .precision_or_f32()
         .parse()
         .map_err(|e| ExtractError::Invalid(format!("{}: metadata 'precision': {e}", gallery_path.display())))?;
     let extractor = Extractor::load(checkpoint, precision, device)?;

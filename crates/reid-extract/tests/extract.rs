@@ -162,9 +162,10 @@ fn with_flip_an_image_and_its_mirror_have_one_feature() {
 
 /// bf16 features (mixed precision) are the f32 ones within rounding, and each
 /// precision has its own cache entry. The bound: bf16 keeps 8 significant bits,
-/// so each convolution's operands are off by up to 2^-9 relative, and the tiny
+/// so each activation and weight is off by up to 2^-9 relative, and the tiny
 /// model's L2-normalised features come out at a cosine similarity above 0.9999
-/// to f32's (measured: 1 - 2.5e-5 at worst); 0.999 leaves room for another
+/// to f32's (measured: 1 - 2e-5 at worst, with bf16 activations from end to
+/// end); 0.999 leaves room for another
 /// machine's summation order, while a wrong layer or a lost cast would give
 /// far less.
 #[test]

@@ -300,14 +300,11 @@ impl Backbone {
 }
 
 impl ModuleT for Backbone {
-    /// Pooled features `f` [N, C]. On a tape in bf16 precision the images are
-    /// cast to bf16 once, and the last activations back once before pooling
-    /// (see [`Exec::activations`]); the features have the images' dtype.
+    /// Pooled features `f` [N, C]. In bf16 precision the images are cast to
+    /// bf16 once, and the last activations back once before pooling (see
+    /// [`Exec::activations_of`]); the features have the images' dtype.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let activations = match tape::recording() {
-            true => self.exec.activations(x.dtype()),
-            false => x.dtype(),
-        };
+        let activations = self.exec.activations_of(x);
         let mut y = self.stem_forward(&reid_ops::ledger::cast(x, activations)?, train)?;
         for stage in &self.stages {
             for block in stage {

@@ -54,8 +54,8 @@ impl ConvSpec {
 
 /// A bias-free 2-D convolution (`<name>.weight`, [out, in, k, k]). In bf16
 /// precision it also holds a bf16 copy of its weight, which the convolution of
-/// bf16 activations reads (on a tape) and the optimiser rewrites after each
-/// update of the f32 weight (see [`Conv::bf16_copy`]).
+/// bf16 activations reads; the model rewrites it when it sets its weights, and
+/// the optimiser after each update (see [`Conv::bf16_copy`]).
 #[derive(Debug, Clone)]
 pub struct Conv {
     pub weight: Tensor,
@@ -96,7 +96,12 @@ impl Conv {
     }
 
     /// The bf16 copy of the weight (bf16 precision only): a gradient reaches it,
-    /// not the weight, where the activations are bf16.
+    /// not the weight, where the activations are bf16. It is the weight's value
+    /// only after [`ReidModel`]'s own setters and the optimiser's update: a
+    /// weight set by hand needs [`ReidModel::refresh_weight_copies`].
+    ///
+    /// [`ReidModel`]: crate::ReidModel
+    /// [`ReidModel::refresh_weight_copies`]: crate::ReidModel::refresh_weight_copies
     pub fn bf16_copy(&self) -> Option<&Var> {
         self.copy.as_ref()
     }
@@ -111,7 +116,7 @@ impl Conv {
         let direct = self.weight.dim(2)? == 1 && self.stride == 1 && self.padding == 0;
         let fused = self.exec.kernels(OpKind::TapeFused, first) == Kernels::Fused;
         if !(direct && fused && tape::recording()) {
-            let merged = match self.pieces_on_tape(first) {
+            let merged = match pieces_on_tape(self.exec, first) {
                 true => reid_ops::pieces::cat(pieces)?,
                 false => tape::cat_channels(pieces)?,
             };
@@ -126,12 +131,12 @@ impl Conv {
         inputs.push((&weight, true));
         tape::op_any_inputs(&inputs, ConvCat, false)
     }
+}
 
-    /// Whether the Res2Net pieces this convolution merges (like `piece`) are
-    /// concatenated by one op on the tape ([`reid_ops::pieces`]).
-    fn pieces_on_tape(&self, piece: &Tensor) -> bool {
-        tape::recording() && self.exec.kernels(OpKind::Pieces, piece) == Kernels::Fused
-    }
+/// Whether Res2Net's pieces of tensors like `t` are cut and concatenated by one
+/// op each on the tape ([`reid_ops::pieces`]) under `exec`.
+fn pieces_on_tape(exec: Exec, t: &Tensor) -> bool {
+    tape::recording() && exec.kernels(OpKind::Pieces, t) == Kernels::Fused
 }
 
 impl Module for Conv {
@@ -271,7 +276,7 @@ impl BatchNorm {
     pub fn forward_relu_split(&self, x: &Tensor, width: usize, count: usize, train: bool) -> Result<Vec<Tensor>> {
         if !self.tape_fused(x, train) {
             let y = self.forward_t(x, train, Activation::Relu)?;
-            if tape::recording() && self.exec.kernels(OpKind::Pieces, &y) == Kernels::Fused {
+            if pieces_on_tape(self.exec, &y) {
                 return reid_ops::pieces::split(&y, width, count);
             }
             let kernels = self.exec.kernels(OpKind::ChannelSlice, &y);

@@ -124,7 +124,7 @@ impl ReidModel {
             };
             var.set(&value)?;
         }
-        Ok(())
+        self.refresh_weight_copies()
     }
 
     /// Features `f` [N, C] of images [N, 3, H, W], the ones retrieval uses: pooled,
@@ -220,6 +220,16 @@ impl ReidModel {
         convs
             .filter_map(|c| c.bf16_copy().map(|v| (c.weight.id(), v.clone())))
             .collect()
+    }
+
+    /// Rewrites each bf16 copy from its weight (after the weights were set).
+    pub fn refresh_weight_copies(&self) -> Result<()> {
+        for conv in self.backbone.convs() {
+            if let Some(copy) = conv.bf16_copy() {
+                reid_ops::mixed::write_bf16_copy(copy.as_tensor(), &conv.weight)?;
+            }
+        }
+        Ok(())
     }
 
     /// Every variable's current value by name, as f32 on the CPU (for saving).

@@ -217,7 +217,8 @@ impl ReidModel {
             .into_iter()
             .filter(|(n, _)| !(backbone_only && is_head(n)))
             .collect();
-        load_into(&vars, path, |n| ignored(n) || (backbone_only && is_head(n)))
+        load_into(&vars, path, |n| ignored(n) || (backbone_only && is_head(n)))?;
+        Ok(self.refresh_weight_copies()?)
     }
 
     /// Writes every variable as f32 under timm's names (heads as `id_classifier.*`,

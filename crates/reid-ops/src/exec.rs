@@ -172,7 +172,16 @@ impl Exec {
     pub fn tape(&self, x: &Tensor) -> bool {
         let dtype = self.activations(x.dtype());
         let device = x.device().is_cpu() || (x.device().is_cuda() && OpKind::Conv.built_for_cuda(dtype));
-        let on_tape = [
+        device
+            && self.ops != Ops::Generic
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && self.backbone_kernels(x.device(), dtype)
+    }
+
+    /// Whether every op of the backbone has a kernel of its own on `device` for
+    /// activations of `dtype`.
+    fn backbone_kernels(&self, device: &Device, dtype: DType) -> bool {
+        let ops = [
             OpKind::Conv,
             OpKind::BatchNorm,
             OpKind::BatchNormAddRelu,
@@ -180,18 +189,28 @@ impl Exec {
             OpKind::AddRelu,
             OpKind::Pieces,
         ];
-        let kernels = on_tape
-            .iter()
-            .all(|&op| self.kernels_on(op, x.device(), dtype) == Kernels::Fused);
-        device && self.ops != Ops::Generic && matches!(x.dtype(), DType::F32 | DType::F64) && kernels
+        ops.iter()
+            .all(|&op| self.kernels_on(op, device, dtype) == Kernels::Fused)
     }
 
-    /// The dtype of the backbone's activations on a tape for images of `input`:
-    /// bf16 for f32 images in bf16 precision, `input` otherwise.
+    /// The dtype of the backbone's activations for images of `input`: bf16 for
+    /// f32 images in bf16 precision, `input` otherwise.
     pub fn activations(&self, input: DType) -> DType {
         match (self.precision, input) {
             (Precision::Bf16, DType::F32) => DType::BF16,
             _ => input,
+        }
+    }
+
+    /// The dtype of the backbone's activations for the images `x`, in train or
+    /// eval mode: [`Exec::activations`] where every op of the backbone has a
+    /// kernel for it on `x`'s device, else `x`'s (bf16 precision then casts each
+    /// convolution's operands instead).
+    pub fn activations_of(&self, x: &Tensor) -> DType {
+        let dtype = self.activations(x.dtype());
+        match self.backbone_kernels(x.device(), dtype) {
+            true => dtype,
+            false => x.dtype(),
         }
     }
 
@@ -230,6 +249,8 @@ mod tests {
         let bf16 = Exec::new(Ops::Auto, Precision::Bf16);
         assert!(bf16.tape(&x), "the CPU has every op in bf16");
         assert!(Exec::new(Ops::AsCuda, Precision::Bf16).tape(&x), "and so has CUDA");
+        assert_eq!(bf16.activations_of(&x), DType::BF16);
+        assert_eq!(Exec::new(Ops::Generic, Precision::Bf16).activations_of(&x), DType::F32);
         assert_eq!(bf16.activations(DType::F32), DType::BF16);
         assert_eq!(bf16.activations(DType::F64), DType::F64);
         assert_eq!(bf16.kernels_on(OpKind::TapeFused, &cpu, DType::BF16), Kernels::Generic);

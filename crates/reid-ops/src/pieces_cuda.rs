@@ -19,6 +19,18 @@ struct Addresses([u64; MAX_PIECES]);
 // SAFETY: plain data, laid out as the kernel's struct of MAX_PIECES addresses.
 unsafe impl DeviceRepr for Addresses {}
 
+/// The addresses of `pointers` (address, guard) in order, with their guards,
+/// which must live until the launch that reads them is queued.
+fn addresses<G>(pointers: impl Iterator<Item = (u64, G)>) -> (Addresses, Vec<G>) {
+    let mut at = Addresses([0; MAX_PIECES]);
+    let mut guards = Vec::with_capacity(MAX_PIECES);
+    for (slot, (ptr, guard)) in at.0.iter_mut().zip(pointers) {
+        *slot = ptr;
+        guards.push(guard);
+    }
+    (at, guards)
+}
+
 /// `x` [N, K * W, H, W'] cut into the K pieces of `cut`.
 pub(crate) fn split(s: &CudaStorage, l: &Layout, cut: Cut) -> Result<Vec<(CudaStorage, Shape)>> {
     copyable!(s.dtype(), |T| split_as::<T>(s, l, cut))
@@ -37,13 +49,7 @@ fn split_as<T: WithDType + DeviceRepr + CudaDType>(
         .map(|_| unsafe { dev.alloc::<T>(cut.images * cut.piece_len()) })
         .collect::<Result<_>>()?;
     {
-        let mut at = Addresses([0; MAX_PIECES]);
-        let mut guards = Vec::with_capacity(cut.count);
-        for (slot, out) in at.0.iter_mut().zip(outs.iter_mut()) {
-            let (ptr, guard) = out.device_ptr_mut(&stream);
-            *slot = ptr;
-            guards.push(guard);
-        }
+        let (at, _guards) = addresses(outs.iter_mut().map(|o| o.device_ptr_mut(&stream)));
         let f = KERNELS.get::<T>(&dev, "split_pieces")?;
         let [images, count, piece] = cut.kernel_sizes();
         let mut b = stream.launch_builder(&f);
@@ -78,13 +84,7 @@ fn cat_as<T: WithDType + DeviceRepr + CudaDType>(
     // SAFETY: the kernel writes every value.
     let mut y = unsafe { dev.alloc::<T>(cut.total())? };
     {
-        let mut at = Addresses([0; MAX_PIECES]);
-        let mut guards = Vec::with_capacity(cut.count);
-        for (slot, v) in at.0.iter_mut().zip(&views) {
-            let (ptr, guard) = v.device_ptr(&stream);
-            *slot = ptr;
-            guards.push(guard);
-        }
+        let (at, _guards) = addresses(views.iter().map(|v| v.device_ptr(&stream)));
         let f = KERNELS.get::<T>(&dev, "cat_pieces")?;
         let [images, count, piece] = cut.kernel_sizes();
         let mut b = stream.launch_builder(&f);
