@@ -3,7 +3,8 @@
 // it (reid-train's optim.rs): every product and sum on its own, `x * y + 0`
 // where the CPU adds a zero (it turns -0 into +0), no fused multiply-add.
 // The gradient is of G, read through LDG: the parameter's own type, or bf16
-// (the gradient of a weight's bf16 copy; bf16.cuh, prepended).
+// (the gradient of a weight's bf16 copy; bf16.cuh, prepended). Where `copy` is
+// not null (f32 parameters only), the new parameter's bf16 copy is written too.
 
 // g + (p * wd + 0), or g without weight decay.
 #define DECAYED(LDG, MUL, ADD) (has_wd ? ADD(LDG(g[i]), ADD(MUL(p[i], wd), zero)) : LDG(g[i]))
@@ -11,12 +12,13 @@
 // p <- p - (d * lr + 0), d = decayed gradient.
 #define SGD_PLAIN(T, G, LDG, NAME, MUL, ADD, SUB)                                   \
 extern "C" __global__ void NAME(T* p, const G* g, unsigned int n, T lr, T wd,      \
-                                int has_wd) {                                       \
+                                int has_wd, unsigned short* copy) {                 \
     const T zero = (T)0;                                                            \
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;            \
          i += blockDim.x * gridDim.x) {                                             \
         T d = DECAYED(LDG, MUL, ADD);                                               \
         p[i] = SUB(p[i], ADD(MUL(d, lr), zero));                                    \
+        if (copy) copy[i] = bf16_st((float)p[i]);                                   \
     }                                                                               \
 }
 
@@ -25,7 +27,7 @@ extern "C" __global__ void NAME(T* p, const G* g, unsigned int n, T lr, T wd,   
 #define SGD_MOMENTUM(T, G, LDG, NAME, MUL, ADD, SUB)                                \
 extern "C" __global__ void NAME(T* p, const G* g, T* buf, unsigned int n, T lr,    \
                                 T wd, int has_wd, T m, T keep, int first,           \
-                                int nesterov) {                                     \
+                                int nesterov, unsigned short* copy) {               \
     const T zero = (T)0;                                                            \
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;            \
          i += blockDim.x * gridDim.x) {                                             \
@@ -34,6 +36,7 @@ extern "C" __global__ void NAME(T* p, const G* g, T* buf, unsigned int n, T lr, 
         T dir = nesterov ? ADD(d, ADD(MUL(b, m), zero)) : b;                        \
         p[i] = SUB(p[i], ADD(MUL(dir, lr), zero));                                  \
         buf[i] = b;                                                                 \
+        if (copy) copy[i] = bf16_st((float)p[i]);                                   \
     }                                                                               \
 }
 

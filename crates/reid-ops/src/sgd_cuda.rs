@@ -36,21 +36,27 @@ fn range(l: &Layout, n: usize, what: &str) -> Result<(usize, usize)> {
     }
 }
 
-/// `param <- param - lr * direction` (and the buffer beside it), one launch.
-/// The gradient has the parameter's dtype, or bf16 for an f32 parameter (the
-/// gradient of its bf16 copy).
+/// A parameter's bf16 copy, written beside it.
+pub type Bf16Copy<'a> = (&'a mut CudaStorage, &'a Layout);
+
+/// `param <- param - lr * direction` (and the buffer beside it, and the bf16
+/// copy if any), one launch. The gradient has the parameter's dtype, or bf16
+/// for an f32 parameter (the gradient of its bf16 copy).
 pub fn update(
     (param, pl): (&mut CudaStorage, &Layout),
     (grad, gl): (&CudaStorage, &Layout),
     buf: Option<MomentumBuffer>,
+    copy: Option<Bf16Copy>,
     s: &SgdScalars,
 ) -> Result<()> {
     use candle_core::DType::{BF16, F32, F64};
-    match (param.dtype(), grad.dtype()) {
-        (F32, F32) => update_as::<f32, f32>((param, pl), (grad, gl), buf, s, ""),
-        (F64, F64) => update_as::<f64, f64>((param, pl), (grad, gl), buf, s, ""),
-        (F32, BF16) => update_as::<f32, half::bf16>((param, pl), (grad, gl), buf, s, "_bf16_grad"),
-        (p, g) => candle_core::bail!(
+    let (p, g) = ((param, pl), (grad, gl));
+    match (p.0.dtype(), g.0.dtype(), copy) {
+        (F32, F32, copy) => update_as::<f32, f32>(p, g, buf, copy, s, ""),
+        (F64, F64, None) => update_as::<f64, f64>(p, g, buf, None, s, ""),
+        (F32, BF16, copy) => update_as::<f32, half::bf16>(p, g, buf, copy, s, "_bf16_grad"),
+        (F64, _, Some(_)) => candle_core::bail!("sgd-update on CUDA: a bf16 copy of an f64 parameter"),
+        (p, g, _) => candle_core::bail!(
             "sgd-update on CUDA: {p:?} parameters with {g:?} gradients (f32 or f64 with their own, \
              or f32 with bf16)"
         ),
@@ -63,6 +69,7 @@ fn update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float, G: WithD
     (param, pl): (&mut CudaStorage, &Layout),
     (grad, gl): (&CudaStorage, &Layout),
     buf: Option<MomentumBuffer>,
+    copy: Option<Bf16Copy>,
     s: &SgdScalars,
     grad_kind: &str,
 ) -> Result<()> {
@@ -74,13 +81,26 @@ fn update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float, G: WithD
     let (n32, lr, wd, has_wd) = (n as u32, t(s.lr), t(s.weight_decay), (s.weight_decay != 0.0) as i32);
     let g = grad.as_cuda_slice::<G>()?.slice(g0..g1);
     let mut p = param.as_cuda_slice_mut::<T>()?.slice_mut(p0..p1);
+    let mut copy = match copy {
+        Some((c, cl)) => {
+            let (c0, c1) = range(cl, n, "bf16 copy")?;
+            Some(c.as_cuda_slice_mut::<half::bf16>()?.slice_mut(c0..c1))
+        }
+        None => None,
+    };
+    // A null pointer where there is no copy.
+    let no_copy = 0u64;
     let stream = dev.cuda_stream();
     match buf {
         None => {
             let f = KERNELS.get::<T>(&dev, &format!("sgd_plain{grad_kind}"))?;
             let mut b = stream.launch_builder(&f);
             b.arg(&mut p).arg(&g).arg(&n32).arg(&lr).arg(&wd).arg(&has_wd);
-            // SAFETY: the arguments of `sgd_plain` in sgd.cu; p and g hold n values.
+            match copy.as_mut() {
+                Some(c) => b.arg(c),
+                None => b.arg(&no_copy),
+            };
+            // SAFETY: the arguments of `sgd_plain` in sgd.cu; p, g and the copy (or null) hold n values.
             unsafe { b.launch(grid(n)) }.w()?;
             crate::ledger::launched(1);
         }
@@ -99,7 +119,11 @@ fn update_as<T: WithDType + DeviceRepr + CudaDType + num_traits::Float, G: WithD
                 .arg(&wd)
                 .arg(&has_wd);
             b.arg(&mom).arg(&keep).arg(&first).arg(&nesterov);
-            // SAFETY: the arguments of `sgd_momentum`; p, g and m hold n values.
+            match copy.as_mut() {
+                Some(c) => b.arg(c),
+                None => b.arg(&no_copy),
+            };
+            // SAFETY: the arguments of `sgd_momentum`; p, g, m and the copy (or null) hold n values.
             unsafe { b.launch(grid(n)) }.w()?;
             crate::ledger::launched(1);
         }

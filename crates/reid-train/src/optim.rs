@@ -134,11 +134,14 @@ impl Sgd {
             };
             let rule = Rule::new(&config, p, lr);
             match kernels(p.var.as_tensor()) {
+                // The pass writes the copy too.
                 Kernels::Fused => rule.update_in_place(p, &grad.contiguous_counted()?)?,
-                Kernels::Generic => rule.update_by_tensors(p, &reid_ops::ledger::cast(grad, p.var.dtype())?)?,
-            }
-            if let Some(copy) = &p.copy {
-                refresh(copy, &p.var)?;
+                Kernels::Generic => {
+                    rule.update_by_tensors(p, &reid_ops::ledger::cast(grad, p.var.dtype())?)?;
+                    if let Some(copy) = &p.copy {
+                        refresh(copy, &p.var)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -193,28 +196,31 @@ impl Rule {
         p.var.set(&(param - (d * self.lr)?)?)
     }
 
-    /// The update in place, one pass over the parameter, its gradient and its
-    /// momentum buffer. The first buffer goes into the parameter's spare memory.
+    /// The update in place, one pass over the parameter, its gradient, its
+    /// momentum buffer and its bf16 copy. The first buffer goes into the
+    /// parameter's spare memory.
     fn update_in_place(&self, p: &mut SgdParam, grad: &Tensor) -> Result<()> {
         let param = p.var.as_tensor();
         let spare = p.spare.take();
-        if self.momentum == 0.0 {
-            return param.inplace_op2(grad, &Pass { rule: *self, buf: None });
-        }
-        let (buf, first) = match p.momentum_buffer.take() {
-            Some(b) => (b.contiguous_counted()?, false),
-            None => match spare {
-                Some(s) => (s, true),
-                None => (reid_ops::ledger::made(1, param.zeros_like())?, true),
+        let buf = match (self.momentum, p.momentum_buffer.take()) {
+            (0.0, _) => None,
+            (_, Some(b)) => Some((b.contiguous_counted()?, false)),
+            (_, None) => match spare {
+                Some(s) => Some((s, true)),
+                None => Some((reid_ops::ledger::made(1, param.zeros_like())?, true)),
             },
         };
-        buf.inplace_op1(&WithBuffer {
+        let update = InPlace {
             rule: *self,
-            first,
             param,
             grad,
-        })?;
-        p.momentum_buffer = Some(buf);
+            buf: buf.as_ref().map(|(b, first)| (b, *first)),
+        };
+        match &p.copy {
+            Some(copy) => copy.as_tensor().inplace_op1(&WithCopy(&update))?,
+            None => update.run(None)?,
+        }
+        p.momentum_buffer = buf.map(|(b, _)| b);
         Ok(())
     }
 
@@ -248,16 +254,70 @@ impl Rule {
     }
 }
 
+/// One in-place update: the parameter, its gradient, and its momentum buffer
+/// with whether it is new (it then becomes the decayed gradient).
+struct InPlace<'a> {
+    rule: Rule,
+    param: &'a Tensor,
+    grad: &'a Tensor,
+    buf: Option<(&'a Tensor, bool)>,
+}
+
+impl InPlace<'_> {
+    /// Runs [`Pass`] on the parameter, with the buffer's memory lent to it (see
+    /// [`WithBuffer`]) and the copy's (`copy`, if any).
+    fn run(&self, copy: Option<Lent<'_>>) -> Result<()> {
+        let copy = RefCell::new(copy);
+        match self.buf {
+            None => self.param.inplace_op2(
+                self.grad,
+                &Pass {
+                    rule: self.rule,
+                    buf: None,
+                    copy: copy.into_inner().map(RefCell::new),
+                },
+            ),
+            Some((buf, first)) => buf.inplace_op1(&WithBuffer {
+                update: self,
+                first,
+                copy,
+            }),
+        }
+    }
+}
+
+/// The update of a parameter that has a bf16 copy, run on the copy: it lends
+/// the copy's memory to the [`Pass`], which writes it beside the parameter.
+struct WithCopy<'a>(&'a InPlace<'a>);
+
+impl InplaceOp1 for WithCopy<'_> {
+    fn name(&self) -> &'static str {
+        "sgd-update"
+    }
+
+    fn cpu_fwd(&self, copy: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let Some(range) = layout.contiguous_offsets() else {
+            candle_core::bail!("sgd-update: the bf16 copy must be contiguous");
+        };
+        self.0.run(Some(Lent::Cpu(copy, range)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, copy: &mut candle_core::CudaStorage, layout: &Layout) -> Result<()> {
+        self.0.run(Some(Lent::Cuda(copy, layout.clone())))
+    }
+}
+
 /// The update of a parameter with a momentum buffer, run on the buffer: while
 /// it holds the buffer's memory, it runs [`Pass`] on the parameter, which writes
 /// both (on the CPU, or in one CUDA launch). (candle's in-place ops write only
 /// the tensor they run on.)
 struct WithBuffer<'a> {
-    rule: Rule,
+    update: &'a InPlace<'a>,
     /// Whether the buffer is new: it becomes the decayed gradient.
     first: bool,
-    param: &'a Tensor,
-    grad: &'a Tensor,
+    /// The copy's memory, handed on to the pass.
+    copy: RefCell<Option<Lent<'a>>>,
 }
 
 impl InplaceOp1 for WithBuffer<'_> {
@@ -270,30 +330,32 @@ impl InplaceOp1 for WithBuffer<'_> {
             candle_core::bail!("sgd-update: the momentum buffer must be contiguous");
         };
         let pass = Pass {
-            rule: self.rule,
+            rule: self.update.rule,
             buf: Some(Buffer {
                 values: RefCell::new(Lent::Cpu(buf, range)),
                 first: self.first,
             }),
+            copy: self.copy.borrow_mut().take().map(RefCell::new),
         };
-        self.param.inplace_op2(self.grad, &pass)
+        self.update.param.inplace_op2(self.update.grad, &pass)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, buf: &mut candle_core::CudaStorage, layout: &Layout) -> Result<()> {
         let pass = Pass {
-            rule: self.rule,
+            rule: self.update.rule,
             buf: Some(Buffer {
                 values: RefCell::new(Lent::Cuda(buf, layout.clone())),
                 first: self.first,
             }),
+            copy: self.copy.borrow_mut().take().map(RefCell::new),
         };
-        self.param.inplace_op2(self.grad, &pass)
+        self.update.param.inplace_op2(self.update.grad, &pass)
     }
 }
 
-/// The memory of a momentum buffer: CPU values and their range, or a CUDA
-/// storage and its layout.
+/// The memory of a momentum buffer or a bf16 copy: CPU values and their range,
+/// or a CUDA storage and its layout.
 enum Lent<'a> {
     Cpu(&'a mut CpuStorage, (usize, usize)),
     #[cfg(feature = "cuda")]
@@ -308,10 +370,12 @@ struct Buffer<'a> {
 
 /// The pass over one parameter: `p <- p - lr * direction`, with the buffer (if
 /// any) updated beside it, `buf <- buf * momentum + (g + p * wd) * (1 - dampening)`
-/// (the first buffer: `g + p * wd`). Operand: the gradient.
+/// (the first buffer: `g + p * wd`), and the bf16 copy (if any) written from the
+/// new `p`. Operand: the gradient.
 struct Pass<'a> {
     rule: Rule,
     buf: Option<Buffer<'a>>,
+    copy: Option<RefCell<Lent<'a>>>,
 }
 
 impl Pass<'_> {
@@ -388,7 +452,7 @@ impl InplaceOp2 for Pass<'_> {
             };
             buf = Some((&mut **v, *r, *first));
         }
-        match (param, buf) {
+        match (&mut *param, buf) {
             // A bf16 gradient (of a bf16 copy) is read widened, as the CUDA kernel does.
             (CpuStorage::F32(v), None) => self.run(&mut v[lo..hi], &reid_ops::mixed::widened(grad, grad_l, op)?, None),
             (CpuStorage::F32(v), Some((CpuStorage::F32(b), r, first))) => self.run(
@@ -403,6 +467,11 @@ impl InplaceOp2 for Pass<'_> {
                 Some((&mut b[r.0..r.1], first)),
             ),
             _ => candle_core::bail!("{op}: f32 or f64 parameters only, with buffers of their dtype"),
+        }?;
+        match (self.copy.as_ref().map(|c| c.borrow_mut()), param) {
+            (None, _) => Ok(()),
+            (Some(mut copy), CpuStorage::F32(v)) => write_copy(&mut copy, &v[lo..hi], op),
+            (Some(_), _) => candle_core::bail!("{op}: a bf16 copy of a parameter that is not f32"),
         }
     }
 
@@ -435,8 +504,31 @@ impl InplaceOp2 for Pass<'_> {
                 Lent::Cpu(..) => candle_core::bail!("{}: a CUDA parameter with a CPU buffer", self.name()),
             },
         };
-        update((param, param_l), (grad, grad_l), buf, &scalars)
+        let mut copy = self.copy.as_ref().map(|c| c.borrow_mut());
+        let copy = match copy.as_deref_mut() {
+            None => None,
+            Some(Lent::Cuda(storage, layout)) => Some((&mut **storage, &*layout)),
+            Some(Lent::Cpu(..)) => candle_core::bail!("{}: a CUDA parameter with a CPU copy", self.name()),
+        };
+        update((param, param_l), (grad, grad_l), buf, copy, &scalars)
     }
+}
+
+/// The lent bf16 `copy` written from the updated parameter `p`.
+fn write_copy(copy: &mut Lent<'_>, p: &[f32], op: &str) -> Result<()> {
+    // Irrefutable in a build without CUDA.
+    #[allow(irrefutable_let_patterns)]
+    let Lent::Cpu(CpuStorage::BF16(c), (a, b)) = copy
+    else {
+        candle_core::bail!("{op}: the copy must be a bf16 CPU tensor");
+    };
+    if *b - *a != p.len() {
+        candle_core::bail!("{op}: the copy's size differs from the parameter's");
+    }
+    for (c, &v) in c[*a..*b].iter_mut().zip(p) {
+        *c = half::bf16::from_f32(v);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -472,9 +564,19 @@ mod tests {
 
     /// Gradients of `sum(param * x)` with `x` from `seed`: `x` itself.
     fn gradients(sgd: &Sgd, seed: u64) -> GradStore {
+        gradients_of(sgd, seed, |p| p.var.as_tensor())
+    }
+
+    /// A parameter's bf16 copy.
+    fn copy_of(p: &SgdParam) -> &Tensor {
+        p.copy.as_ref().expect("a copy").as_tensor()
+    }
+
+    /// [`gradients`] through the tensor `of` each parameter.
+    fn gradients_of(sgd: &Sgd, seed: u64, of: fn(&SgdParam) -> &Tensor) -> GradStore {
         let mut loss: Option<Tensor> = None;
         for (k, p) in sgd.params.iter().enumerate() {
-            let t = p.var.as_tensor();
+            let t = of(p);
             let x = Tensor::from_vec(values(t.elem_count(), seed + k as u64), t.dims(), &Device::Cpu).unwrap();
             let term = (t * x.to_dtype(t.dtype()).unwrap()).unwrap().sum_all().unwrap();
             loss = Some(match loss {
@@ -540,6 +642,43 @@ mod tests {
                 let moved = bits(&fused) != bits(&optimiser(config, dtype));
                 assert!(moved, "config {c}: the parameters did not move");
             }
+        }
+    }
+
+    #[test]
+    fn a_bf16_copy_gives_its_gradient_and_is_written_with_the_update() {
+        let with_copies = |mut sgd: Sgd| {
+            for p in &mut sgd.params {
+                let copy = p.var.as_tensor().to_dtype(DType::BF16).unwrap();
+                p.copy = Some(Var::from_tensor(&copy).unwrap());
+            }
+            sgd
+        };
+        let momentum_off = SgdConfig {
+            momentum: 0.0,
+            ..SgdConfig::default()
+        };
+        for config in [SgdConfig::default(), momentum_off] {
+            let mut fused = with_copies(optimiser(&config, DType::F32));
+            let mut tensors = with_copies(optimiser(&config, DType::F32));
+            for step in 0..3 {
+                let grads = gradients_of(&fused, 10 * step, copy_of);
+                assert_eq!(grads.get(copy_of(&fused.params[0])).unwrap().dtype(), DType::BF16);
+                fused.step_with(&grads, 0.05, |_| Kernels::Fused).unwrap();
+                let grads = gradients_of(&tensors, 10 * step, copy_of);
+                tensors.step_with(&grads, 0.05, |_| Kernels::Generic).unwrap();
+                assert_eq!(bits(&fused), bits(&tensors), "step {step}");
+                for p in &fused.params {
+                    let rounded = p.var.as_tensor().to_dtype(DType::BF16).unwrap();
+                    let same = rounded.eq(copy_of(p)).unwrap().to_dtype(DType::F32).unwrap();
+                    assert_eq!(same.min_all().unwrap().to_scalar::<f32>().unwrap(), 1.0, "{}", p.name);
+                }
+            }
+            assert_ne!(
+                bits(&fused),
+                bits(&optimiser(&config, DType::F32)),
+                "the parameters moved"
+            );
         }
     }
 }

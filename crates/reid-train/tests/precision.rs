@@ -30,8 +30,9 @@ fn run(precision: Precision) -> (Vec<f64>, Vec<Vec<f64>>) {
     run_with(Exec::new(Ops::Auto, precision))
 }
 
-/// [`run`] under the plan `exec`.
-fn run_with(exec: Exec) -> (Vec<f64>, Vec<Vec<f64>>) {
+/// The tiny model under the plan `exec`, initialised from seed 9, and its
+/// optimiser.
+fn tiny(exec: Exec) -> (ReidModel, Sgd) {
     let config = ModelConfig {
         arch: "res2net_tiny".parse().unwrap(),
         last_stride: 1,
@@ -40,7 +41,13 @@ fn run_with(exec: Exec) -> (Vec<f64>, Vec<Vec<f64>>) {
     };
     let model = ReidModel::new(config, exec, DType::F32, &Device::Cpu).unwrap();
     model.initialize(9).unwrap();
-    let mut sgd = Sgd::for_model(&model, SgdConfig::default()).unwrap();
+    let sgd = Sgd::for_model(&model, SgdConfig::default()).unwrap();
+    (model, sgd)
+}
+
+/// [`run`] under the plan `exec`.
+fn run_with(exec: Exec) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let (model, mut sgd) = tiny(exec);
     let (batch, mut rng) = (batch(5), rand_chacha::ChaCha8Rng::seed_from_u64(1));
     let mut stats = Vec::new();
     let mut losses = Vec::new();
@@ -139,15 +146,7 @@ fn bf16_steps_stay_close_to_f32() {
 
 /// The first step's backbone gradient norm of each loss term, under `exec`.
 fn first_norms(exec: Exec) -> [f64; 3] {
-    let config = ModelConfig {
-        arch: "res2net_tiny".parse().unwrap(),
-        last_stride: 1,
-        num_classes: 6,
-        bnneck: true,
-    };
-    let model = ReidModel::new(config, exec, DType::F32, &Device::Cpu).unwrap();
-    model.initialize(9).unwrap();
-    let mut sgd = Sgd::for_model(&model, SgdConfig::default()).unwrap();
+    let (model, mut sgd) = tiny(exec);
     let (batch, mut rng) = (batch(5), rand_chacha::ChaCha8Rng::seed_from_u64(1));
     let settings = StepSettings {
         grad_norms: true,
