@@ -92,11 +92,7 @@ impl OpKind {
     /// every op on f32 and f64; on bf16 (widened, see `mixed`), all but the
     /// tape-only fused ops, which run as their parts instead.
     pub fn has_cpu_kernel(self, dtype: DType) -> bool {
-        match (self, dtype) {
-            (_, DType::F32 | DType::F64) => true,
-            (OpKind::TapeFused, _) => false,
-            (_, dtype) => dtype == DType::BF16,
-        }
+        matches!(dtype, DType::F32 | DType::F64) || (dtype == DType::BF16 && self != OpKind::TapeFused)
     }
 
     /// Whether this binary has that kernel (the features it was built with).

@@ -52,9 +52,9 @@ macro_rules! float_dispatch {
             candle_core::CpuStorage::F32($data) => candle_core::CpuStorage::F32($body),
             candle_core::CpuStorage::F64($data) => candle_core::CpuStorage::F64($body),
             candle_core::CpuStorage::BF16(v) => {
-                let wide: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+                let wide = $crate::mixed::to_f32(v);
                 let $data = &wide;
-                candle_core::CpuStorage::BF16($body.into_iter().map(half::bf16::from_f32).collect())
+                $crate::mixed::narrowed($body, true)
             }
             _ => candle_core::bail!("{}: only f32, f64 and bf16 are supported", $op),
         }
@@ -93,18 +93,18 @@ macro_rules! two_floats {
 /// (see [`mixed`]).
 macro_rules! three_floats {
     (f32 => $op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
-        three_floats!($op, ($s1, $l1), ($s2, $l2), ($s3, $l3), like &candle_core::CpuStorage::F32(Vec::new()) => |$a, $b, $c| $body)
+        three_floats!($op, ($s1, $l1), ($s2, $l2), ($s3, $l3), narrow false => |$a, $b, $c| $body)
     };
     ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
-        three_floats!($op, ($s1, $l1), ($s2, $l2), ($s3, $l3), like $s1 => |$a, $b, $c| $body)
+        three_floats!($op, ($s1, $l1), ($s2, $l2), ($s3, $l3), narrow $crate::mixed::any_bf16(&[$s1]) => |$a, $b, $c| $body)
     };
-    ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), like $like:expr => |$a:ident, $b:ident, $c:ident| $body:expr) => {
+    ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), narrow $narrow:expr => |$a:ident, $b:ident, $c:ident| $body:expr) => {
         match ($s1, $s2, $s3) {
             (s1, s2, s3) if $crate::mixed::any_bf16(&[s1, s2, s3]) => {
                 let w = |s, l| $crate::mixed::widened(s, l, $op);
                 let (a, b, c) = (w(s1, $l1)?, w(s2, $l2)?, w(s3, $l3)?);
                 let ($a, $b, $c) = (&*a, &*b, &*c);
-                $crate::mixed::narrowed_like($like, $body)
+                $crate::mixed::narrowed($body, $narrow)
             }
             (candle_core::CpuStorage::F32(a), candle_core::CpuStorage::F32(b), candle_core::CpuStorage::F32(c)) => {
                 let ($a, $b, $c) = (

@@ -16,28 +16,46 @@ pub fn any_bf16(storages: &[&CpuStorage]) -> bool {
     storages.iter().any(|s| matches!(s, CpuStorage::BF16(_)))
 }
 
+/// bf16 `values` widened to f32 (exactly).
+pub fn to_f32(values: &[bf16]) -> Vec<f32> {
+    values.iter().map(|x| x.to_f32()).collect()
+}
+
 /// The contiguous values of an f32 or bf16 storage as f32 (bf16 widened, f32
 /// borrowed); an error naming `op` for another dtype.
 pub fn widened<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<Cow<'a, [f32]>> {
     Ok(match storage {
         CpuStorage::F32(v) => Cow::Borrowed(crate::contiguous(v, layout, op)?),
-        CpuStorage::BF16(v) => Cow::Owned(crate::contiguous(v, layout, op)?.iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::BF16(v) => Cow::Owned(to_f32(crate::contiguous(v, layout, op)?)),
         other => candle_core::bail!("{op}: {:?} with bf16 operands (f32 and bf16 only)", other.dtype()),
     })
+}
+
+/// `values` as a storage: rounded to bf16 where `bf16`, kept as f32 otherwise.
+pub fn narrowed(values: Vec<f32>, bf16: bool) -> CpuStorage {
+    match bf16 {
+        true => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
+        false => CpuStorage::F32(values),
+    }
 }
 
 /// `values` as a storage of `like`'s dtype: rounded to bf16 where `like` is
 /// bf16, kept as f32 otherwise.
 pub fn narrowed_like(like: &CpuStorage, values: Vec<f32>) -> CpuStorage {
-    match like {
-        CpuStorage::BF16(_) => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
-        _ => CpuStorage::F32(values),
+    narrowed(values, matches!(like, CpuStorage::BF16(_)))
+}
+
+/// Writes each of `values` into `copy`, rounded to bf16 (to nearest even).
+pub fn round_into(copy: &mut [bf16], values: &[f32]) {
+    for (c, &v) in copy.iter_mut().zip(values) {
+        *c = bf16::from_f32(v);
     }
 }
 
 /// Rewrites `copy` (bf16) from `weight` (f32), each value rounded to nearest
-/// even: one launch on CUDA, counted as a cast. The optimiser runs it after each
-/// update of a weight that has a bf16 copy.
+/// even: one launch on CUDA, counted as a cast. The model runs it when it sets
+/// its weights, and the optimiser after an update by tensor operations (its
+/// in-place update writes the copy itself).
 pub fn write_bf16_copy(copy: &candle_core::Tensor, weight: &candle_core::Tensor) -> Result<()> {
     if (copy.dtype(), weight.dtype()) != (candle_core::DType::BF16, candle_core::DType::F32) {
         candle_core::bail!("bf16 copy: a bf16 copy of an f32 weight expected");
@@ -64,10 +82,7 @@ impl candle_core::InplaceOp2 for WriteCopy {
         let Some((c0, c1)) = cl.contiguous_offsets() else {
             candle_core::bail!("bf16-copy: the copy must be contiguous");
         };
-        let w = crate::contiguous(w, wl, "bf16-copy")?;
-        for (c, &w) in c[c0..c1].iter_mut().zip(w) {
-            *c = bf16::from_f32(w);
-        }
+        round_into(&mut c[c0..c1], crate::contiguous(w, wl, "bf16-copy")?);
         Ok(())
     }
 

@@ -192,7 +192,7 @@ fn optimizer(meta: &Value, model: &ReidModel) -> Sgd {
         backbone_lr_mult: f("lr_backbone") / f("lr_heads"),
         no_decay_bn_bias: decay_off,
     };
-    Sgd::for_model(model, config).expect("the bf16 copies of the weights")
+    Sgd::for_model(model, config)
 }
 
 /// The tolerance group of an expected key: `stepK.loss`, `.param`, `.momentum`,

@@ -156,7 +156,7 @@ impl ModelBench {
     /// when asked.
     fn time_train(&self, model: &ReidModel, device: &Device) -> Result<(Vec<f64>, Option<Ledger>)> {
         let batch = pair_batch(self, device)?;
-        let mut sgd = Sgd::for_model(model, SgdConfig::default())?;
+        let mut sgd = Sgd::for_model(model, SgdConfig::default());
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let mut step = || -> Result<()> {
             let settings = StepSettings::pairs(LossSettings::default(), 0.5);

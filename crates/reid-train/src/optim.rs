@@ -100,23 +100,21 @@ impl Sgd {
     }
 
     /// `Sgd::new` over `model`'s trainable variables and its plan, with the
-    /// bf16 copies of its weights (bf16 precision), each rewritten from its
-    /// weight now: build it after loading any weights.
-    pub fn for_model(model: &reid_model::ReidModel, config: SgdConfig) -> Result<Self> {
+    /// bf16 copies of its weights (bf16 precision), which the model keeps equal
+    /// to its weights (see `ReidModel::refresh_weight_copies`) and each update
+    /// rewrites.
+    pub fn for_model(model: &reid_model::ReidModel, config: SgdConfig) -> Self {
         let mut sgd = Sgd::new(model.trainable_vars(), config, model.exec);
         let copies: std::collections::HashMap<_, _> = model.weight_copies().into_iter().collect();
         for p in &mut sgd.params {
-            if let Some(copy) = copies.get(&p.var.id()) {
-                refresh(copy, &p.var)?;
-                p.copy = Some(copy.clone());
-            }
+            p.copy = copies.get(&p.var.id()).cloned();
         }
-        Ok(sgd)
+        sgd
     }
 
     /// One update with learning rate `lr` (before group multipliers). Parameters
     /// without a gradient are left alone, as PyTorch does. On the CPU each
-    /// parameter is updated in place in one pass (parameter and momentum together)
+    /// parameter is updated in place in one pass (parameter, momentum and bf16 copy together)
     /// where the plan fuses it; by tensor operations elsewhere. Both round the same
     /// operations in the same order, so they give the same bits.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
@@ -267,20 +265,19 @@ impl InPlace<'_> {
     /// Runs [`Pass`] on the parameter, with the buffer's memory lent to it (see
     /// [`WithBuffer`]) and the copy's (`copy`, if any).
     fn run(&self, copy: Option<Lent<'_>>) -> Result<()> {
-        let copy = RefCell::new(copy);
         match self.buf {
             None => self.param.inplace_op2(
                 self.grad,
                 &Pass {
                     rule: self.rule,
                     buf: None,
-                    copy: copy.into_inner().map(RefCell::new),
+                    copy: copy.map(RefCell::new),
                 },
             ),
             Some((buf, first)) => buf.inplace_op1(&WithBuffer {
                 update: self,
                 first,
-                copy,
+                copy: RefCell::new(copy),
             }),
         }
     }
@@ -525,9 +522,7 @@ fn write_copy(copy: &mut Lent<'_>, p: &[f32], op: &str) -> Result<()> {
     if *b - *a != p.len() {
         candle_core::bail!("{op}: the copy's size differs from the parameter's");
     }
-    for (c, &v) in c[*a..*b].iter_mut().zip(p) {
-        *c = half::bf16::from_f32(v);
-    }
+    reid_ops::mixed::round_into(&mut c[*a..*b], p);
     Ok(())
 }
 

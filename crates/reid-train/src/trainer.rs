@@ -197,7 +197,7 @@ impl Trainer {
             None => RunLock::acquire(run_dir)?,
         };
         reid_io::atomic::write_bytes_atomically(&paths.config(), config.to_toml().as_bytes())?;
-        let optimizer = Sgd::for_model(&model, config.optim.clone())?;
+        let optimizer = Sgd::for_model(&model, config.optim.clone());
         Ok(Trainer {
             config,
             paths,
@@ -251,7 +251,7 @@ impl Trainer {
         }
         let model = build_model(&config, data.num_classes)?;
         model.load_weights(&paths.checkpoint("last"), LoadScope::Full)?;
-        let mut optimizer = Sgd::for_model(&model, config.optim.clone())?;
+        let mut optimizer = Sgd::for_model(&model, config.optim.clone());
         load_momentum(&mut optimizer, &paths.state())?;
         reid_io::atomic::write_bytes_atomically(&paths.config(), config.to_toml().as_bytes())?;
         let p = state.position;

@@ -38,7 +38,7 @@ fn run(arch: &str, threads: usize, grad_norms: bool) -> (Values, Values, Option<
         let model = ReidModel::new(config, Exec::default(), DType::F32, &Device::Cpu).unwrap();
         model.initialize(3).unwrap();
         let initial = values(&model);
-        let mut sgd = Sgd::for_model(&model, SgdConfig::default()).unwrap();
+        let mut sgd = Sgd::for_model(&model, SgdConfig::default());
         let (batch, mut rng) = (batch(11), rand_chacha::ChaCha8Rng::seed_from_u64(2));
         let settings = StepSettings {
             grad_norms,

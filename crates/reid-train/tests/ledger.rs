@@ -30,7 +30,7 @@ fn one_step_in(arch: &str, exec: Exec, (height, width): (usize, usize)) -> (Ledg
     };
     let model = ReidModel::new(config, exec, DType::F32, &Device::Cpu).unwrap();
     model.initialize(1).unwrap();
-    let mut sgd = Sgd::for_model(&model, SgdConfig::default()).unwrap();
+    let mut sgd = Sgd::for_model(&model, SgdConfig::default());
     let mut batch = common::batch(2);
     if (height, width) != (64, 32) {
         let resize = |t: &candle_core::Tensor| t.narrow(2, 0, height).unwrap().narrow(3, 0, width).unwrap();

@@ -41,7 +41,7 @@ fn tiny(exec: Exec) -> (ReidModel, Sgd) {
     };
     let model = ReidModel::new(config, exec, DType::F32, &Device::Cpu).unwrap();
     model.initialize(9).unwrap();
-    let sgd = Sgd::for_model(&model, SgdConfig::default()).unwrap();
+    let sgd = Sgd::for_model(&model, SgdConfig::default());
     (model, sgd)
 }
 
